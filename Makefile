@@ -1,0 +1,55 @@
+# rebuildd — the two commands a newcomer needs are `make run` and `make test` (see README.md).
+# Every target installs what it needs; nothing here assumes a hand-prepared machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export REBUILDD_STATE_DIR ?= $(CURDIR)/.state
+HOST ?= 127.0.0.1
+PORT ?= 8774
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format venv system-run system-test libvirtd postgres clean
+
+## run: install what is missing, migrate, seed the demo data, serve on $(HOST):$(PORT)
+run: system-run $(VENV)/.installed
+	$(BIN)/rebuildd db upgrade
+	$(BIN)/rebuildd seed-demo
+	exec $(BIN)/rebuildd serve --host $(HOST) --port $(PORT)
+
+## test: install what is missing (libvirtd + QEMU, PostgreSQL if absent), lint, run every test
+test: system-test $(VENV)/.installed libvirtd postgres lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## lint: ruff (lint + format check) and mypy --strict
+lint: $(VENV)/.installed
+	$(BIN)/ruff check rebuildd tests alembic
+	$(BIN)/ruff format --check rebuildd tests alembic
+	$(BIN)/mypy
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format rebuildd tests alembic
+	$(BIN)/ruff check --fix rebuildd tests alembic
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+system-run:
+	scripts/ensure-packages.sh run
+
+system-test:
+	scripts/ensure-packages.sh test
+
+libvirtd:
+	scripts/libvirtd.sh start
+
+postgres:
+	scripts/ensure-postgres.sh
+
+clean:
+	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,277 @@
+"""The HTTP API: Nova's compute API at /v2.1 and a Glance-compatible image API at /image.
+
+Owns the FastAPI application: the middleware for microversions, request ids and body size;
+the one translation of errors into Nova fault bodies; version documents; and the
+dependencies routes share. Routes live in api_servers.py, api_catalog.py and api_images.py.
+It must not call libvirt or SQL directly: routes call the pipeline and the Store's records.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rebuildd import errors, microversion
+from rebuildd.images import LocalImageService
+from rebuildd.lifecycle import DomainSettings
+from rebuildd.microversion import Version
+from rebuildd.models import RequestContext
+from rebuildd.pipeline import Deps
+from rebuildd.storage import Store
+
+log = structlog.get_logger("rebuildd.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Top-level compute collections; any other first segment under /v2.1/ is a legacy project id.
+_COMPUTE_COLLECTIONS: Final = frozenset(
+    {"servers", "flavors", "os-keypairs", "v2", "images", "limits", "extensions", ""}
+)
+_UNEXPECTED: Final = (
+    "Unexpected API Error. Please report this at https://bugs.launchpad.net/nova/ and attach "
+    "the rebuildd log if possible."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything the routes need, built once by the daemon."""
+
+    deps: Deps
+    store: Store
+    images: LocalImageService
+    domain: DomainSettings
+    public_url: str | None
+    project_id: str
+    user_id: str
+    max_body_bytes: int = 114688  # Nova's (oslo.middleware sizelimit) default
+
+
+def fault_body(status: int, name: str, message: str) -> dict[str, Any]:
+    return {name: {"code": status, "message": message}}
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class NovaHeaders:
+    """Pure ASGI middleware: request id, microversion negotiation, legacy project paths,
+    body size limit, and the response headers Nova clients expect on every answer."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = f"req-{uuid.uuid4()}"
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        path: str = scope["path"]
+        compute = path == "/v2.1" or path.startswith("/v2.1/")
+        if compute:
+            scope["path"] = path = _strip_project(path)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        extra: list[tuple[bytes, bytes]] = []
+        version = microversion.MIN_VERSION
+        if compute:
+            extra.append((b"x-compute-request-id", request_id.encode()))
+            extra.append((b"vary", b"OpenStack-API-Version, X-OpenStack-Nova-API-Version"))
+        else:
+            extra.append((b"x-openstack-request-id", request_id.encode()))
+        try:
+            if compute:
+                version = microversion.negotiate(microversion.requested(headers))
+                state["microversion"] = version
+                extra.append((b"openstack-api-version", f"compute {version}".encode()))
+                extra.append((b"x-openstack-nova-api-version", str(version).encode()))
+                if version.at_least("2.46"):
+                    extra.append((b"x-openstack-request-id", request_id.encode()))
+            if (
+                not _is_upload(scope)
+                and int(headers.get("content-length") or 0) > self.max_body_bytes
+            ):
+                raise errors.PayloadTooLarge()
+        except errors.RebuilddError as exc:
+            await _send_fault(send, exc, extra)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + extra
+            await send(message)
+
+        limited = receive if _is_upload(scope) else _limit_body(receive, self.max_body_bytes)
+        await self.app(scope, limited, send_with_headers)
+
+
+def _limit_body(receive: Receive, limit: int) -> Receive:
+    """Count the body as it streams (a chunked request has no Content-Length)."""
+    seen = 0
+
+    async def limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise errors.PayloadTooLarge()
+        return message
+
+    return limited
+
+
+def _is_upload(scope: Scope) -> bool:
+    return bool(scope["method"] == "PUT" and scope["path"].startswith("/image/v2/images/"))
+
+
+def _strip_project(path: str) -> str:
+    """``/v2.1/{project_id}/servers/...`` routes like ``/v2.1/servers/...``."""
+    parts = path.split("/", 3)  # "", "v2.1", first, rest
+    if len(parts) >= 4 and parts[2] not in _COMPUTE_COLLECTIONS:
+        return f"/v2.1/{parts[3]}"
+    return path
+
+
+async def _send_fault(
+    send: Send, exc: errors.RebuilddError, extra: list[tuple[bytes, bytes]]
+) -> None:
+    status, name = errors.http_fault(exc)
+    body = _json_bytes(fault_body(status, name, exc.message))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- dependencies ----------------------------------------------------------------------------
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_version(request: Request) -> Version:
+    version: Version = getattr(request.state, "microversion", microversion.MIN_VERSION)
+    return version
+
+
+def get_context(request: Request) -> RequestContext:
+    """Authentication is off (a later issue adds tokens): every caller is the configured
+    project's admin, as with Nova's noauth2."""
+    services = get_services(request)
+    return RequestContext(
+        request_id=request.state.request_id,
+        user_id=services.user_id,
+        project_id=services.project_id,
+        roles=("admin", "member", "reader"),
+    )
+
+
+def get_base_url(request: Request) -> str:
+    services = get_services(request)
+    if services.public_url:
+        return services.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+VersionDep = Annotated[Version, Depends(get_version)]
+ContextDep = Annotated[RequestContext, Depends(get_context)]
+BaseUrlDep = Annotated[str, Depends(get_base_url)]
+
+
+async def read_json(request: Request) -> Any:
+    from rebuildd.schemas import parse_json
+
+    return parse_json(await request.body())
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
+def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
+    from rebuildd import api_catalog, api_images, api_servers
+
+    app = FastAPI(
+        title="rebuildd",
+        version="0.1.0",
+        description="Nova's compute API for rebuilding servers in place on one libvirt host.",
+        generate_unique_id_function=_operation_id,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.add_exception_handler(errors.RebuilddError, _rebuildd_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(api_servers.versions)
+    app.include_router(api_servers.router, prefix="/v2.1")
+    app.include_router(api_catalog.router, prefix="/v2.1")
+    app.include_router(api_images.router, prefix="/image")
+    app.include_router(api_images.compute_alias, prefix="/v2.1")
+    app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
+    return app
+
+
+def _fault_response(status: int, name: str, message: str) -> JSONResponse:
+    return JSONResponse(fault_body(status, name, message), status_code=status)
+
+
+async def _rebuildd_error(request: Request, exc: errors.RebuilddError) -> JSONResponse:
+    status, name = errors.http_fault(exc)
+    log.info("request refused", path=request.url.path, status=status, reason=exc.message)
+    return _fault_response(status, name, exc.message)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 405:
+        return _fault_response(
+            405, "badMethod", "The method specified is not allowed for this resource."
+        )
+    if exc.status_code == 404:
+        return _fault_response(404, "itemNotFound", "The resource could not be found.")
+    return _fault_response(exc.status_code, "badRequest", str(exc.detail))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    message = f"Invalid input for field/attribute {loc}. {first.get('msg', 'invalid')}"
+    return _fault_response(400, "badRequest", message)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", path=request.url.path)
+    return _fault_response(500, "computeFault", _UNEXPECTED)

@@ -1,0 +1,357 @@
+"""Routes: version documents, servers (list, detail, show, create, delete), server actions
+(rebuild, os-stop, os-start) and instance actions.
+
+Owns the HTTP side of these resources: parse, call the pipeline or the Store, render a view.
+Errors are raised as rebuildd errors and rendered by api.py's one handler.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from rebuildd import errors, lifecycle, microversion, pipeline, schemas, views
+from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, VersionDep, read_json
+from rebuildd.states import states_for_status
+from rebuildd.storage import ServerFilters
+
+versions = APIRouter(tags=["versions"])
+router = APIRouter(tags=["servers"])
+
+MAX_LIMIT = 1000
+_UPDATED = "2013-07-23T11:33:21Z"
+
+
+def _version_doc(base: str) -> dict[str, Any]:
+    return {
+        "id": "v2.1",
+        "status": "CURRENT",
+        "version": str(microversion.MAX_VERSION),
+        "min_version": str(microversion.MIN_VERSION),
+        "updated": _UPDATED,
+        "links": [{"rel": "self", "href": f"{base}/v2.1/"}],
+    }
+
+
+@versions.get("/", name="list_versions")
+async def list_versions(base: BaseUrlDep) -> dict[str, Any]:
+    return {"versions": [_version_doc(base)]}
+
+
+@versions.get("/v2.1", name="show_version", include_in_schema=False)
+@versions.get("/v2.1/", name="show_version_v21")
+async def show_version(base: BaseUrlDep) -> dict[str, Any]:
+    doc = _version_doc(base)
+    doc["links"].append(
+        {"rel": "describedby", "type": "text/html", "href": "https://docs.openstack.org/"}
+    )
+    doc["media-types"] = [
+        {"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2.1"}
+    ]
+    return {"version": doc}
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+def _filters(request: Request, *, is_admin: bool, project_id: str) -> ServerFilters:
+    params = request.query_params
+    limit = params.get("limit")
+    status = params.get("status")
+    changes_since = params.get("changes-since") or params.get("changes_since")
+    all_tenants = params.get("all_tenants", "").lower() not in {"", "0", "false", "off", "no"}
+    try:
+        parsed_limit = min(int(limit), MAX_LIMIT) if limit is not None else MAX_LIMIT
+        if parsed_limit < 0:
+            raise ValueError(limit)
+        since = (
+            dt.datetime.fromisoformat(changes_since.replace("Z", "+00:00"))
+            if changes_since
+            else None
+        )
+    except ValueError as exc:
+        raise errors.Invalid(f"Invalid query parameter: {exc}") from None
+    if since is not None:
+        since = since.astimezone(dt.UTC) if since.tzinfo else since.replace(tzinfo=dt.UTC)
+    return ServerFilters(
+        project_id=None if (is_admin and all_tenants) else project_id,
+        name=params.get("name") or None,
+        image=params.get("image") or None,
+        flavor=params.get("flavor") or None,
+        states=states_for_status(status.upper()) if status else None,
+        changes_since=since,
+        limit=parsed_limit,
+        marker=params.get("marker") or None,
+    )
+
+
+def _next_links(
+    base: str, path: str, items: list[Any], limit: int | None, request: Request
+) -> list[dict[str, str]]:
+    if not items or limit is None or len(items) < limit:
+        return []
+    query = {k: v for k, v in request.query_params.items() if k != "marker"}
+    query["marker"] = items[-1].id
+    query_string = "&".join(f"{k}={v}" for k, v in query.items())
+    return [{"rel": "next", "href": f"{base}{path}?{query_string}"}]
+
+
+@router.get("/servers", name="list_servers")
+async def list_servers(
+    request: Request, services: ServicesDep, ctx: ContextDep, base: BaseUrlDep
+) -> dict[str, Any]:
+    filters = _filters(request, is_admin=ctx.is_admin, project_id=ctx.project_id)
+    servers = await services.store.list_servers(filters)
+    body: dict[str, Any] = {"servers": [views.server_brief(s, base) for s in servers]}
+    if links := _next_links(
+        base,
+        "/v2.1/servers",
+        servers,
+        filters.limit if "limit" in request.query_params else None,
+        request,
+    ):
+        body["servers_links"] = links
+    return body
+
+
+@router.get("/servers/detail", name="list_servers_detail")
+async def list_servers_detail(
+    request: Request,
+    services: ServicesDep,
+    ctx: ContextDep,
+    version: VersionDep,
+    base: BaseUrlDep,
+) -> dict[str, Any]:
+    filters = _filters(request, is_admin=ctx.is_admin, project_id=ctx.project_id)
+    servers = await services.store.list_servers(filters)
+    faults = await services.store.latest_faults([s.id for s in servers if s.vm_state == "error"])
+    body: dict[str, Any] = {
+        "servers": [
+            views.server_detail(s, base, version, faults.get(s.id), is_admin=ctx.is_admin)
+            for s in servers
+        ]
+    }
+    if links := _next_links(
+        base,
+        "/v2.1/servers/detail",
+        servers,
+        filters.limit if "limit" in request.query_params else None,
+        request,
+    ):
+        body["servers_links"] = links
+    return body
+
+
+@router.get("/servers/{server_id}", name="show_server")
+async def show_server(
+    server_id: str, services: ServicesDep, ctx: ContextDep, version: VersionDep, base: BaseUrlDep
+) -> dict[str, Any]:
+    project = None if ctx.is_admin else ctx.project_id
+    server = await services.store.get_server(server_id, project_id=project)
+    faults = await services.store.latest_faults([server.id] if server.vm_state == "error" else [])
+    return {
+        "server": views.server_detail(
+            server, base, version, faults.get(server.id), is_admin=ctx.is_admin
+        )
+    }
+
+
+@router.post(
+    "/servers",
+    name="create_server",
+    status_code=202,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "server": schemas.CreateServerV219.model_json_schema(by_alias=True)
+                        },
+                        "required": ["server"],
+                    }
+                }
+            },
+        }
+    },
+)
+async def create_server(
+    request: Request, services: ServicesDep, ctx: ContextDep, version: VersionDep, base: BaseUrlDep
+) -> JSONResponse:
+    body = await read_json(request)
+    if not isinstance(body, dict) or "server" not in body:
+        raise errors.ValidationFailed(
+            field="server", value=repr(body), reason="'server' is a required property"
+        )
+    unknown = set(body) - {"server", "os:scheduler_hints", "OS-SCH-HNT:scheduler_hints"}
+    if unknown:
+        raise errors.ValidationFailed(
+            field="body",
+            value=repr(body),
+            reason=f"Additional properties are not allowed ('{sorted(unknown)[0]}' was unexpected)",
+        )
+    model = schemas.validate(schemas.create_model(version), body["server"], field="server")
+    spec = lifecycle.CreateSpec(
+        name=model.name,
+        image_ref=model.imageRef,
+        flavor_ref=model.flavorRef,
+        admin_pass=model.adminPass,
+        metadata=dict(model.metadata or {}),
+        key_name=model.key_name,
+        user_data=model.user_data,
+        description=getattr(model, "description", None)
+        if "description" in model.model_fields_set
+        else pipeline.UNSET,
+        access_ip_v4=model.accessIPv4 or "",
+        access_ip_v6=model.accessIPv6 or "",
+        auto_disk_config=model.diskConfig == "AUTO",
+        config_drive=bool(model.config_drive),
+    )
+    server, admin_pass = await lifecycle.request_create(services.deps, services.domain, ctx, spec)
+    view = {
+        "id": server.id,
+        "links": views.server_brief(server, base)["links"],
+        "OS-DCF:diskConfig": "AUTO" if server.auto_disk_config else "MANUAL",
+        "security_groups": [{"name": "default"}],
+        "adminPass": admin_pass,
+    }
+    location = f"{base}/v2.1/servers/{server.id}"
+    return JSONResponse({"server": view}, status_code=202, headers={"Location": location})
+
+
+@router.delete("/servers/{server_id}", name="delete_server", status_code=204)
+async def delete_server(server_id: str, services: ServicesDep, ctx: ContextDep) -> Response:
+    await lifecycle.request_delete(services.deps, ctx, server_id)
+    return Response(status_code=204)
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+_ACTIONS = ("rebuild", "os-stop", "os-start")
+
+
+@router.post(
+    "/servers/{server_id}/action",
+    name="server_action",
+    status_code=202,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "rebuild": schemas.RebuildV254.model_json_schema(by_alias=True)
+                                },
+                                "required": ["rebuild"],
+                                "additionalProperties": False,
+                            },
+                            {
+                                "type": "object",
+                                "properties": {"os-stop": {"type": "null"}},
+                                "required": ["os-stop"],
+                                "additionalProperties": False,
+                            },
+                            {
+                                "type": "object",
+                                "properties": {"os-start": {"type": "null"}},
+                                "required": ["os-start"],
+                                "additionalProperties": False,
+                            },
+                        ]
+                    }
+                }
+            },
+        }
+    },
+)
+async def server_action(
+    server_id: str,
+    request: Request,
+    services: ServicesDep,
+    ctx: ContextDep,
+    version: VersionDep,
+    base: BaseUrlDep,
+) -> Response:
+    body = await read_json(request)
+    if not isinstance(body, dict) or len(body) != 1:
+        raise errors.MalformedBody()
+    ((action, value),) = body.items()
+    if action == "rebuild":
+        return await _rebuild(server_id, value, services, ctx, version, base)
+    if action in ("os-stop", "os-start"):
+        await lifecycle.request_power_action(
+            services.deps, ctx, server_id, action.removeprefix("os-")
+        )
+        return Response(status_code=202)
+    raise errors.NoSuchAction(action=action)
+
+
+async def _rebuild(
+    server_id: str,
+    value: Any,
+    services: ServicesDep,
+    ctx: ContextDep,
+    version: VersionDep,
+    base: str,
+) -> JSONResponse:
+    model = schemas.validate(schemas.rebuild_model(version), value, field="rebuild")
+    fields = model.model_fields_set
+    spec = pipeline.RebuildSpec(
+        image_ref=model.imageRef,
+        name=model.name,
+        admin_pass=model.adminPass,
+        metadata=dict(model.metadata) if model.metadata is not None else None,
+        preserve_ephemeral=bool(model.preserve_ephemeral),
+        auto_disk_config=None if model.diskConfig is None else model.diskConfig == "AUTO",
+        access_ip_v4=model.accessIPv4,
+        access_ip_v6=model.accessIPv6,
+        description=getattr(model, "description", None)
+        if "description" in fields
+        else pipeline.UNSET,
+        key_name=getattr(model, "key_name", None) if "key_name" in fields else pipeline.UNSET,
+    )
+    server, admin_pass = await pipeline.request_rebuild(services.deps, ctx, server_id, spec)
+    if version.at_least("2.75"):
+        view = views.server_detail(server, base, version, None, is_admin=ctx.is_admin)
+    else:
+        view = views.server_base(server, base, version, None)
+    view["adminPass"] = admin_pass
+    location = f"{base}/v2.1/servers/{server.id}"
+    return JSONResponse({"server": view}, status_code=202, headers={"Location": location})
+
+
+# -- instance actions ---------------------------------------------------------------------------
+
+
+@router.get("/servers/{server_id}/os-instance-actions", name="list_instance_actions")
+async def list_instance_actions(
+    server_id: str, services: ServicesDep, ctx: ContextDep, version: VersionDep
+) -> dict[str, Any]:
+    project = None if ctx.is_admin else ctx.project_id
+    server = await services.store.get_server(server_id, project_id=project, include_deleted=True)
+    actions = await services.store.list_actions(server.id)
+    return {"instanceActions": [views.action_view(a, version, with_events=False) for a in actions]}
+
+
+@router.get("/servers/{server_id}/os-instance-actions/{request_id}", name="show_instance_action")
+async def show_instance_action(
+    server_id: str,
+    request_id: str,
+    services: ServicesDep,
+    ctx: ContextDep,
+    version: VersionDep,
+    limit: Annotated[int | None, Query(include_in_schema=False)] = None,
+) -> dict[str, Any]:
+    project = None if ctx.is_admin else ctx.project_id
+    server = await services.store.get_server(server_id, project_id=project, include_deleted=True)
+    action = await services.store.get_action(server.id, request_id)
+    return {"instanceAction": views.action_view(action, version, with_events=True)}

@@ -1,0 +1,144 @@
+"""The daemon: builds every service from the settings, serves the API with uvicorn, and shuts
+down gracefully (stop accepting jobs, let running ones finish within a timeout).
+
+Owns process lifetime: start-up order, systemd readiness (``sd_notify``), signals, close-down.
+It is the only place that turns Settings into objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+
+from rebuildd.api import Services, create_app
+from rebuildd.disks import DiskManager
+from rebuildd.hypervisor import LibvirtHypervisor
+from rebuildd.images import ImageCache, LocalImageService
+from rebuildd.lifecycle import DomainSettings
+from rebuildd.notifications import Notifier
+from rebuildd.pipeline import Deps
+from rebuildd.ports import StepObserver
+from rebuildd.runner import Runner
+from rebuildd.settings import Settings
+from rebuildd.storage import Store, create_engine
+
+log = structlog.get_logger("rebuildd.daemon")
+
+
+@dataclass(slots=True)
+class Daemon:
+    """The running parts, so tests and the CLI can open and close them explicitly."""
+
+    settings: Settings
+    store: Store
+    hypervisor: LibvirtHypervisor
+    services: Services
+
+    async def close(self, *, drain_timeout: float) -> None:
+        await self.services.deps.runner.drain(drain_timeout)
+        await self.hypervisor.close()
+        await self.store.close()
+
+
+async def open_daemon(settings: Settings, *, observer: StepObserver | None = None) -> Daemon:
+    state = settings.state_dir
+    for sub in ("images", "_base", "instances"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    store = Store(create_engine(settings.effective_database_url))
+    hypervisor = LibvirtHypervisor(settings.libvirt_uri, threads=settings.libvirt_threads)
+    await hypervisor.open()
+    host = settings.effective_host
+    disks = DiskManager(state / "instances", qemu_img=settings.qemu_img)
+    images = LocalImageService(store, state / "images", disks)
+    notifier = Notifier(store, host=host)
+    runner = Runner(
+        store, notifier, host=host, limit=settings.max_concurrent_operations, observer=observer
+    )
+    deps = Deps(
+        store=store,
+        hypervisor=hypervisor,
+        images=images,
+        cache=ImageCache(state / "_base", images),
+        disks=disks,
+        runner=runner,
+        host=host,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    domain = DomainSettings(
+        domain_type=settings.effective_domain_type,
+        name_prefix=settings.domain_name_prefix,
+        interface=settings.interface_type,
+        network=settings.interface_network,
+    )
+    services = Services(
+        deps=deps,
+        store=store,
+        images=images,
+        domain=domain,
+        public_url=settings.public_url,
+        project_id=settings.project_id,
+        user_id=settings.user_id,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    log.info(
+        "daemon opened",
+        database=_redact(settings.effective_database_url),
+        libvirt_uri=settings.libvirt_uri,
+        state_dir=str(state),
+        host=host,
+    )
+    return Daemon(settings=settings, store=store, hypervisor=hypervisor, services=services)
+
+
+def build_app(daemon: Daemon) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sd_notify("READY=1")
+        yield
+        sd_notify("STOPPING=1")
+        await daemon.services.deps.runner.drain(daemon.settings.drain_timeout)
+
+    return create_app(daemon.services, lifespan=lifespan)
+
+
+async def serve(settings: Settings, *, host: str, port: int) -> None:
+    daemon = await open_daemon(settings)
+    try:
+        app = build_app(daemon)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="on"
+        )
+        await uvicorn.Server(config).serve()
+    finally:
+        await daemon.close(drain_timeout=settings.drain_timeout)
+
+
+def sd_notify(state: str) -> None:
+    """systemd's notify protocol; a no-op without NOTIFY_SOCKET, and it never raises."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError:
+        log.warning("sd_notify failed", state=state)
+
+
+def _redact(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url

@@ -1,0 +1,88 @@
+"""Disk files on this host: qcow2 overlays and image inspection through ``qemu-img``.
+
+Owns the instance directory layout and every ``qemu-img`` call (async subprocesses, never on
+a thread, never through a shell). Paths are built from server uuids and generation tokens that
+rebuildd made itself, never from names a client sent. It must not touch the Store or libvirt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from rebuildd.errors import DiskError
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    format: str
+    virtual_size: int
+    backing_file: str | None
+
+
+class DiskManager:
+    """Creates and removes the disk files of servers under ``<state_dir>/instances``."""
+
+    def __init__(self, instances_dir: Path, *, qemu_img: str = "qemu-img") -> None:
+        self.instances_dir = instances_dir
+        self.qemu_img = qemu_img
+
+    def instance_dir(self, server_id: str) -> Path:
+        return self.instances_dir / str(uuid.UUID(server_id))
+
+    def new_root_path(self, server_id: str) -> Path:
+        """A fresh file name for a root disk, so a rebuild never overwrites the old one."""
+        return self.instance_dir(server_id) / f"root-{uuid.uuid4().hex[:12]}.qcow2"
+
+    async def create_overlay(
+        self, *, base: Path, base_format: str, path: Path, size_bytes: int | None
+    ) -> None:
+        """A qcow2 overlay backed by ``base`` (O(1) whatever the image size)."""
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format, str(path)]
+        if size_bytes:
+            args.append(str(size_bytes))
+        await self._run(*args)
+
+    async def info(self, path: Path) -> ImageInfo:
+        out = await self._run("info", "--output=json", str(path))
+        data: dict[str, Any] = json.loads(out)
+        return ImageInfo(
+            format=str(data["format"]),
+            virtual_size=int(data["virtual-size"]),
+            backing_file=data.get("full-backing-filename") or data.get("backing-filename"),
+        )
+
+    async def remove(self, path: Path) -> None:
+        await anyio.Path(path).unlink(missing_ok=True)
+
+    async def remove_instance_dir(self, server_id: str) -> None:
+        directory = anyio.Path(self.instance_dir(server_id))
+        if not await directory.exists():
+            return
+        async for child in directory.iterdir():
+            await child.unlink(missing_ok=True)
+        await directory.rmdir()
+
+    async def _run(self, *args: str) -> str:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self.qemu_img,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise DiskError(command=f"{self.qemu_img} {args[0]}", reason=str(exc)) from exc
+        stdout, stderr = await process.communicate()
+        if process.returncode != 0:
+            reason = stderr.decode(errors="replace").strip() or f"exit {process.returncode}"
+            raise DiskError(command=f"{self.qemu_img} {args[0]}", reason=reason)
+        return stdout.decode()

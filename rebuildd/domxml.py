@@ -1,0 +1,202 @@
+"""Pure functions over libvirt domain XML (lxml): build a new domain, find, remove and add disks.
+
+Owns the XML shapes rebuildd writes. Functions edit a parsed tree in place, so every element
+rebuildd does not model (interfaces, graphics, serial, CPU, features, others' metadata) survives
+byte for byte. No libvirt calls and no I/O here; no XML is ever built from strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lxml import etree
+
+REBUILDD_NS = "https://rebuildd.dev/xmlns/libvirt/domain/1.0"
+Element = etree._Element
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """A file-backed disk as rebuildd attaches it."""
+
+    target: str  # e.g. "vda"
+    path: str
+    fmt: Literal["qcow2", "raw"] = "qcow2"
+    bus: str = "virtio"
+    device: Literal["disk", "cdrom"] = "disk"
+    readonly: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSpec:
+    """What a new domain needs; everything else is libvirt's default."""
+
+    name: str
+    uuid: str
+    domain_type: str  # kvm | qemu | test
+    memory_mib: int
+    vcpus: int
+    disks: tuple[DiskSpec, ...]
+    interface: Literal["none", "user", "network"] = "user"
+    network: str = "default"
+    metadata: tuple[tuple[str, str], ...] = ()  # rebuildd:<key>value</rebuildd:key>
+
+
+def parse(xml: str | bytes) -> Element:
+    parser = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
+    data = xml.encode() if isinstance(xml, str) else xml
+    return etree.fromstring(data, parser)
+
+
+def to_string(root: Element) -> str:
+    return etree.tostring(root, encoding="unicode")
+
+
+def _sub(parent: Element, tag: str, text: str | None = None, **attrs: str) -> Element:
+    child = etree.SubElement(parent, tag, attrs)
+    if text is not None:
+        child.text = text
+    return child
+
+
+def build_domain(spec: DomainSpec) -> Element:
+    """A new domain definition for a server (used at create; rebuild edits in place)."""
+    root = etree.Element("domain", type=spec.domain_type)
+    _sub(root, "name", spec.name)
+    _sub(root, "uuid", spec.uuid)
+    set_metadata(root, spec.metadata)
+    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.vcpus))
+    os_el = _sub(root, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64")
+    _sub(os_el, "boot", dev="hd")
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_reboot", "restart")
+    _sub(root, "on_crash", "destroy")
+    devices = _sub(root, "devices")
+    for disk in spec.disks:
+        add_disk(root, disk)
+    if spec.interface == "user":
+        iface = _sub(devices, "interface", type="user")
+        _sub(iface, "model", type="virtio")
+    elif spec.interface == "network":
+        iface = _sub(devices, "interface", type="network")
+        _sub(iface, "source", network=spec.network)
+        _sub(iface, "model", type="virtio")
+    serial = _sub(devices, "serial", type="pty")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    return root
+
+
+def set_metadata(root: Element, items: tuple[tuple[str, str], ...]) -> None:
+    """Write rebuildd's own ``<metadata>`` child, leaving other namespaces' children alone."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = etree.Element("metadata")
+        name = root.find("uuid")
+        anchor = name if name is not None else root.find("name")
+        if anchor is not None:
+            anchor.addnext(metadata)
+        else:
+            root.insert(0, metadata)
+    for old in metadata.findall(f"{{{REBUILDD_NS}}}instance"):
+        metadata.remove(old)
+    ours = etree.SubElement(metadata, f"{{{REBUILDD_NS}}}instance", nsmap={"rebuildd": REBUILDD_NS})
+    for key, value in items:
+        etree.SubElement(ours, f"{{{REBUILDD_NS}}}{key}").text = value
+
+
+def get_metadata(root: Element) -> dict[str, str]:
+    ours = root.find(f"metadata/{{{REBUILDD_NS}}}instance")
+    if ours is None:
+        return {}
+    return {etree.QName(child).localname: child.text or "" for child in ours}
+
+
+def disk_targets(root: Element) -> list[str]:
+    return [t.get("dev", "") for t in root.iterfind("devices/disk/target")]
+
+
+def find_disk(root: Element, target: str) -> Element | None:
+    for disk in root.iterfind("devices/disk"):
+        tgt = disk.find("target")
+        if tgt is not None and tgt.get("dev") == target:
+            return disk
+    return None
+
+
+def disk_source(disk: Element) -> str | None:
+    source = disk.find("source")
+    if source is None:
+        return None
+    return source.get("file") or source.get("dev") or source.get("name")
+
+
+def remove_disk(root: Element, target: str) -> Element | None:
+    """Remove the disk on ``target``; return it (to put back on undo), or None if absent."""
+    disk = find_disk(root, target)
+    if disk is None:
+        return None
+    parent = disk.getparent()
+    assert parent is not None
+    parent.remove(disk)
+    disk.tail = None
+    return disk
+
+
+def disk_element(spec: DiskSpec) -> Element:
+    disk = etree.Element("disk", type="file", device=spec.device)
+    _sub(disk, "driver", name="qemu", type=spec.fmt)
+    _sub(disk, "source", file=spec.path)
+    _sub(disk, "target", dev=spec.target, bus=spec.bus)
+    if spec.readonly:
+        _sub(disk, "readonly")
+    return disk
+
+
+def add_disk(root: Element, disk: DiskSpec | Element) -> Element:
+    """Add a disk, keeping ``<disk>`` elements first in ``<devices>`` and in target order.
+
+    An existing disk on the same target is replaced, so adding is idempotent. (libvirt
+    re-indents the document on define, so whitespace is not kept here.)
+    """
+    element = disk_element(disk) if isinstance(disk, DiskSpec) else disk
+    target = _target_of(element)
+    devices = root.find("devices")
+    if devices is None:
+        devices = _sub(root, "devices")
+    existing = find_disk(root, target)
+    if existing is not None:
+        existing.addprevious(element)
+        devices.remove(existing)
+        return element
+    before = [d for d in devices.findall("disk") if _target_of(d) < target]
+    if before:
+        before[-1].addnext(element)
+    else:
+        devices.insert(0, element)
+    return element
+
+
+def _target_of(disk: Element) -> str:
+    target = disk.find("target")
+    return target.get("dev", "") if target is not None else ""
+
+
+def outside_disks(root: Element) -> str:
+    """The document with every ``<disk>`` and rebuildd's metadata removed (for comparisons)."""
+    copy = parse(to_string(root))
+    for disk in copy.findall("devices/disk"):
+        copy.find("devices").remove(disk)  # type: ignore[union-attr]
+    for ours in copy.findall(f"metadata/{{{REBUILDD_NS}}}instance"):
+        ours.getparent().remove(ours)  # type: ignore[union-attr]
+    for element in copy.iter():
+        element.tail = None
+        if element.text is not None and not element.text.strip():
+            element.text = None
+    return to_string(copy)

@@ -1,0 +1,202 @@
+"""The one exception tree of rebuildd, and the one table that maps it to HTTP.
+
+Owns error classes and their messages; it must not import FastAPI or anything that does I/O.
+Messages come from typed keyword arguments and follow Nova's wording, so a client that matches
+on Nova's messages keeps working.
+
+    RebuilddError
+    ├── Invalid                 400 badRequest
+    │   ├── ValidationFailed, MalformedBody, NoSuchAction, VersionInvalid
+    │   ├── ImageNotFoundForRebuild, ImageNotFoundForBuild, InvalidFlavorRef, ImageNotActive
+    │   ├── FlavorMemoryTooSmall, FlavorDiskSmallerThanImage, FlavorDiskSmallerThanMinDisk
+    │   ├── InvalidKeyName, ImageDataInvalid
+    ├── Forbidden               403 forbidden
+    ├── NotFound                404 itemNotFound
+    │   └── ServerNotFound, FlavorNotFound, ImageNotFound, KeypairNotFound, ActionNotFound
+    ├── Conflict                409 conflictingRequest
+    │   └── InstanceInvalidState, InstanceIsLocked, TaskStateConflict, Duplicate
+    ├── VersionNotAcceptable    406 notAcceptable
+    ├── PayloadTooLarge         413 overLimit
+    └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
+        └── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class RebuilddError(Exception):
+    """Base of every error rebuildd raises on purpose."""
+
+    template: ClassVar[str] = "An unknown error occurred."
+
+    def __init__(self, message: str | None = None, **kwargs: object) -> None:
+        self.kwargs = kwargs
+        self.message = message if message is not None else self.template.format(**kwargs)
+        super().__init__(self.message)
+
+
+class Invalid(RebuilddError):
+    template = "Invalid input."
+
+
+class ValidationFailed(Invalid):
+    template = "Invalid input for field/attribute {field}. Value: {value}. {reason}"
+
+
+class MalformedBody(Invalid):
+    template = "Malformed request body"
+
+
+class NoSuchAction(Invalid):
+    template = "There is no such action: {action}"
+
+
+class VersionInvalid(Invalid):
+    template = (
+        "API Version String {version} is of invalid format. Must be of format MajorNum.MinorNum."
+    )
+
+
+class ImageNotFoundForRebuild(Invalid):
+    template = "Cannot find image for rebuild"
+
+
+class ImageNotFoundForBuild(Invalid):
+    template = "Can not find requested image"
+
+
+class InvalidFlavorRef(Invalid):
+    template = "Invalid flavorRef provided."
+
+
+class ImageNotActive(Invalid):
+    template = "Image {image_id} is not active."
+
+
+class FlavorMemoryTooSmall(Invalid):
+    template = "Flavor's memory is too small for requested image."
+
+
+class FlavorDiskSmallerThanImage(Invalid):
+    template = (
+        "Flavor's disk is too small for requested image. Flavor disk is {flavor_size} bytes, "
+        "image is {image_size} bytes."
+    )
+
+
+class FlavorDiskSmallerThanMinDisk(Invalid):
+    template = (
+        "Flavor's disk is smaller than the minimum size specified in image metadata. Flavor disk "
+        "is {flavor_size} bytes, minimum size is {image_min_disk} bytes."
+    )
+
+
+class InvalidKeyName(Invalid):
+    template = "Invalid key_name provided."
+
+
+class ImageDataInvalid(Invalid):
+    template = "Image data is not a valid {disk_format} image: {reason}"
+
+
+class Forbidden(RebuilddError):
+    template = "Policy doesn't allow {action} to be performed."
+
+
+class NotFound(RebuilddError):
+    template = "Resource could not be found."
+
+
+class ServerNotFound(NotFound):
+    template = "Instance {server_id} could not be found."
+
+
+class FlavorNotFound(NotFound):
+    template = "Flavor {flavor_id} could not be found."
+
+
+class ImageNotFound(NotFound):
+    template = "Image {image_id} could not be found."
+
+
+class KeypairNotFound(NotFound):
+    template = "Keypair {name} not found for user {user_id}"
+
+
+class ActionNotFound(NotFound):
+    template = "Action {request_id} on instance {server_id} could not be found."
+
+
+class Conflict(RebuilddError):
+    template = "There was a conflict when trying to complete your request."
+
+
+class InstanceInvalidState(Conflict):
+    template = "Cannot '{action}' instance {server_id} while it is in {attr} {state}"
+
+
+class InstanceIsLocked(Conflict):
+    template = "Instance {server_id} is locked"
+
+
+class TaskStateConflict(Conflict):
+    """The compare-and-swap on task_state lost a race (Nova answers 500 here; we answer 409)."""
+
+    template = (
+        "Cannot '{action}' instance {server_id}: its task_state changed concurrently "
+        "(expected {expected}, found {actual})"
+    )
+
+
+class Duplicate(Conflict):
+    template = "{kind} {name} already exists."
+
+
+class VersionNotAcceptable(RebuilddError):
+    template = (
+        "Version {version} is not supported by the API. Minimum is {min_version} and maximum "
+        "is {max_version}."
+    )
+
+
+class PayloadTooLarge(RebuilddError):
+    template = "Request is too large."
+
+
+class OperationFailed(RebuilddError):
+    template = "{step} failed: {reason}"
+
+
+class HypervisorError(OperationFailed):
+    template = "libvirt {call} failed: {reason}"
+
+
+class DiskError(OperationFailed):
+    template = "{command} failed: {reason}"
+
+
+class ImageFetchError(OperationFailed):
+    template = "Fetching image {image_id} failed: {reason}"
+
+
+# The one table: category -> (HTTP status, Nova fault name). Every class above resolves to
+# exactly one entry through its MRO; tests/test_errors.py fails if one does not.
+HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
+    Invalid: (400, "badRequest"),
+    Forbidden: (403, "forbidden"),
+    NotFound: (404, "itemNotFound"),
+    VersionNotAcceptable: (406, "notAcceptable"),
+    Conflict: (409, "conflictingRequest"),
+    PayloadTooLarge: (413, "overLimit"),
+    OperationFailed: (500, "computeFault"),
+}
+
+
+def http_fault(error: RebuilddError) -> tuple[int, str]:
+    """The (status, fault name) for an error, from the one table."""
+    for cls in type(error).__mro__:
+        if cls in HTTP_FAULTS:
+            return HTTP_FAULTS[cls]
+    raise LookupError(f"{type(error).__name__} has no HTTP mapping")

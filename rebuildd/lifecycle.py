@@ -1,0 +1,409 @@
+"""The other server pipelines: build (create), stop, start and delete.
+
+Owns their api stages (checks, then the compare-and-swap that records the instance action)
+and their compute steps, run on the same :class:`~rebuildd.runner.Runner` as a rebuild, so a
+rebuild and a stop/start/delete of one server can never interleave: each needs
+``task_state`` None to begin. Imports only ports and pure modules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from rebuildd import domxml, errors
+from rebuildd.models import BlockDevice, Flavor, Image, NewAction, RequestContext, Server, utcnow
+from rebuildd.pipeline import (
+    UNSET,
+    Deps,
+    GiB,
+    Unset,
+    check_image_fits,
+    domain_metadata,
+    generate_password,
+    lookup_keypair,
+)
+from rebuildd.runner import Job, Outcome, Stage, Step
+from rebuildd.states import PowerState, TaskState, VmState
+
+ROOT_TARGET: Final = "vda"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSettings:
+    """How new domains look on this host (from the settings)."""
+
+    domain_type: str
+    name_prefix: str
+    interface: str
+    network: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSpec:
+    name: str
+    image_ref: str
+    flavor_ref: str
+    admin_pass: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    key_name: str | None = None
+    user_data: str | None = None
+    description: str | Unset | None = UNSET
+    access_ip_v4: str = ""
+    access_ip_v6: str = ""
+    auto_disk_config: bool = False
+    config_drive: bool = False
+
+
+@dataclass(slots=True)
+class BuildJournal:
+    root_created: bool = False
+    defined: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServerContext:
+    """Context of build/stop/start/delete: the server as the api stage left it."""
+
+    deps: Deps
+    request: RequestContext
+    server: Server
+    image: Image | None = None
+    root: BlockDevice | None = None
+    domain: DomainSettings | None = None
+    journal: BuildJournal = field(default_factory=BuildJournal)
+
+
+# -- create ------------------------------------------------------------------------------------
+
+
+async def request_create(
+    deps: Deps, domain: DomainSettings, request: RequestContext, spec: CreateSpec
+) -> tuple[Server, str]:
+    """Nova's ``API.create`` for one server booted from an image on this host."""
+    try:
+        flavor = await deps.store.get_flavor(spec.flavor_ref)
+    except errors.FlavorNotFound:
+        raise errors.InvalidFlavorRef() from None
+    image = await deps.images.get(request, spec.image_ref)
+    if image is None:
+        raise errors.ImageNotFoundForBuild()
+    check_image_fits(image, flavor)
+    key_name = key_data = None
+    if spec.key_name is not None:
+        keypair = await lookup_keypair(deps, request, spec.key_name)
+        key_name, key_data = keypair.name, keypair.public_key
+    admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
+    server = _new_server(deps, domain, request, spec, flavor, image, key_name, key_data)
+    root = BlockDevice(
+        id=str(uuid.uuid4()),
+        server_id=server.id,
+        boot_index=0,
+        source_type="image",
+        destination_type="local",
+        device_name=ROOT_TARGET,
+        image_id=image.id,
+        volume_id=None,
+        path=str(deps.disks.new_root_path(server.id)),
+        disk_bus="virtio",
+        device_type="disk",
+    )
+    action = NewAction("create", request.request_id, request.user_id, request.project_id)
+    await deps.store.create_server(server, [root], action)
+    ctx = ServerContext(
+        deps=deps, request=request, server=server, image=image, root=root, domain=domain
+    )
+    deps.runner.submit(_build_job(ctx))
+    return server, admin_pass
+
+
+def _new_server(
+    deps: Deps,
+    domain: DomainSettings,
+    request: RequestContext,
+    spec: CreateSpec,
+    flavor: Flavor,
+    image: Image,
+    key_name: str | None,
+    key_data: str | None,
+) -> Server:
+    server_id = str(uuid.uuid4())
+    now = utcnow()
+    return Server(
+        id=server_id,
+        name=spec.name,
+        project_id=request.project_id,
+        user_id=request.user_id,
+        image_ref=image.id,
+        flavor=flavor,
+        vm_state=VmState.BUILDING,
+        task_state=TaskState.SCHEDULING,
+        power_state=PowerState.NOSTATE,
+        host=deps.host,
+        node=deps.host,
+        domain_name=f"{domain.name_prefix}{server_id}",
+        hostname=_hostname(spec.name, server_id),
+        metadata=dict(spec.metadata),
+        key_name=key_name,
+        key_data=key_data,
+        user_data=spec.user_data,
+        description=None if isinstance(spec.description, Unset) else spec.description,
+        access_ip_v4=spec.access_ip_v4,
+        access_ip_v6=spec.access_ip_v6,
+        auto_disk_config=spec.auto_disk_config,
+        locked=False,
+        locked_reason=None,
+        config_drive=spec.config_drive,
+        progress=0,
+        launched_at=None,
+        terminated_at=None,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _hostname(name: str, server_id: str) -> str:
+    """Nova's sanitize_hostname: lower-case letters, digits and dashes, at most 63."""
+    cleaned = "".join(c if c.isalnum() and c.isascii() else "-" for c in name.lower())
+    cleaned = "-".join(part for part in cleaned.split("-") if part)[:63].strip("-")
+    return cleaned or f"server-{server_id}"
+
+
+def _build_job(ctx: ServerContext) -> Job[ServerContext]:
+    compute = Stage(
+        event="compute__do_build_and_run_instance",
+        notify_start="instance.create.start",
+        notify_end="instance.create.end",
+        notify_error="instance.create.error",
+        steps=(
+            Step("block_device_mapping", task_state=TaskState.BLOCK_DEVICE_MAPPING),
+            Step(
+                "create_root_disk",
+                task_state=TaskState.SPAWNING,
+                run=_create_root,
+                undo=_remove_root,
+            ),
+            Step("define_domain", run=_define, undo=_undefine),
+            Step("start_domain", run=_start, undo=_destroy),
+        ),
+    )
+    return Job(
+        action="create",
+        request=ctx.request,
+        server_id=ctx.server.id,
+        task_state=TaskState.SCHEDULING,
+        stages=(compute,),
+        context=ctx,
+        succeed=_running,
+        fail=_build_failed,
+    )
+
+
+async def _create_root(ctx: ServerContext) -> None:
+    assert ctx.image is not None and ctx.root is not None and ctx.root.path is not None
+    base = await ctx.deps.cache.ensure(ctx.image)
+    await ctx.deps.disks.create_overlay(
+        base=base,
+        base_format=ctx.image.disk_format or "raw",
+        path=Path(ctx.root.path),
+        size_bytes=ctx.server.flavor.disk * GiB or None,
+    )
+
+
+async def _remove_root(ctx: ServerContext) -> None:
+    await ctx.deps.disks.remove_instance_dir(ctx.server.id)
+
+
+async def _define(ctx: ServerContext) -> None:
+    assert ctx.domain is not None and ctx.root is not None and ctx.root.path is not None
+    server, domain = ctx.server, ctx.domain
+    spec = domxml.DomainSpec(
+        name=server.domain_name,
+        uuid=server.id,
+        domain_type=domain.domain_type,
+        memory_mib=server.flavor.ram,
+        vcpus=server.flavor.vcpus,
+        disks=(domxml.DiskSpec(target=ctx.root.device_name, path=ctx.root.path),),
+        interface=domain.interface,  # type: ignore[arg-type]
+        network=domain.network,
+        metadata=domain_metadata(server, server.image_ref),
+    )
+    await ctx.deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
+
+
+async def _undefine(ctx: ServerContext) -> None:
+    await ctx.deps.hypervisor.undefine(ctx.server.domain_name)
+
+
+async def _start(ctx: ServerContext) -> None:
+    await ctx.deps.hypervisor.start(ctx.server.domain_name)
+
+
+async def _destroy(ctx: ServerContext) -> None:
+    await ctx.deps.hypervisor.destroy(ctx.server.domain_name)
+
+
+async def _running(ctx: ServerContext) -> Outcome:
+    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    return Outcome({"vm_state": VmState.ACTIVE, "power_state": power, "launched_at": utcnow()})
+
+
+async def _build_failed(ctx: ServerContext, rolled_back: bool) -> Outcome:
+    return Outcome({"vm_state": VmState.ERROR, "power_state": PowerState.NOSTATE})
+
+
+# -- stop, start, delete -------------------------------------------------------------------------
+
+
+async def request_power_action(
+    deps: Deps, request: RequestContext, server_id: str, action: str
+) -> Server:
+    """``os-stop`` (from active or error) and ``os-start`` (from stopped), as Nova checks them."""
+    vm_states: tuple[str, ...]
+    if action == "stop":
+        vm_states, task_state, job_factory = (
+            (VmState.ACTIVE, VmState.ERROR),
+            TaskState.POWERING_OFF,
+            _stop_job,
+        )
+    else:
+        vm_states, task_state, job_factory = (VmState.STOPPED,), TaskState.POWERING_ON, _start_job
+    server = await _begin(deps, request, server_id, action, vm_states, task_state)
+    deps.runner.submit(job_factory(ServerContext(deps=deps, request=request, server=server)))
+    return server
+
+
+async def request_delete(deps: Deps, request: RequestContext, server_id: str) -> Server:
+    vm_states = (VmState.ACTIVE, VmState.STOPPED, VmState.ERROR, VmState.BUILDING)
+    server = await _begin(deps, request, server_id, "delete", vm_states, TaskState.DELETING)
+    deps.runner.submit(_delete_job(ServerContext(deps=deps, request=request, server=server)))
+    return server
+
+
+async def _begin(
+    deps: Deps,
+    request: RequestContext,
+    server_id: str,
+    action: str,
+    vm_states: tuple[str, ...],
+    task_state: str,
+) -> Server:
+    project = None if request.is_admin else request.project_id
+    server = await deps.store.get_server(server_id, project_id=project)
+    if server.locked and not request.is_admin:
+        raise errors.InstanceIsLocked(server_id=server.id)
+    return await deps.store.transition(
+        server.id,
+        action=action,
+        expected_task_state=(None,),
+        expected_vm_state=vm_states,
+        task_state=task_state,
+        new_action=NewAction(action, request.request_id, request.user_id, request.project_id),
+    )
+
+
+def _single_stage_job(
+    ctx: ServerContext,
+    *,
+    action: str,
+    event: str,
+    notification: str,
+    task_state: str,
+    steps: tuple[Step[ServerContext], ...],
+    succeed: Any,
+    fail: Any,
+) -> Job[ServerContext]:
+    stage = Stage(
+        event=event,
+        steps=steps,
+        notify_start=f"{notification}.start",
+        notify_end=f"{notification}.end",
+        notify_error=f"{notification}.error" if action == "delete" else None,
+    )
+    return Job(
+        action=action,
+        request=ctx.request,
+        server_id=ctx.server.id,
+        task_state=task_state,
+        stages=(stage,),
+        context=ctx,
+        succeed=succeed,
+        fail=fail,
+    )
+
+
+def _stop_job(ctx: ServerContext) -> Job[ServerContext]:
+    return _single_stage_job(
+        ctx,
+        action="stop",
+        event="compute_stop_instance",
+        notification="instance.power_off",
+        task_state=TaskState.POWERING_OFF,
+        steps=(Step("power_off", run=_power_off),),
+        succeed=_stopped,
+        fail=_unchanged,
+    )
+
+
+def _start_job(ctx: ServerContext) -> Job[ServerContext]:
+    return _single_stage_job(
+        ctx,
+        action="start",
+        event="compute_start_instance",
+        notification="instance.power_on",
+        task_state=TaskState.POWERING_ON,
+        steps=(Step("start_domain", run=_start, undo=_destroy),),
+        succeed=_running_again,
+        fail=_unchanged,
+    )
+
+
+def _delete_job(ctx: ServerContext) -> Job[ServerContext]:
+    return _single_stage_job(
+        ctx,
+        action="delete",
+        event="compute_terminate_instance",
+        notification="instance.delete",
+        task_state=TaskState.DELETING,
+        steps=(Step("undefine_domain", run=_undefine), Step("remove_disks", run=_remove_root)),
+        succeed=_deleted,
+        fail=_delete_failed,
+    )
+
+
+async def _power_off(ctx: ServerContext) -> None:
+    await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout)
+
+
+async def _stopped(ctx: ServerContext) -> Outcome:
+    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    return Outcome({"vm_state": VmState.STOPPED, "power_state": power})
+
+
+async def _running_again(ctx: ServerContext) -> Outcome:
+    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    return Outcome({"vm_state": VmState.ACTIVE, "power_state": power})
+
+
+async def _unchanged(ctx: ServerContext, rolled_back: bool) -> Outcome:
+    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    return Outcome({"power_state": power})
+
+
+async def _deleted(ctx: ServerContext) -> Outcome:
+    now = utcnow()
+    return Outcome(
+        {
+            "vm_state": VmState.DELETED,
+            "power_state": PowerState.NOSTATE,
+            "deleted": True,
+            "deleted_at": now,
+            "terminated_at": now,
+        }
+    )
+
+
+async def _delete_failed(ctx: ServerContext, rolled_back: bool) -> Outcome:
+    return Outcome({"vm_state": VmState.ERROR})

@@ -1,0 +1,176 @@
+"""Plain, frozen records passed between the Store, the pipeline and the API views.
+
+Owns the shapes only: no SQL, no HTTP, no libvirt. The Store turns its rows into these, so the
+pipeline never holds a live ORM object (and never lazy-loads across an ``await``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+JSONDict = dict[str, Any]
+
+
+def utcnow() -> dt.datetime:
+    """Aware UTC: every time rebuildd stores is UTC with its offset."""
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Flavor:
+    id: str
+    name: str
+    vcpus: int
+    ram: int  # MiB
+    disk: int  # GiB; 0 means "the image's size"
+    ephemeral: int = 0  # GiB
+    swap: int = 0  # MiB
+    rxtx_factor: float = 1.0
+    is_public: bool = True
+    disabled: bool = False
+    description: str | None = None
+    extra_specs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    id: str
+    name: str | None
+    status: str
+    disk_format: str | None
+    container_format: str | None
+    size: int | None
+    virtual_size: int | None
+    checksum: str | None
+    os_hash_algo: str | None
+    os_hash_value: str | None
+    min_disk: int
+    min_ram: int
+    visibility: str
+    protected: bool
+    owner: str | None
+    properties: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    name: str
+    user_id: str
+    public_key: str
+    fingerprint: str
+    type: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    code: int
+    message: str
+    details: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDevice:
+    """One block device mapping; the root disk is the one with ``boot_index == 0``."""
+
+    id: str
+    server_id: str
+    boot_index: int | None
+    source_type: str  # image | blank | volume
+    destination_type: str  # local | volume
+    device_name: str  # libvirt target, e.g. "vda"
+    image_id: str | None
+    volume_id: str | None
+    path: str | None  # file backing a local disk
+    disk_bus: str
+    device_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    id: str
+    name: str
+    project_id: str
+    user_id: str
+    image_ref: str
+    flavor: Flavor
+    vm_state: str
+    task_state: str | None
+    power_state: int
+    host: str
+    node: str
+    domain_name: str
+    hostname: str
+    metadata: dict[str, str]
+    key_name: str | None
+    key_data: str | None
+    user_data: str | None
+    description: str | None
+    access_ip_v4: str
+    access_ip_v6: str
+    auto_disk_config: bool
+    locked: bool
+    locked_reason: str | None
+    config_drive: bool
+    progress: int
+    launched_at: dt.datetime | None
+    terminated_at: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ActionEvent:
+    event: str
+    start_time: dt.datetime
+    finish_time: dt.datetime | None
+    result: str | None
+    traceback: str | None
+    details: str | None
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceAction:
+    id: int
+    server_id: str
+    action: str
+    request_id: str
+    user_id: str
+    project_id: str
+    start_time: dt.datetime
+    finish_time: dt.datetime | None
+    message: str | None
+    updated_at: dt.datetime
+    events: tuple[ActionEvent, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who is asking, and under which request id (which becomes the instance-action id)."""
+
+    request_id: str
+    user_id: str
+    project_id: str
+    roles: tuple[str, ...] = ()
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+
+@dataclass(frozen=True, slots=True)
+class NewAction:
+    """An instance action to record in the same transaction as a state change."""
+
+    action: str
+    request_id: str
+    user_id: str
+    project_id: str
+    message: str | None = None

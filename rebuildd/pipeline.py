@@ -1,0 +1,384 @@
+"""The rebuild pipeline: Nova's api, conductor and compute stages as awaitable steps.
+
+Owns what a rebuild does and in which order. The api stage (:func:`request_rebuild`) runs in
+the request: checks in Nova's order, then one compare-and-swap ``task_state: None ->
+rebuilding`` that records the instance action, all before the 202. The conductor and compute
+stages run later on the :class:`~rebuildd.runner.Runner` as steps over a :class:`RebuildContext`.
+
+The old root disk is never removed before the new domain has started: the new root disk is a
+new file, the old ``<disk>`` element is kept in the journal, and removing the old file is a
+cleanup step that runs only after success. On failure the runner undoes the steps newest first,
+which puts the old disk and the domain's power state back.
+
+This module imports no libvirt, lxml, httpx or SQL: only the ports.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from rebuildd import domxml, errors, ports
+from rebuildd.models import (
+    BlockDevice,
+    Flavor,
+    Image,
+    KeyPair,
+    NewAction,
+    RequestContext,
+    Server,
+    utcnow,
+)
+from rebuildd.runner import Job, Outcome, Runner, Stage, Step
+from rebuildd.states import PowerState, TaskState, VmState
+
+GiB: Final = 1024**3
+REBUILDABLE_VM_STATES: Final = (VmState.ACTIVE, VmState.STOPPED, VmState.ERROR)
+
+
+class Unset:
+    """Marks a field the request did not send (distinct from an explicit null)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset()
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    """The ports and host facts every pipeline needs."""
+
+    store: ports.Store
+    hypervisor: ports.Hypervisor
+    images: ports.ImageService
+    cache: ports.ImageCache
+    disks: ports.Disks
+    runner: Runner
+    host: str
+    shutdown_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildSpec:
+    """A validated rebuild request body (the API layer has already checked its shape)."""
+
+    image_ref: str
+    name: str | None = None
+    admin_pass: str | None = None
+    metadata: dict[str, str] | None = None
+    preserve_ephemeral: bool = False
+    auto_disk_config: bool | None = None
+    access_ip_v4: str | None = None
+    access_ip_v6: str | None = None
+    description: str | Unset | None = UNSET
+    key_name: str | Unset | None = UNSET
+
+
+@dataclass(slots=True)
+class RebuildJournal:
+    """What the compute stage did so far, so every undo knows what to put back."""
+
+    was_running: bool = False
+    old_root_xml: str | None = None
+    new_root: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildContext:
+    deps: Deps
+    request: RequestContext
+    before: Server  # as it was before the api stage
+    server: Server  # as the api stage left it
+    image: Image
+    root: BlockDevice
+    journal: RebuildJournal = field(default_factory=RebuildJournal)
+
+
+def generate_password(length: int = 12) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+# -- api stage -------------------------------------------------------------------------------
+
+
+async def request_rebuild(
+    deps: Deps, request: RequestContext, server_id: str, spec: RebuildSpec
+) -> tuple[Server, str]:
+    """Nova's ``compute.api.API.rebuild``: check, commit REBUILD, schedule. Returns the
+    server as it is now (status REBUILD) and the admin password to echo."""
+    project = None if request.is_admin else request.project_id
+    server = await deps.store.get_server(server_id, project_id=project)
+    check_rebuildable(server, request)
+    key_changes = await _key_changes(deps, request, spec)
+    image = await deps.images.get(request, spec.image_ref)
+    if image is None:
+        raise errors.ImageNotFoundForRebuild()
+    check_image_fits(image, server.flavor)
+    root = _root_device(await deps.store.get_block_devices(server.id))
+    admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
+
+    changes: dict[str, Any] = {"image_ref": image.id, "progress": 0, **key_changes}
+    if spec.name is not None:
+        changes["name"] = spec.name
+    if spec.metadata is not None:
+        changes["server_metadata"] = spec.metadata
+    if not isinstance(spec.description, Unset):
+        changes["description"] = spec.description
+    if spec.access_ip_v4 is not None:
+        changes["access_ip_v4"] = spec.access_ip_v4
+    if spec.access_ip_v6 is not None:
+        changes["access_ip_v6"] = spec.access_ip_v6
+    if spec.auto_disk_config is not None:
+        changes["auto_disk_config"] = spec.auto_disk_config
+
+    updated = await deps.store.transition(
+        server.id,
+        action="rebuild",
+        expected_task_state=(None,),
+        expected_vm_state=REBUILDABLE_VM_STATES,
+        task_state=TaskState.REBUILDING,
+        changes=changes,
+        new_action=NewAction(
+            action="rebuild",
+            request_id=request.request_id,
+            user_id=request.user_id,
+            project_id=request.project_id,
+        ),
+    )
+    context = RebuildContext(
+        deps=deps, request=request, before=server, server=updated, image=image, root=root
+    )
+    deps.runner.submit(rebuild_job(context))
+    return updated, admin_pass
+
+
+def check_rebuildable(server: Server, request: RequestContext) -> None:
+    """Lock, vm_state, task_state and launched checks, in Nova's order (all 409)."""
+    if server.locked and not request.is_admin:
+        raise errors.InstanceIsLocked(server_id=server.id)
+    if server.vm_state not in REBUILDABLE_VM_STATES:
+        raise errors.InstanceInvalidState(
+            action="rebuild", server_id=server.id, attr="vm_state", state=server.vm_state
+        )
+    if server.task_state is not None:
+        raise errors.InstanceInvalidState(
+            action="rebuild", server_id=server.id, attr="task_state", state=server.task_state
+        )
+    if server.launched_at is None:
+        raise errors.InstanceInvalidState(
+            action="rebuild", server_id=server.id, attr="launched_at", state="None"
+        )
+
+
+def check_image_fits(image: Image, flavor: Flavor) -> None:
+    """Nova's ``_check_requested_image``: active, RAM, and root disk size checks (400)."""
+    if image.status != "active":
+        raise errors.ImageNotActive(image_id=image.id)
+    if flavor.ram < image.min_ram:
+        raise errors.FlavorMemoryTooSmall()
+    if flavor.disk == 0:
+        return  # the root disk takes the image's size
+    flavor_bytes = flavor.disk * GiB
+    image_bytes = max(image.size or 0, image.virtual_size or 0)
+    if image_bytes > flavor_bytes:
+        raise errors.FlavorDiskSmallerThanImage(flavor_size=flavor_bytes, image_size=image_bytes)
+    if image.min_disk * GiB > flavor_bytes:
+        raise errors.FlavorDiskSmallerThanMinDisk(
+            flavor_size=flavor_bytes, image_min_disk=image.min_disk * GiB
+        )
+
+
+async def _key_changes(deps: Deps, request: RequestContext, spec: RebuildSpec) -> dict[str, Any]:
+    if isinstance(spec.key_name, Unset):
+        return {}
+    if spec.key_name is None:
+        return {"key_name": None, "key_data": None}
+    keypair = await lookup_keypair(deps, request, spec.key_name)
+    return {"key_name": keypair.name, "key_data": keypair.public_key}
+
+
+async def lookup_keypair(deps: Deps, request: RequestContext, name: str) -> KeyPair:
+    """Key pairs belong to users: look up the *calling* user's (as Nova does)."""
+    keypair = await deps.store.get_keypair(request.user_id, name)
+    if keypair is None:
+        raise errors.InvalidKeyName()
+    return keypair
+
+
+def _root_device(devices: list[BlockDevice]) -> BlockDevice:
+    for device in devices:
+        if device.boot_index == 0:
+            return device
+    raise errors.OperationFailed(step="rebuild", reason="the server has no root block device")
+
+
+# -- conductor and compute stages -------------------------------------------------------------
+
+
+def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
+    conductor = Stage(
+        event="rebuild_server",
+        steps=(Step("check_host", run=_check_host),),
+        notify_end="instance.rebuild_scheduled",
+    )
+    compute = Stage(
+        event="compute_rebuild_instance",
+        notify_start="instance.rebuild.start",
+        notify_end="instance.rebuild.end",
+        notify_error="instance.rebuild.error",
+        steps=(
+            Step("power_off", run=_power_off, undo=_power_on_again),
+            Step("detach_root_disk", run=_detach_root, undo=_reattach_old_root),
+            Step("block_device_mapping", task_state=TaskState.REBUILD_BLOCK_DEVICE_MAPPING),
+            Step(
+                "create_root_disk",
+                task_state=TaskState.REBUILD_SPAWNING,
+                run=_create_root,
+                undo=_remove_new_root,
+            ),
+            Step("attach_root_disk", run=_attach_new_root),
+            Step("start_domain", run=_start, undo=_destroy),
+            Step("restore_power_state", run=_restore_power_state),
+        ),
+    )
+    return Job(
+        action="rebuild",
+        request=ctx.request,
+        server_id=ctx.server.id,
+        task_state=TaskState.REBUILDING,
+        stages=(conductor, compute),
+        context=ctx,
+        succeed=_succeed,
+        fail=_fail,
+        cleanup=(Step("remove_old_root_disk", run=_remove_old_root),),
+    )
+
+
+async def _check_host(ctx: RebuildContext) -> None:
+    if not await ctx.deps.hypervisor.exists(ctx.server.domain_name):
+        raise errors.HypervisorError(
+            call="lookupByName", reason=f"domain {ctx.server.domain_name} is not on this host"
+        )
+
+
+async def _power_off(ctx: RebuildContext) -> None:
+    hv = ctx.deps.hypervisor
+    ctx.journal.was_running = await hv.power_state(ctx.server.domain_name) == PowerState.RUNNING
+    await hv.power_off(ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout)
+
+
+async def _power_on_again(ctx: RebuildContext) -> None:
+    if ctx.journal.was_running:
+        await ctx.deps.hypervisor.start(ctx.server.domain_name)
+
+
+async def _detach_root(ctx: RebuildContext) -> None:
+    removed = await ctx.deps.hypervisor.detach_disk(ctx.server.domain_name, ctx.root.device_name)
+    if removed is not None:
+        ctx.journal.old_root_xml = removed
+
+
+async def _reattach_old_root(ctx: RebuildContext) -> None:
+    if ctx.journal.old_root_xml is not None:
+        await ctx.deps.hypervisor.attach_disk(ctx.server.domain_name, ctx.journal.old_root_xml)
+
+
+async def _create_root(ctx: RebuildContext) -> None:
+    deps = ctx.deps
+    base = await deps.cache.ensure(ctx.image)
+    path = deps.disks.new_root_path(ctx.server.id)
+    ctx.journal.new_root = path
+    size = ctx.server.flavor.disk * GiB or None
+    await deps.disks.create_overlay(
+        base=base, base_format=ctx.image.disk_format or "raw", path=path, size_bytes=size
+    )
+
+
+async def _remove_new_root(ctx: RebuildContext) -> None:
+    if ctx.journal.new_root is not None:
+        await ctx.deps.disks.remove(ctx.journal.new_root)
+
+
+async def _attach_new_root(ctx: RebuildContext) -> None:
+    assert ctx.journal.new_root is not None
+    hv, name = ctx.deps.hypervisor, ctx.server.domain_name
+    disk = domxml.DiskSpec(target=ctx.root.device_name, path=str(ctx.journal.new_root))
+    await hv.attach_disk(name, disk)
+    await hv.set_metadata(name, domain_metadata(ctx.server, ctx.image.id))
+
+
+async def _start(ctx: RebuildContext) -> None:
+    await ctx.deps.hypervisor.start(ctx.server.domain_name)
+
+
+async def _destroy(ctx: RebuildContext) -> None:
+    await ctx.deps.hypervisor.destroy(ctx.server.domain_name)
+
+
+async def _restore_power_state(ctx: RebuildContext) -> None:
+    """Nova starts the rebuilt guest, then stops it again if the server was stopped."""
+    if ctx.before.vm_state == VmState.STOPPED:
+        await ctx.deps.hypervisor.power_off(
+            ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout
+        )
+
+
+async def _succeed(ctx: RebuildContext) -> Outcome:
+    stopped = ctx.before.vm_state == VmState.STOPPED
+    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    return Outcome(
+        changes={
+            "vm_state": VmState.STOPPED if stopped else VmState.ACTIVE,
+            "power_state": power,
+            "launched_at": utcnow(),
+            "progress": 0,
+        },
+        block_device_changes={
+            ctx.root.id: {"path": str(ctx.journal.new_root), "image_id": ctx.image.id}
+        },
+    )
+
+
+async def _fail(ctx: RebuildContext, rolled_back: bool) -> Outcome:
+    """Back to how it was (with a fault) when the undo worked; ERROR when it did not."""
+    before = ctx.before
+    try:
+        power = await ctx.deps.hypervisor.power_state(before.domain_name)
+    except errors.RebuilddError:
+        power = PowerState.NOSTATE
+    restored: dict[str, Any] = {
+        "image_ref": before.image_ref,
+        "name": before.name,
+        "server_metadata": before.metadata,
+        "description": before.description,
+        "key_name": before.key_name,
+        "key_data": before.key_data,
+        "access_ip_v4": before.access_ip_v4,
+        "access_ip_v6": before.access_ip_v6,
+        "auto_disk_config": before.auto_disk_config,
+    }
+    vm_state = before.vm_state if rolled_back else VmState.ERROR
+    return Outcome(changes={**restored, "vm_state": vm_state, "power_state": power})
+
+
+async def _remove_old_root(ctx: RebuildContext) -> None:
+    old = ctx.root.path
+    if old and Path(old) != ctx.journal.new_root:
+        await ctx.deps.disks.remove(Path(old))
+
+
+def domain_metadata(server: Server, image_id: str) -> tuple[tuple[str, str], ...]:
+    """What rebuildd writes into its own ``<metadata>`` element of the domain."""
+    return (
+        ("server", server.id),
+        ("name", server.name),
+        ("project", server.project_id),
+        ("flavor", server.flavor.id),
+        ("image", image_id),
+    )

@@ -1,0 +1,134 @@
+"""The ports the pipeline talks through (typing.Protocol), so it imports no SQL, libvirt or HTTP.
+
+Owns the interfaces only. Implementations: storage.Store, hypervisor.LibvirtHypervisor,
+images.LocalImageService / images.ImageCache, disks.DiskManager, notifications.Notifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from rebuildd import domxml
+from rebuildd.models import (
+    BlockDevice,
+    Fault,
+    Flavor,
+    Image,
+    KeyPair,
+    NewAction,
+    RequestContext,
+    Server,
+)
+
+
+class Store(Protocol):
+    async def get_server(
+        self, server_id: str, *, project_id: str | None = None, include_deleted: bool = False
+    ) -> Server: ...
+
+    async def create_server(
+        self, server: Server, block_devices: Sequence[BlockDevice], action: NewAction
+    ) -> Server: ...
+
+    async def transition(
+        self,
+        server_id: str,
+        *,
+        action: str,
+        expected_task_state: Collection[str | None],
+        task_state: str | None,
+        expected_vm_state: Collection[str] | None = None,
+        changes: Mapping[str, Any] | None = None,
+        new_action: NewAction | None = None,
+        fault: Fault | None = None,
+        block_device_changes: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Server: ...
+
+    async def get_block_devices(self, server_id: str) -> list[BlockDevice]: ...
+
+    async def get_flavor(self, flavor_id: str) -> Flavor: ...
+
+    async def get_keypair(self, user_id: str, name: str) -> KeyPair | None: ...
+
+    async def start_event(self, request_id: str, event_name: str, host: str) -> None: ...
+
+    async def finish_event(
+        self,
+        request_id: str,
+        event_name: str,
+        *,
+        result: str,
+        traceback: str | None = None,
+        details: str | None = None,
+        finish_action: bool = False,
+    ) -> None: ...
+
+    async def add_notification(
+        self,
+        *,
+        event_type: str,
+        priority: str,
+        publisher_id: str,
+        server_id: str | None,
+        payload: dict[str, Any],
+    ) -> None: ...
+
+
+class Hypervisor(Protocol):
+    async def exists(self, name: str) -> bool: ...
+    async def domain_xml(self, name: str, *, inactive: bool = True) -> str: ...
+    async def power_state(self, name: str) -> int: ...
+    async def define(self, xml: str) -> None: ...
+    async def start(self, name: str) -> None: ...
+    async def destroy(self, name: str) -> None: ...
+    async def power_off(self, name: str, *, timeout: float) -> None: ...
+    async def undefine(self, name: str) -> None: ...
+    async def detach_disk(self, name: str, target: str) -> str | None: ...
+    async def attach_disk(self, name: str, disk: domxml.DiskSpec | str) -> None: ...
+    async def set_metadata(self, name: str, items: tuple[tuple[str, str], ...]) -> None: ...
+
+
+class ImageService(Protocol):
+    """Image metadata and data (the local store, or Glance in a later backend)."""
+
+    async def get(self, context: RequestContext | None, image_id: str) -> Image | None: ...
+
+    async def download(self, image_id: str, dest: Path) -> None: ...
+
+
+class ImageCache(Protocol):
+    async def ensure(self, image: Image) -> Path: ...
+
+
+class Disks(Protocol):
+    def new_root_path(self, server_id: str) -> Path: ...
+
+    async def create_overlay(
+        self, *, base: Path, base_format: str, path: Path, size_bytes: int | None
+    ) -> None: ...
+
+    async def remove(self, path: Path) -> None: ...
+
+    async def remove_instance_dir(self, server_id: str) -> None: ...
+
+
+class Notifier(Protocol):
+    async def notify(
+        self,
+        event_type: str,
+        server: Server,
+        *,
+        context: RequestContext,
+        priority: str = "INFO",
+        extra: Mapping[str, Any] | None = None,
+    ) -> None: ...
+
+
+class StepObserver(Protocol):
+    """Called at every step boundary of every pipeline job (test hooks, tracing)."""
+
+    async def before_step(self, job: str, step: str, server_id: str) -> None: ...
+
+    async def after_step(self, job: str, step: str, server_id: str) -> None: ...

@@ -1,0 +1,126 @@
+"""rebuildd's settings: ``REBUILDD_*`` environment variables, then an optional TOML file.
+
+Owns parsing and defaults only. Settings are built once, in the entry point, and passed down;
+nothing else reads the environment. Every field is documented in the README's settings table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    """All knobs of the daemon. Environment variables win over the config file."""
+
+    model_config = SettingsConfigDict(env_prefix="REBUILDD_", extra="forbid", frozen=True)
+
+    config_file: Path | None = Field(
+        default=None, description="TOML file with the same keys in lower case (no prefix)."
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/rebuildd"),
+        description="Holds the SQLite database, the image store, the image cache, instance disks.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL; default sqlite+aiosqlite:///<state_dir>/rebuildd.db. "
+        "PostgreSQL: postgresql+asyncpg://user@host:5432/db.",
+    )
+    libvirt_uri: str = Field(default="test:///default", description="libvirt connection URI.")
+    domain_type: Literal["auto", "kvm", "qemu", "test"] = Field(
+        default="auto",
+        description="<domain type=...> for new servers; auto: test on test:///, kvm when "
+        "/dev/kvm exists, else qemu (TCG).",
+    )
+    domain_name_prefix: str = Field(
+        default="rebuildd-", description="libvirt domain name = prefix + server uuid."
+    )
+    interface_type: Literal["none", "user", "network"] = Field(
+        default="user",
+        description="Network interface given to new servers: none, user (QEMU user-mode "
+        "networking; no bridge needed) or network (libvirt network named by interface_network).",
+    )
+    interface_network: str = Field(default="default", description="libvirt network name.")
+    host: str = Field(default="", description="This host's name in the API; default hostname.")
+    listen_host: str = Field(default="127.0.0.1", description="Default for serve --host.")
+    listen_port: int = Field(default=8774, description="Default for serve --port.")
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL used in links (e.g. https://cloud.example/compute); default: the "
+        "URL of the request.",
+    )
+    project_id: str = Field(
+        default="demo", description="Project id of requests while authentication is off."
+    )
+    user_id: str = Field(default="demo", description="User id of requests while auth is off.")
+    max_concurrent_operations: int = Field(
+        default=8, ge=1, description="Pipeline jobs (build, rebuild, stop, ...) run at once."
+    )
+    libvirt_threads: int = Field(
+        default=16, ge=1, description="Worker threads for blocking libvirt calls."
+    )
+    shutdown_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a guest gets to shut down cleanly before it is destroyed.",
+    )
+    drain_timeout: float = Field(
+        default=120.0,
+        ge=0,
+        description="On SIGTERM, seconds running jobs get to finish before they are interrupted.",
+    )
+    max_body_bytes: int = Field(
+        default=114688,
+        ge=1024,
+        description="Largest request body (413 above); image uploads are not limited.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a TTY, JSON otherwise."
+    )
+    qemu_img: str = Field(default="qemu-img", description="qemu-img executable.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get("REBUILDD_CONFIG_FILE")
+        if config_file:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
+        return sources
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.state_dir / 'rebuildd.db'}"
+
+    @property
+    def effective_host(self) -> str:
+        import socket
+
+        return self.host or socket.gethostname()
+
+    @property
+    def effective_domain_type(self) -> str:
+        if self.domain_type != "auto":
+            return self.domain_type
+        if self.libvirt_uri.startswith("test:"):
+            return "test"
+        return "kvm" if Path("/dev/kvm").exists() else "qemu"

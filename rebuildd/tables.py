@@ -1,0 +1,188 @@
+"""The SQLModel tables behind the Store.
+
+Owns the schema (and so what the Alembic migrations must build); it must not hold queries or
+policy — storage.py does. tests/test_migrations.py fails if a migration and these tables
+disagree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _json(name: str) -> Any:
+    return Field(default_factory=dict, sa_column=Column(name, JSON, nullable=False))
+
+
+class FlavorRow(SQLModel, table=True):
+    __tablename__ = "flavors"
+
+    id: str = Field(primary_key=True, max_length=255)
+    name: str = Field(max_length=255, unique=True)
+    vcpus: int
+    ram: int
+    disk: int
+    ephemeral: int = 0
+    swap: int = 0
+    rxtx_factor: float = 1.0
+    is_public: bool = True
+    disabled: bool = False
+    description: str | None = Field(default=None, max_length=65535)
+    extra_specs: dict[str, str] = _json("extra_specs")
+    created_at: dt.datetime
+
+
+class ImageRow(SQLModel, table=True):
+    __tablename__ = "images"
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str | None = Field(default=None, max_length=255, index=True)
+    status: str = Field(max_length=30)
+    disk_format: str | None = Field(default=None, max_length=30)
+    container_format: str | None = Field(default=None, max_length=30)
+    size: int | None = None
+    virtual_size: int | None = None
+    checksum: str | None = Field(default=None, max_length=32)
+    os_hash_algo: str | None = Field(default=None, max_length=64)
+    os_hash_value: str | None = Field(default=None, max_length=128)
+    min_disk: int = 0
+    min_ram: int = 0
+    visibility: str = Field(default="public", max_length=20)
+    protected: bool = False
+    owner: str | None = Field(default=None, max_length=255)
+    properties: dict[str, Any] = _json("properties")
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class KeyPairRow(SQLModel, table=True):
+    __tablename__ = "key_pairs"
+    __table_args__ = (UniqueConstraint("user_id", "name", name="uq_key_pairs_user_id_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(max_length=255)
+    name: str = Field(max_length=255)
+    public_key: str = Field(max_length=65535)
+    fingerprint: str = Field(max_length=255)
+    type: str = Field(default="ssh", max_length=10)
+    created_at: dt.datetime
+
+
+class ServerRow(SQLModel, table=True):
+    __tablename__ = "servers"
+    __table_args__ = (
+        Index("ix_servers_project_deleted_created", "project_id", "deleted", "created_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=255)
+    project_id: str = Field(max_length=255)
+    user_id: str = Field(max_length=255)
+    image_ref: str = Field(max_length=255)
+    flavor_id: str = Field(max_length=255)
+    # The flavor as it was at boot, as Nova keeps it with the instance.
+    flavor: dict[str, Any] = _json("flavor")
+    vm_state: str = Field(max_length=255)
+    task_state: str | None = Field(default=None, max_length=255)
+    power_state: int = 0
+    host: str = Field(max_length=255)
+    node: str = Field(max_length=255)
+    domain_name: str = Field(max_length=255, unique=True)
+    hostname: str = Field(max_length=255)
+    server_metadata: dict[str, str] = _json("metadata")
+    key_name: str | None = Field(default=None, max_length=255)
+    key_data: str | None = Field(default=None, max_length=65535)
+    user_data: str | None = Field(default=None, max_length=65535)
+    description: str | None = Field(default=None, max_length=255)
+    access_ip_v4: str = Field(default="", max_length=39)
+    access_ip_v6: str = Field(default="", max_length=39)
+    auto_disk_config: bool = False
+    locked: bool = False
+    locked_reason: str | None = Field(default=None, max_length=255)
+    config_drive: bool = False
+    progress: int = 0
+    launched_at: dt.datetime | None = None
+    terminated_at: dt.datetime | None = None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    deleted: bool = False
+    deleted_at: dt.datetime | None = None
+
+
+class BlockDeviceRow(SQLModel, table=True):
+    __tablename__ = "block_device_mappings"
+
+    id: str = Field(primary_key=True, max_length=36)
+    server_id: str = Field(foreign_key="servers.id", index=True, max_length=36)
+    boot_index: int | None = None
+    source_type: str = Field(max_length=32)
+    destination_type: str = Field(max_length=32)
+    device_name: str = Field(max_length=32)
+    image_id: str | None = Field(default=None, max_length=36)
+    volume_id: str | None = Field(default=None, max_length=36)
+    path: str | None = Field(default=None, max_length=4096)
+    disk_bus: str = Field(default="virtio", max_length=32)
+    device_type: str = Field(default="disk", max_length=32)
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class InstanceActionRow(SQLModel, table=True):
+    __tablename__ = "instance_actions"
+    __table_args__ = (Index("ix_instance_actions_server_start", "server_id", "start_time"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    server_id: str = Field(foreign_key="servers.id", max_length=36)
+    action: str = Field(max_length=255)
+    request_id: str = Field(max_length=255, unique=True)
+    user_id: str = Field(max_length=255)
+    project_id: str = Field(max_length=255)
+    start_time: dt.datetime
+    finish_time: dt.datetime | None = None
+    message: str | None = Field(default=None, max_length=255)
+    updated_at: dt.datetime
+
+
+class InstanceActionEventRow(SQLModel, table=True):
+    __tablename__ = "instance_action_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    action_id: int = Field(foreign_key="instance_actions.id", index=True)
+    event: str = Field(max_length=255)
+    start_time: dt.datetime
+    finish_time: dt.datetime | None = None
+    result: str | None = Field(default=None, max_length=255)
+    traceback: str | None = Field(default=None, max_length=65535)
+    details: str | None = Field(default=None, max_length=65535)
+    host: str = Field(max_length=255)
+
+
+class InstanceFaultRow(SQLModel, table=True):
+    __tablename__ = "instance_faults"
+
+    id: int | None = Field(default=None, primary_key=True)
+    server_id: str = Field(foreign_key="servers.id", index=True, max_length=36)
+    code: int
+    message: str = Field(max_length=255)
+    details: str = Field(default="", max_length=65535)
+    host: str = Field(max_length=255)
+    created_at: dt.datetime
+
+
+class NotificationRow(SQLModel, table=True):
+    """The outbox: every versioned notification, for a relay (or an operator) to read."""
+
+    __tablename__ = "notifications"
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_type: str = Field(max_length=255, index=True)
+    priority: str = Field(max_length=16)
+    publisher_id: str = Field(max_length=255)
+    server_id: str | None = Field(default=None, max_length=36, index=True)
+    payload: dict[str, Any] = _json("payload")
+    created_at: dt.datetime
+    sent_at: dt.datetime | None = None

@@ -1,0 +1,247 @@
+"""JSON views of servers, flavors, images, key pairs and instance actions, as Nova and Glance
+render them for a given microversion.
+
+Owns response shapes only: it takes records and returns dicts; no I/O, no HTTP objects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any
+
+from rebuildd.microversion import Version
+from rebuildd.models import Fault, Flavor, Image, InstanceAction, KeyPair, Server
+from rebuildd.states import status_from_state
+
+JSON = dict[str, Any]
+
+
+def isotime(value: dt.datetime | None) -> str | None:
+    """Nova's ``utils.isotime``: second precision with a ``Z``."""
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def microtime(value: dt.datetime | None) -> str | None:
+    """How Nova serialises other datetimes (launched_at, action times)."""
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _links(base: str, collection: str, item_id: str) -> list[JSON]:
+    return [
+        {"rel": "self", "href": f"{base}/v2.1/{collection}/{item_id}"},
+        {"rel": "bookmark", "href": f"{base}/{collection}/{item_id}"},
+    ]
+
+
+def host_id(server: Server) -> str:
+    """Nova's hostId: sha224 of project id + host, opaque per project."""
+    if not server.host:
+        return ""
+    return hashlib.sha224((server.project_id + server.host).encode()).hexdigest()
+
+
+def server_brief(server: Server, base: str) -> JSON:
+    return {"id": server.id, "name": server.name, "links": _links(base, "servers", server.id)}
+
+
+def _flavor_ref(flavor: Flavor, base: str, version: Version) -> JSON:
+    if version.at_least("2.47"):
+        return {
+            "vcpus": flavor.vcpus,
+            "ram": flavor.ram,
+            "disk": flavor.disk,
+            "ephemeral": flavor.ephemeral,
+            "swap": flavor.swap,
+            "original_name": flavor.name,
+            "extra_specs": dict(flavor.extra_specs),
+        }
+    return {
+        "id": flavor.id,
+        "links": [{"rel": "bookmark", "href": f"{base}/flavors/{flavor.id}"}],
+    }
+
+
+def server_base(server: Server, base: str, version: Version, fault: Fault | None) -> JSON:
+    """The base view: what Nova's rebuild response has below 2.75."""
+    status = status_from_state(server.vm_state, server.task_state)
+    view: JSON = {
+        "id": server.id,
+        "name": server.name,
+        "status": status,
+        "tenant_id": server.project_id,
+        "user_id": server.user_id,
+        "metadata": dict(server.metadata),
+        "hostId": host_id(server),
+        "image": {
+            "id": server.image_ref,
+            "links": [{"rel": "bookmark", "href": f"{base}/images/{server.image_ref}"}],
+        },
+        "flavor": _flavor_ref(server.flavor, base, version),
+        "created": isotime(server.created_at),
+        "updated": isotime(server.updated_at),
+        "addresses": {},
+        "accessIPv4": server.access_ip_v4,
+        "accessIPv6": server.access_ip_v6,
+        "links": _links(base, "servers", server.id),
+        "OS-DCF:diskConfig": "AUTO" if server.auto_disk_config else "MANUAL",
+        "progress": server.progress,
+    }
+    if fault is not None and status in {"ERROR", "DELETED"}:
+        view["fault"] = {
+            "code": fault.code,
+            "created": isotime(fault.created_at),
+            "message": fault.message,
+        }
+    if version.at_least("2.9"):
+        view["locked"] = server.locked
+    if version.at_least("2.19"):
+        view["description"] = server.description
+    if version.at_least("2.26"):
+        view["tags"] = []
+    if version.at_least("2.54"):
+        view["key_name"] = server.key_name
+    if version.at_least("2.57"):
+        view["user_data"] = server.user_data
+    if version.at_least("2.63"):
+        view["trusted_image_certificates"] = None
+    if version.at_least("2.73"):
+        view["locked_reason"] = server.locked_reason
+    return view
+
+
+def server_detail(
+    server: Server, base: str, version: Version, fault: Fault | None, *, is_admin: bool
+) -> JSON:
+    """The GET /servers/{id} and /servers/detail view (base view plus the extended fields)."""
+    view = server_base(server, base, version, fault)
+    view.update(
+        {
+            "key_name": server.key_name,
+            "config_drive": "True" if server.config_drive else "",
+            "security_groups": [{"name": "default"}],
+            "OS-EXT-AZ:availability_zone": "nova",
+            "OS-EXT-STS:vm_state": server.vm_state,
+            "OS-EXT-STS:task_state": server.task_state,
+            "OS-EXT-STS:power_state": server.power_state,
+            "OS-SRV-USG:launched_at": microtime(server.launched_at),
+            "OS-SRV-USG:terminated_at": microtime(server.terminated_at),
+            "os-extended-volumes:volumes_attached": [],
+        }
+    )
+    if is_admin:
+        view["OS-EXT-SRV-ATTR:host"] = server.host
+        view["OS-EXT-SRV-ATTR:hypervisor_hostname"] = server.node
+        view["OS-EXT-SRV-ATTR:instance_name"] = server.domain_name
+        if version.at_least("2.3"):
+            view["OS-EXT-SRV-ATTR:hostname"] = server.hostname
+            view["OS-EXT-SRV-ATTR:reservation_id"] = ""
+            view["OS-EXT-SRV-ATTR:launch_index"] = 0
+            view["OS-EXT-SRV-ATTR:kernel_id"] = ""
+            view["OS-EXT-SRV-ATTR:ramdisk_id"] = ""
+            view["OS-EXT-SRV-ATTR:root_device_name"] = "/dev/vda"
+            view["OS-EXT-SRV-ATTR:user_data"] = server.user_data
+    return view
+
+
+def flavor_brief(flavor: Flavor, base: str, version: Version) -> JSON:
+    view: JSON = {"id": flavor.id, "name": flavor.name, "links": _links(base, "flavors", flavor.id)}
+    if version.at_least("2.55"):
+        view["description"] = flavor.description
+    return view
+
+
+def flavor_detail(flavor: Flavor, base: str, version: Version) -> JSON:
+    view = flavor_brief(flavor, base, version)
+    view.update(
+        {
+            "ram": flavor.ram,
+            "disk": flavor.disk,
+            "vcpus": flavor.vcpus,
+            "swap": flavor.swap or "",
+            "rxtx_factor": flavor.rxtx_factor,
+            "OS-FLV-EXT-DATA:ephemeral": flavor.ephemeral,
+            "OS-FLV-DISABLED:disabled": flavor.disabled,
+            "os-flavor-access:is_public": flavor.is_public,
+        }
+    )
+    if version.at_least("2.61"):
+        view["extra_specs"] = dict(flavor.extra_specs)
+    return view
+
+
+def keypair_view(keypair: KeyPair, version: Version) -> JSON:
+    view: JSON = {
+        "name": keypair.name,
+        "public_key": keypair.public_key,
+        "fingerprint": keypair.fingerprint,
+    }
+    if version.at_least("2.2"):
+        view["type"] = keypair.type
+    return view
+
+
+def action_view(action: InstanceAction, version: Version, *, with_events: bool) -> JSON:
+    view: JSON = {
+        "action": action.action,
+        "instance_uuid": action.server_id,
+        "request_id": action.request_id,
+        "user_id": action.user_id,
+        "project_id": action.project_id,
+        "start_time": microtime(action.start_time),
+        "message": action.message,
+    }
+    if version.at_least("2.58"):
+        view["updated_at"] = microtime(action.updated_at)
+    if with_events:
+        events = []
+        for event in action.events:
+            item: JSON = {
+                "event": event.event,
+                "start_time": microtime(event.start_time),
+                "finish_time": microtime(event.finish_time),
+                "result": event.result,
+                "traceback": event.traceback,
+            }
+            if version.at_least("2.62"):
+                item["host"] = event.host
+                item["hostId"] = hashlib.sha224(
+                    (action.project_id + event.host).encode()
+                ).hexdigest()
+            if version.at_least("2.84"):
+                item["details"] = event.details
+            events.append(item)
+        view["events"] = events
+    return view
+
+
+def image_view(image: Image) -> JSON:
+    """A Glance v2 image object (custom properties flattened into it, as Glance does)."""
+    view: JSON = dict(image.properties)
+    view.update(
+        {
+            "id": image.id,
+            "name": image.name,
+            "status": image.status,
+            "visibility": image.visibility,
+            "protected": image.protected,
+            "os_hidden": False,
+            "checksum": image.checksum,
+            "os_hash_algo": image.os_hash_algo,
+            "os_hash_value": image.os_hash_value,
+            "owner": image.owner,
+            "size": image.size,
+            "virtual_size": image.virtual_size,
+            "min_ram": image.min_ram,
+            "min_disk": image.min_disk,
+            "disk_format": image.disk_format,
+            "container_format": image.container_format,
+            "created_at": isotime(image.created_at),
+            "updated_at": isotime(image.updated_at),
+            "tags": [],
+            "self": f"/v2/images/{image.id}",
+            "file": f"/v2/images/{image.id}/file",
+            "schema": "/v2/schemas/image",
+        }
+    )
+    return view

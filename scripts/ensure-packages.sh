@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# ensure-packages.sh [run|test] — install the Debian 12 packages rebuildd needs, if missing.
+#   run:  build deps for libvirt-python (gcc, pkg-config, libvirt-dev, python3-dev),
+#         a working `python3 -m venv`, and qemu-img.
+#   test: run + a local libvirtd with the QEMU driver (TCG/KVM), virsh, tini, genisoimage.
+# Idempotent: when everything is present this is a fast no-op (no apt-get update).
+set -euo pipefail
+
+mode="${1:-run}"
+pkgs=(python3-dev gcc pkg-config libvirt-dev qemu-utils)
+case "$mode" in
+  run) ;;
+  test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage) ;;
+  *) echo "usage: $0 [run|test]" >&2; exit 2 ;;
+esac
+# python3 may be a non-Debian build (e.g. pyenv) that already has venv/ensurepip.
+python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" == "install ok installed" ]] || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  echo "ensure-packages ($mode): all present"
+  exit 0
+fi
+
+[[ $EUID -eq 0 ]] || { echo "ensure-packages: need root to install: ${missing[*]}" >&2; exit 1; }
+echo "ensure-packages ($mode): installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,153 @@
+"""A live rebuildd for tests: the real app under real uvicorn, in a thread with its own
+event loop, on a free loopback port; plus small HTTP helpers for polling as clients do."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from rebuildd import demo, migrations
+from rebuildd.daemon import Daemon, build_app, open_daemon
+from rebuildd.ports import StepObserver
+from rebuildd.settings import Settings
+
+POLL_INTERVAL = 0.02
+POLL_LIMIT = 60.0  # an upper bound for a hung pipeline, not a performance assertion
+
+
+@dataclass
+class LiveDaemon:
+    settings: Settings
+    url: str
+    client: httpx.Client
+    image_ids: list[str]
+    daemon: Daemon
+    _server: uvicorn.Server
+    _thread: threading.Thread
+    _loop: asyncio.AbstractEventLoop
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        self.client.close()
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine on the daemon's event loop (to use its Store or hypervisor)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=60)
+
+    # -- client helpers -----------------------------------------------------------------
+
+    def create_server(self, name: str = "vm", *, image: int = 0, flavor: str = "1") -> str:
+        body = {"server": {"name": name, "imageRef": self.image_ids[image], "flavorRef": flavor}}
+        response = self.client.post("/v2.1/servers", json=body)
+        assert response.status_code == 202, response.text
+        server_id: str = response.json()["server"]["id"]
+        self.wait_for(server_id, "ACTIVE")
+        return server_id
+
+    def server(self, server_id: str, **headers: str) -> dict[str, Any]:
+        response = self.client.get(f"/v2.1/servers/{server_id}", headers=headers)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()["server"]
+        return body
+
+    def wait_for(self, server_id: str, status: str) -> dict[str, Any]:
+        """Poll as ``openstack --wait`` does: until status matches and task_state is null."""
+        return self.poll(
+            server_id,
+            lambda s: s["status"] == status and s["OS-EXT-STS:task_state"] is None,
+            f"status {status}",
+        )
+
+    def poll(
+        self, server_id: str, done: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + POLL_LIMIT
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            server = self.server(server_id)
+            if not seen or seen[-1] != server["status"]:
+                seen.append(server["status"])
+            if done(server):
+                return server
+            if server["status"] == "ERROR":
+                raise AssertionError(
+                    f"server went to ERROR waiting for {what}: {server.get('fault')}"
+                )
+            time.sleep(POLL_INTERVAL)
+        raise AssertionError(f"server never reached {what}; statuses seen: {seen}")
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def start_live_daemon(
+    state_dir: Path,
+    *,
+    observer: StepObserver | None = None,
+    **overrides: Any,
+) -> LiveDaemon:
+    """Migrate, seed the demo data and serve; return once the port answers."""
+    settings = Settings(state_dir=state_dir, **overrides)
+    migrations.upgrade(settings.effective_database_url)
+    sock = _free_socket()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        daemon = await open_daemon(settings, observer=observer)
+        try:
+            holder["images"] = await demo.seed(
+                daemon.store,
+                daemon.services.images,
+                daemon.services.deps.disks,  # type: ignore[arg-type]
+            )
+            holder["daemon"] = daemon
+            config = uvicorn.Config(
+                build_app(daemon), log_config=None, access_log=False, lifespan="on"
+            )
+            server = uvicorn.Server(config)
+            holder["server"] = server
+            holder["loop"] = asyncio.get_running_loop()
+            serve = asyncio.create_task(server.serve(sockets=[sock]))
+            while not server.started and not serve.done():
+                await asyncio.sleep(0.01)
+            ready.set()
+            await serve
+        except BaseException as exc:
+            holder["error"] = exc
+            ready.set()
+            raise
+        finally:
+            await daemon.close(drain_timeout=30)
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), name="live-rebuildd", daemon=True)
+    thread.start()
+    if not ready.wait(timeout=60) or "error" in holder:
+        raise RuntimeError(f"live rebuildd did not start: {holder.get('error')}")
+    host, port = sock.getsockname()
+    url = f"http://{host}:{port}"
+    return LiveDaemon(
+        settings=settings,
+        url=url,
+        client=httpx.Client(base_url=url, timeout=30),
+        image_ids=holder["images"],
+        daemon=holder["daemon"],
+        _server=holder["server"],
+        _thread=thread,
+        _loop=holder["loop"],
+    )

@@ -1,0 +1,211 @@
+"""The Store on SQLite and on PostgreSQL, after real migrations: the task_state compare-and-swap."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+import pytest
+
+from rebuildd import errors
+from rebuildd.models import BlockDevice, Fault, Flavor, NewAction, Server, utcnow
+from rebuildd.states import PowerState, TaskState, VmState
+from rebuildd.storage import ServerFilters, Store
+
+FLAVOR = Flavor(id="1", name="m1.tiny", vcpus=1, ram=512, disk=1)
+
+
+def _server(**overrides: object) -> Server:
+    server_id = str(uuid.uuid4())
+    now = utcnow()
+    values: dict[str, object] = dict(
+        id=server_id,
+        name="vm",
+        project_id="p",
+        user_id="u",
+        image_ref=str(uuid.uuid4()),
+        flavor=FLAVOR,
+        vm_state=VmState.ACTIVE,
+        task_state=None,
+        power_state=PowerState.RUNNING,
+        host="h",
+        node="h",
+        domain_name=f"rebuildd-{server_id}",
+        hostname="vm",
+        metadata={},
+        key_name=None,
+        key_data=None,
+        user_data=None,
+        description=None,
+        access_ip_v4="",
+        access_ip_v6="",
+        auto_disk_config=False,
+        locked=False,
+        locked_reason=None,
+        config_drive=False,
+        progress=0,
+        launched_at=now,
+        terminated_at=None,
+        created_at=now,
+        updated_at=now,
+    )
+    values.update(overrides)
+    return Server(**values)  # type: ignore[arg-type]
+
+
+def _action(name: str = "create") -> NewAction:
+    return NewAction(name, f"req-{uuid.uuid4()}", "u", "p")
+
+
+async def _add(store: Store, **overrides: object) -> Server:
+    server = _server(**overrides)
+    root = BlockDevice(
+        id=str(uuid.uuid4()),
+        server_id=server.id,
+        boot_index=0,
+        source_type="image",
+        destination_type="local",
+        device_name="vda",
+        image_id=server.image_ref,
+        volume_id=None,
+        path=f"/tmp/{server.id}/root.qcow2",
+        disk_bus="virtio",
+        device_type="disk",
+    )
+    await store.create_server(server, [root], _action())
+    return server
+
+
+class TestTransition:
+    async def test_moves_task_state_and_records_the_action(self, store: Store) -> None:
+        """A matching compare-and-swap changes task_state and fields, and records the action."""
+        server = await _add(store)
+        action = _action("rebuild")
+        updated = await store.transition(
+            server.id,
+            action="rebuild",
+            expected_task_state=(None,),
+            expected_vm_state=(VmState.ACTIVE,),
+            task_state=TaskState.REBUILDING,
+            changes={"name": "new"},
+            new_action=action,
+        )
+        assert (updated.task_state, updated.name) == (TaskState.REBUILDING, "new")
+        assert (await store.get_server(server.id)).task_state == TaskState.REBUILDING
+        recorded = await store.get_action(server.id, action.request_id)
+        assert recorded.action == "rebuild"
+
+    async def test_a_stale_expectation_is_a_conflict_and_changes_nothing(
+        self, store: Store
+    ) -> None:
+        """When task_state differs, nothing is written and InstanceInvalidState names it."""
+        server = await _add(store, task_state=TaskState.REBUILDING)
+        action = _action("rebuild")
+        with pytest.raises(errors.InstanceInvalidState) as caught:
+            await store.transition(
+                server.id,
+                action="rebuild",
+                expected_task_state=(None,),
+                task_state=TaskState.REBUILDING,
+                changes={"name": "other"},
+                new_action=action,
+            )
+        assert caught.value.message == (
+            f"Cannot 'rebuild' instance {server.id} while it is in task_state rebuilding"
+        )
+        assert (await store.get_server(server.id)).name == "vm"
+        with pytest.raises(errors.ActionNotFound):
+            await store.get_action(server.id, action.request_id)
+
+    async def test_a_vm_state_mismatch_names_the_vm_state(self, store: Store) -> None:
+        """An unexpected vm_state is reported as such (Nova's message)."""
+        server = await _add(store, vm_state=VmState.BUILDING, task_state=TaskState.SPAWNING)
+        with pytest.raises(errors.InstanceInvalidState, match="vm_state building"):
+            await store.transition(
+                server.id,
+                action="rebuild",
+                expected_task_state=(None, TaskState.SPAWNING),
+                expected_vm_state=(VmState.ACTIVE,),
+                task_state=TaskState.REBUILDING,
+            )
+
+    async def test_unknown_server_is_not_found(self, store: Store) -> None:
+        """A compare-and-swap on a missing server is ServerNotFound, not a conflict."""
+        with pytest.raises(errors.ServerNotFound):
+            await store.transition(
+                str(uuid.uuid4()), action="rebuild", expected_task_state=(None,), task_state=None
+            )
+
+    async def test_exactly_one_of_many_concurrent_swaps_wins(self, store: Store) -> None:
+        """Thirty simultaneous None -> rebuilding swaps: one wins, the rest conflict."""
+        server = await _add(store)
+
+        async def attempt() -> bool:
+            try:
+                await store.transition(
+                    server.id,
+                    action="rebuild",
+                    expected_task_state=(None,),
+                    task_state=TaskState.REBUILDING,
+                    new_action=_action("rebuild"),
+                )
+            except errors.InstanceInvalidState:
+                return False
+            return True
+
+        results = await asyncio.gather(*(attempt() for _ in range(30)))
+        assert results.count(True) == 1
+        assert len(await store.list_actions(server.id)) == 2  # create + the one rebuild
+
+    async def test_fault_and_block_devices_change_with_the_state(self, store: Store) -> None:
+        """A final swap writes its fault and block-device changes in the same transaction."""
+        server = await _add(store, task_state=TaskState.REBUILD_SPAWNING)
+        root = (await store.get_block_devices(server.id))[0]
+        fault = Fault(500, "boom", "trace", utcnow())
+        await store.transition(
+            server.id,
+            action="rebuild",
+            expected_task_state=(TaskState.REBUILD_SPAWNING,),
+            task_state=None,
+            changes={"vm_state": VmState.ERROR},
+            fault=fault,
+            block_device_changes={root.id: {"path": "/new/root.qcow2"}},
+        )
+        assert (await store.latest_faults([server.id]))[server.id].message == "boom"
+        assert (await store.get_block_devices(server.id))[0].path == "/new/root.qcow2"
+
+    async def test_task_state_cannot_be_smuggled_in_changes(self, store: Store) -> None:
+        """task_state is written only as the swap's target, never through ``changes``."""
+        server = await _add(store)
+        with pytest.raises(ValueError, match="bad server changes"):
+            await store.transition(
+                server.id,
+                action="x",
+                expected_task_state=(None,),
+                task_state=None,
+                changes={"task_state": "rebuilding"},
+            )
+
+
+class TestQueries:
+    async def test_list_filters_by_status_and_pages_by_marker(self, store: Store) -> None:
+        """?status=REBUILD finds servers in any rebuild task state; markers page newest first."""
+        a = await _add(store)
+        b = await _add(store, task_state=TaskState.REBUILD_SPAWNING)
+        c = await _add(store, vm_state=VmState.STOPPED, task_state=TaskState.REBUILDING)
+        from rebuildd.states import states_for_status
+
+        rebuilding = await store.list_servers(ServerFilters(states=states_for_status("REBUILD")))
+        assert {s.id for s in rebuilding} == {b.id, c.id}
+        active = await store.list_servers(ServerFilters(states=states_for_status("ACTIVE")))
+        assert [s.id for s in active] == [a.id]
+        first = await store.list_servers(ServerFilters(limit=2))
+        rest = await store.list_servers(ServerFilters(limit=2, marker=first[-1].id))
+        assert [s.id for s in first + rest] == [c.id, b.id, a.id]
+
+    async def test_round_trips_a_server_record(self, store: Store) -> None:
+        """What goes in comes out: every field of the record, the flavor snapshot included."""
+        server = await _add(store, metadata={"k": "v"}, description="d")
+        loaded = await store.get_server(server.id)
+        assert dataclasses.replace(loaded, updated_at=server.updated_at) == server

@@ -1,0 +1,42 @@
+"""Small lxml helpers for tests, written independently of rebuildd.domxml (the code under test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lxml import etree
+
+REBUILDD_NS = "https://rebuildd.dev/xmlns/libvirt/domain/1.0"
+
+
+def parse(xml: str) -> etree._Element:
+    return etree.fromstring(xml.encode())
+
+
+def disk_source(root: etree._Element, target: str = "vda") -> Path:
+    """The file behind the disk on ``target``; exactly one must exist."""
+    found = [
+        disk.find("source")
+        for disk in root.iterfind("devices/disk")
+        if disk.find("target") is not None and disk.find("target").get("dev") == target  # type: ignore[union-attr]
+    ]
+    assert len(found) == 1 and found[0] is not None, f"{len(found)} disks on {target}"
+    return Path(str(found[0].get("file")))
+
+
+def outside_disks(root: etree._Element) -> str:
+    """The document minus <disk> elements and rebuildd's own metadata, whitespace-normalised."""
+    copy = etree.fromstring(etree.tostring(root))
+    devices = copy.find("devices")
+    assert devices is not None
+    for disk in devices.findall("disk"):
+        devices.remove(disk)
+    metadata = copy.find("metadata")
+    if metadata is not None:
+        for ours in metadata.findall(f"{{{REBUILDD_NS}}}*"):
+            metadata.remove(ours)
+    for element in copy.iter():
+        element.tail = None
+        if element.text is not None and not element.text.strip():
+            element.text = None
+    return etree.tostring(copy, encoding="unicode")
