@@ -40,11 +40,17 @@ class Daemon:
     store: Store
     hypervisor: LibvirtHypervisor
     services: Services
+    closed: bool = False
 
     async def close(self, *, drain_timeout: float) -> None:
+        """Drain running jobs, then close libvirt and the database (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
         await self.services.deps.runner.drain(drain_timeout)
         await self.hypervisor.close()
         await self.store.close()
+        log.info("daemon closed")
 
 
 async def open_daemon(settings: Settings, *, observer: StepObserver | None = None) -> Daemon:
@@ -100,10 +106,11 @@ async def open_daemon(settings: Settings, *, observer: StepObserver | None = Non
 def build_app(daemon: Daemon) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        sd_notify("READY=1")
         yield
         sd_notify("STOPPING=1")
-        await daemon.services.deps.runner.drain(daemon.settings.drain_timeout)
+        # Close here, not after serve() returns: uvicorn re-raises SIGTERM once it has
+        # stopped, so code after serve() never runs on a signal.
+        await daemon.close(drain_timeout=daemon.settings.drain_timeout)
 
     return create_app(daemon.services, lifespan=lifespan)
 
@@ -115,9 +122,18 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="on"
         )
-        await uvicorn.Server(config).serve()
+        await _NotifyingServer(config).serve()
     finally:
         await daemon.close(drain_timeout=settings.drain_timeout)
+
+
+class _NotifyingServer(uvicorn.Server):
+    """Tells systemd READY=1 only once the sockets really listen."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            sd_notify("READY=1")
 
 
 def sd_notify(state: str) -> None:

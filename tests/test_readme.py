@@ -34,7 +34,9 @@ def test_walkthrough_runs_verbatim(daemon: LiveDaemon) -> None:
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "['demo-image-b', 'demo-image-a']" in lines or "['demo-image-a', 'demo-image-b']" in lines
+    assert (
+        "['demo-image-b', 'demo-image-a']" in lines or "['demo-image-a', 'demo-image-b']" in lines
+    )
     assert "['m1.tiny', 'm1.small']" in lines
     assert "REBUILD" in lines
     assert f"('x', '{daemon.image_ids[1]}')" in lines

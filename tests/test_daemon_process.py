@@ -1,0 +1,62 @@
+"""The real entry point: ``rebuildd db upgrade``, ``seed-demo`` and ``serve`` as processes,
+systemd readiness, and a clean close on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent / "rebuildd"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_serve_notifies_systemd_and_closes_on_sigterm(tmp_path: Path) -> None:
+    """serve sends READY=1 once it listens, answers HTTP, and on SIGTERM sends STOPPING=1 and
+    closes libvirt and the database before exiting."""
+    env = {**os.environ, "REBUILDD_STATE_DIR": str(tmp_path), "REBUILDD_LOG_FORMAT": "json"}
+    for command in (["db", "upgrade"], ["seed-demo"]):
+        subprocess.run([str(BIN), *command], env=env, check=True, capture_output=True, timeout=120)
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(60)
+    port = _free_port()
+    process = subprocess.Popen(
+        [str(BIN), "serve", "--port", str(port)],
+        env={**env, "NOTIFY_SOCKET": str(notify_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert notify.recv(64) == b"READY=1"
+        response = httpx.get(f"http://127.0.0.1:{port}/v2.1/flavors", timeout=10)
+        assert [f["name"] for f in response.json()["flavors"]] == ["m1.tiny", "m1.small"]
+        process.send_signal(signal.SIGTERM)
+        assert notify.recv(64) == b"STOPPING=1"
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+    assert '"event": "daemon closed"' in output
+    assert "Traceback" not in output
+
+
+def test_cli_help_lists_the_commands() -> None:
+    """The CLI offers serve, db upgrade and seed-demo."""
+    out = subprocess.run([str(BIN), "--help"], check=True, capture_output=True, text=True).stdout
+    for command in ("serve", "db", "seed-demo"):
+        assert command in out
