@@ -7,8 +7,10 @@ It is the only place that turns Settings into objects.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from rebuildd import recovery
 from rebuildd.api import Services, create_app
 from rebuildd.disks import DiskManager
 from rebuildd.hypervisor import LibvirtHypervisor
@@ -61,9 +64,15 @@ async def open_daemon(settings: Settings, *, observer: StepObserver | None = Non
     hypervisor = LibvirtHypervisor(settings.libvirt_uri, threads=settings.libvirt_threads)
     await hypervisor.open()
     host = settings.effective_host
-    disks = DiskManager(state / "instances", qemu_img=settings.qemu_img)
+    disks = DiskManager(
+        state / "instances",
+        qemu_img=settings.qemu_img,
+        retention_seconds=settings.old_root_disk_retention,
+    )
     images = LocalImageService(store, state / "images", disks)
     notifier = Notifier(store, host=host)
+    if settings.test_kill_at:
+        observer = KillAt(settings.test_kill_at)
     runner = Runner(
         store, notifier, host=host, limit=settings.max_concurrent_operations, observer=observer
     )
@@ -93,6 +102,7 @@ async def open_daemon(settings: Settings, *, observer: StepObserver | None = Non
         user_id=settings.user_id,
         max_body_bytes=settings.max_body_bytes,
     )
+    await recovery.recover(deps, domain)
     log.info(
         "daemon opened",
         database=_redact(settings.effective_database_url),
@@ -106,7 +116,9 @@ async def open_daemon(settings: Settings, *, observer: StepObserver | None = Non
 def build_app(daemon: Daemon) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_retired_disks(daemon))
         yield
+        sweeper.cancel()
         sd_notify("STOPPING=1")
         # Close here, not after serve() returns: uvicorn re-raises SIGTERM once it has
         # stopped, so code after serve() never runs on a signal.
@@ -125,6 +137,41 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         await _NotifyingServer(config).serve()
     finally:
         await daemon.close(drain_timeout=settings.drain_timeout)
+
+
+async def _sweep_retired_disks(daemon: Daemon) -> None:
+    """Delete replaced root disks once their retention has passed (when one is set)."""
+    retention = daemon.settings.old_root_disk_retention
+    if retention <= 0:
+        return
+    disks = DiskManager(daemon.settings.state_dir / "instances", retention_seconds=retention)
+    while True:
+        try:
+            removed = await disks.sweep_retired()
+            if removed:
+                log.info("retired disks removed", count=removed)
+        except OSError:
+            log.exception("sweeping retired disks failed")
+        await asyncio.sleep(min(60.0, retention))
+
+
+class KillAt:
+    """Test hook: SIGKILL this process at one step boundary (``JOB:STEP:before|after``), so the
+    fault-injection suite can prove restart recovery at every boundary."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    async def _check(self, job: str, step: str, phase: str) -> None:
+        if f"{job}:{step}:{phase}" == self.spec:
+            log.warning("test hook: killing the daemon", at=self.spec)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def before_step(self, job: str, step: str, server_id: str) -> None:
+        await self._check(job, step, "before")
+
+    async def after_step(self, job: str, step: str, server_id: str) -> None:
+        await self._check(job, step, "after")
 
 
 class _NotifyingServer(uvicorn.Server):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,12 @@ class ImageInfo:
 class DiskManager:
     """Creates and removes the disk files of servers under ``<state_dir>/instances``."""
 
-    def __init__(self, instances_dir: Path, *, qemu_img: str = "qemu-img") -> None:
+    def __init__(
+        self, instances_dir: Path, *, qemu_img: str = "qemu-img", retention_seconds: float = 0
+    ) -> None:
         self.instances_dir = instances_dir
         self.qemu_img = qemu_img
+        self.retention_seconds = retention_seconds
 
     def instance_dir(self, server_id: str) -> Path:
         return self.instances_dir / str(uuid.UUID(server_id))
@@ -61,6 +65,31 @@ class DiskManager:
 
     async def remove(self, path: Path) -> None:
         await anyio.Path(path).unlink(missing_ok=True)
+
+    async def retire(self, path: Path) -> None:
+        """A replaced root disk: removed now, or kept ``retention_seconds`` under a
+        ``retired-<unix time>-`` name (as AWS keeps a replaced root volume) for the sweeper."""
+        if self.retention_seconds <= 0:
+            await self.remove(path)
+            return
+        source = anyio.Path(path)
+        if await source.exists():
+            await source.rename(path.with_name(f"retired-{int(time.time())}-{path.name}"))
+
+    async def sweep_retired(self) -> int:
+        """Remove retired disks older than the retention; return how many went."""
+        cutoff = time.time() - self.retention_seconds
+        removed = 0
+        root = anyio.Path(self.instances_dir)
+        if not await root.exists():
+            return 0
+        async for directory in root.iterdir():
+            async for child in directory.glob("retired-*"):
+                stamp = child.name.split("-", 2)[1]
+                if stamp.isdigit() and int(stamp) < cutoff:
+                    await child.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     async def remove_instance_dir(self, server_id: str) -> None:
         directory = anyio.Path(self.instance_dir(server_id))

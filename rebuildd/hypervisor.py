@@ -164,6 +164,19 @@ class LibvirtHypervisor:
 
     # -- disks (edit the persistent XML, then re-define) ---------------------------------------
 
+    async def disk_xml(self, name: str, target: str) -> str | None:
+        """The persistent ``<disk>`` element on ``target``, as XML, or None."""
+
+        def read() -> str | None:
+            root = domxml.parse(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            disk = domxml.find_disk(root, target)
+            if disk is None:
+                return None
+            disk.tail = None
+            return domxml.to_string(disk)
+
+        return await self._call("disk_xml", read)
+
     async def detach_disk(self, name: str, target: str) -> str | None:
         """Remove the disk on ``target`` from the persistent definition.
 

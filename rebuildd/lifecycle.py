@@ -8,13 +8,23 @@ rebuild and a stop/start/delete of one server can never interleave: each needs
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from rebuildd import domxml, errors
-from rebuildd.models import BlockDevice, Flavor, Image, NewAction, RequestContext, Server, utcnow
+from rebuildd.models import (
+    BlockDevice,
+    Flavor,
+    Image,
+    InstanceAction,
+    NewAction,
+    RequestContext,
+    Server,
+    utcnow,
+)
 from rebuildd.pipeline import (
     UNSET,
     Deps,
@@ -57,10 +67,11 @@ class CreateSpec:
     config_drive: bool = False
 
 
-@dataclass(slots=True)
-class BuildJournal:
-    root_created: bool = False
-    defined: bool = False
+class NoFacts:
+    """Jobs whose undos need nothing beyond the server's own records."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +84,7 @@ class ServerContext:
     image: Image | None = None
     root: BlockDevice | None = None
     domain: DomainSettings | None = None
-    journal: BuildJournal = field(default_factory=BuildJournal)
+    facts: NoFacts = field(default_factory=NoFacts)
 
 
 # -- create ------------------------------------------------------------------------------------
@@ -83,6 +94,7 @@ async def request_create(
     deps: Deps, domain: DomainSettings, request: RequestContext, spec: CreateSpec
 ) -> tuple[Server, str]:
     """Nova's ``API.create`` for one server booted from an image on this host."""
+    deps.runner.check_accepting()
     try:
         flavor = await deps.store.get_flavor(spec.flavor_ref)
     except errors.FlavorNotFound:
@@ -110,7 +122,13 @@ async def request_create(
         disk_bus="virtio",
         device_type="disk",
     )
-    action = NewAction("create", request.request_id, request.user_id, request.project_id)
+    action = NewAction(
+        "create",
+        request.request_id,
+        request.user_id,
+        request.project_id,
+        params={"image_id": image.id, "root_bdm_id": root.id},
+    )
     await deps.store.create_server(server, [root], action)
     ctx = ServerContext(
         deps=deps, request=request, server=server, image=image, root=root, domain=domain
@@ -196,6 +214,7 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
         task_state=TaskState.SCHEDULING,
         stages=(compute,),
         context=ctx,
+        facts=ctx.facts,
         succeed=_running,
         fail=_build_failed,
     )
@@ -290,6 +309,7 @@ async def _begin(
     vm_states: tuple[str, ...],
     task_state: str,
 ) -> Server:
+    deps.runner.check_accepting()
     project = None if request.is_admin else request.project_id
     server = await deps.store.get_server(server_id, project_id=project)
     if server.locked and not request.is_admin:
@@ -300,7 +320,9 @@ async def _begin(
         expected_task_state=(None,),
         expected_vm_state=vm_states,
         task_state=task_state,
-        new_action=NewAction(action, request.request_id, request.user_id, request.project_id),
+        new_action=NewAction(
+            action, request.request_id, request.user_id, request.project_id, params={}
+        ),
     )
 
 
@@ -329,8 +351,11 @@ def _single_stage_job(
         task_state=task_state,
         stages=(stage,),
         context=ctx,
+        facts=ctx.facts,
         succeed=succeed,
         fail=fail,
+        # Stopping, starting and deleting again are idempotent: finish them after a crash.
+        resume_forward=lambda _done: True,
     )
 
 
@@ -407,3 +432,22 @@ async def _deleted(ctx: ServerContext) -> Outcome:
 
 async def _delete_failed(ctx: ServerContext, rolled_back: bool) -> Outcome:
     return Outcome({"vm_state": VmState.ERROR})
+
+
+# -- resuming after a crash ------------------------------------------------------------------
+
+
+async def job_from_action(
+    deps: Deps, domain: DomainSettings, action: InstanceAction, server: Server
+) -> Job[ServerContext]:
+    """The job of a create/stop/start/delete a previous process left in flight."""
+    request = RequestContext(action.request_id, action.user_id, action.project_id)
+    ctx = ServerContext(deps=deps, request=request, server=server, domain=domain)
+    if action.action == "create":
+        params = action.job_params or {}
+        devices = await deps.store.get_block_devices(server.id)
+        root = next(d for d in devices if d.id == params.get("root_bdm_id"))
+        image = await deps.images.get(None, params.get("image_id", ""))
+        return _build_job(dataclasses.replace(ctx, root=root, image=image))
+    factories = {"stop": _stop_job, "start": _start_job, "delete": _delete_job}
+    return factories[action.action](ctx)

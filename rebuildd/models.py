@@ -149,6 +149,11 @@ class InstanceAction:
     message: str | None
     updated_at: dt.datetime
     events: tuple[ActionEvent, ...] = ()
+    job_state: str | None = None
+    job_params: dict[str, Any] | None = None
+    journal: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    response: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +172,16 @@ class RequestContext:
 
 @dataclass(frozen=True, slots=True)
 class NewAction:
-    """An instance action to record in the same transaction as a state change."""
+    """An instance action to record in the same transaction as a state change.
+
+    With ``params`` it carries a job: it is saved as ``running``, and a restarted daemon
+    rebuilds the job's context from ``params`` to finish it or roll it back.
+    """
 
     action: str
     request_id: str
     user_id: str
     project_id: str
     message: str | None = None
+    params: dict[str, Any] | None = None
+    idempotency_key: str | None = None

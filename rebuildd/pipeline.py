@@ -15,6 +15,7 @@ This module imports no libvirt, lxml, httpx or SQL: only the ports.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from rebuildd.models import (
     BlockDevice,
     Flavor,
     Image,
+    InstanceAction,
     KeyPair,
     NewAction,
     RequestContext,
@@ -80,12 +82,35 @@ class RebuildSpec:
 
 
 @dataclass(slots=True)
-class RebuildJournal:
-    """What the compute stage did so far, so every undo knows what to put back."""
+class RebuildFacts:
+    """What the compute stage recorded so far, so every undo knows what to put back."""
 
     was_running: bool = False
     old_root_xml: str | None = None
-    new_root: Path | None = None
+    old_root: str | None = None
+    new_root: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RebuildFacts:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Fields the api stage may change, restored when a rebuild rolls back.
+RESTORED_FIELDS: Final = (
+    "image_ref",
+    "name",
+    "metadata",
+    "description",
+    "key_name",
+    "key_data",
+    "access_ip_v4",
+    "access_ip_v6",
+    "auto_disk_config",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +119,15 @@ class RebuildContext:
     request: RequestContext
     before: Server  # as it was before the api stage
     server: Server  # as the api stage left it
-    image: Image
+    image_id: str
     root: BlockDevice
-    journal: RebuildJournal = field(default_factory=RebuildJournal)
+    image: Image | None = None
+    facts: RebuildFacts = field(default_factory=RebuildFacts)
+
+    def params(self) -> dict[str, Any]:
+        """What a restarted daemon needs to rebuild this context (see rebuild_job_from_action)."""
+        before = {name: getattr(self.before, name) for name in (*RESTORED_FIELDS, "vm_state")}
+        return {"image_id": self.image_id, "root_bdm_id": self.root.id, "before": before}
 
 
 def generate_password(length: int = 12) -> str:
@@ -108,10 +139,16 @@ def generate_password(length: int = 12) -> str:
 
 
 async def request_rebuild(
-    deps: Deps, request: RequestContext, server_id: str, spec: RebuildSpec
+    deps: Deps,
+    request: RequestContext,
+    server_id: str,
+    spec: RebuildSpec,
+    *,
+    idempotency_key: str | None = None,
 ) -> tuple[Server, str]:
     """Nova's ``compute.api.API.rebuild``: check, commit REBUILD, schedule. Returns the
     server as it is now (status REBUILD) and the admin password to echo."""
+    deps.runner.check_accepting()
     project = None if request.is_admin else request.project_id
     server = await deps.store.get_server(server_id, project_id=project)
     check_rebuildable(server, request)
@@ -137,6 +174,15 @@ async def request_rebuild(
     if spec.auto_disk_config is not None:
         changes["auto_disk_config"] = spec.auto_disk_config
 
+    context = RebuildContext(
+        deps=deps,
+        request=request,
+        before=server,
+        server=server,
+        image_id=image.id,
+        root=root,
+        image=image,
+    )
     updated = await deps.store.transition(
         server.id,
         action="rebuild",
@@ -149,11 +195,11 @@ async def request_rebuild(
             request_id=request.request_id,
             user_id=request.user_id,
             project_id=request.project_id,
+            params=context.params(),
+            idempotency_key=idempotency_key,
         ),
     )
-    context = RebuildContext(
-        deps=deps, request=request, before=server, server=updated, image=image, root=root
-    )
+    context = dataclasses.replace(context, server=updated)
     deps.runner.submit(rebuild_job(context))
     return updated, admin_pass
 
@@ -233,15 +279,13 @@ def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
         notify_end="instance.rebuild.end",
         notify_error="instance.rebuild.error",
         steps=(
+            Step("record_power_state", run=_record_power_state),
             Step("power_off", run=_power_off, undo=_power_on_again),
+            Step("record_root_disk", run=_record_root_disk),
             Step("detach_root_disk", run=_detach_root, undo=_reattach_old_root),
             Step("block_device_mapping", task_state=TaskState.REBUILD_BLOCK_DEVICE_MAPPING),
-            Step(
-                "create_root_disk",
-                task_state=TaskState.REBUILD_SPAWNING,
-                run=_create_root,
-                undo=_remove_new_root,
-            ),
+            Step("plan_root_disk", task_state=TaskState.REBUILD_SPAWNING, run=_plan_root),
+            Step("create_root_disk", run=_create_root, undo=_remove_new_root),
             Step("attach_root_disk", run=_attach_new_root),
             Step("start_domain", run=_start, undo=_destroy),
             Step("restore_power_state", run=_restore_power_state),
@@ -254,10 +298,36 @@ def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
         task_state=TaskState.REBUILDING,
         stages=(conductor, compute),
         context=ctx,
+        facts=ctx.facts,
         succeed=_succeed,
         fail=_fail,
         cleanup=(Step("remove_old_root_disk", run=_remove_old_root),),
+        # Once the new domain has started, finishing is safer than undoing.
+        resume_forward=lambda done: "start_domain" in done,
     )
+
+
+async def rebuild_job_from_action(
+    deps: Deps, action: InstanceAction, server: Server
+) -> Job[RebuildContext]:
+    """The job of a rebuild a previous process left in flight, from its saved params."""
+    params = action.job_params or {}
+    before = dataclasses.replace(server, **params.get("before", {}))
+    root = next(
+        d for d in await deps.store.get_block_devices(server.id) if d.id == params["root_bdm_id"]
+    )
+    facts = RebuildFacts.from_dict((action.journal or {}).get("facts", {}))
+    request = RequestContext(action.request_id, action.user_id, action.project_id)
+    ctx = RebuildContext(
+        deps=deps,
+        request=request,
+        before=before,
+        server=server,
+        image_id=params["image_id"],
+        root=root,
+        facts=facts,
+    )
+    return rebuild_job(ctx)
 
 
 async def _check_host(ctx: RebuildContext) -> None:
@@ -267,50 +337,69 @@ async def _check_host(ctx: RebuildContext) -> None:
         )
 
 
+async def _record_power_state(ctx: RebuildContext) -> None:
+    state = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    ctx.facts.was_running = state == PowerState.RUNNING
+
+
 async def _power_off(ctx: RebuildContext) -> None:
-    hv = ctx.deps.hypervisor
-    ctx.journal.was_running = await hv.power_state(ctx.server.domain_name) == PowerState.RUNNING
-    await hv.power_off(ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout)
+    await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout)
 
 
 async def _power_on_again(ctx: RebuildContext) -> None:
-    if ctx.journal.was_running:
+    if ctx.facts.was_running:
         await ctx.deps.hypervisor.start(ctx.server.domain_name)
 
 
+async def _record_root_disk(ctx: RebuildContext) -> None:
+    xml = await ctx.deps.hypervisor.disk_xml(ctx.server.domain_name, ctx.root.device_name)
+    if xml is None:
+        raise errors.HypervisorError(
+            call="disk_xml", reason=f"the domain has no disk on {ctx.root.device_name}"
+        )
+    ctx.facts.old_root_xml = xml
+    ctx.facts.old_root = ctx.root.path
+
+
 async def _detach_root(ctx: RebuildContext) -> None:
-    removed = await ctx.deps.hypervisor.detach_disk(ctx.server.domain_name, ctx.root.device_name)
-    if removed is not None:
-        ctx.journal.old_root_xml = removed
+    await ctx.deps.hypervisor.detach_disk(ctx.server.domain_name, ctx.root.device_name)
 
 
 async def _reattach_old_root(ctx: RebuildContext) -> None:
-    if ctx.journal.old_root_xml is not None:
-        await ctx.deps.hypervisor.attach_disk(ctx.server.domain_name, ctx.journal.old_root_xml)
+    if ctx.facts.old_root_xml is not None:
+        await ctx.deps.hypervisor.attach_disk(ctx.server.domain_name, ctx.facts.old_root_xml)
+
+
+async def _plan_root(ctx: RebuildContext) -> None:
+    ctx.facts.new_root = str(ctx.deps.disks.new_root_path(ctx.server.id))
 
 
 async def _create_root(ctx: RebuildContext) -> None:
     deps = ctx.deps
-    base = await deps.cache.ensure(ctx.image)
-    path = deps.disks.new_root_path(ctx.server.id)
-    ctx.journal.new_root = path
-    size = ctx.server.flavor.disk * GiB or None
+    assert ctx.facts.new_root is not None
+    image = ctx.image or await deps.images.get(None, ctx.image_id)
+    if image is None:
+        raise errors.ImageFetchError(image_id=ctx.image_id, reason="the image no longer exists")
+    base = await deps.cache.ensure(image)
     await deps.disks.create_overlay(
-        base=base, base_format=ctx.image.disk_format or "raw", path=path, size_bytes=size
+        base=base,
+        base_format=image.disk_format or "raw",
+        path=Path(ctx.facts.new_root),
+        size_bytes=ctx.server.flavor.disk * GiB or None,
     )
 
 
 async def _remove_new_root(ctx: RebuildContext) -> None:
-    if ctx.journal.new_root is not None:
-        await ctx.deps.disks.remove(ctx.journal.new_root)
+    if ctx.facts.new_root is not None:
+        await ctx.deps.disks.remove(Path(ctx.facts.new_root))
 
 
 async def _attach_new_root(ctx: RebuildContext) -> None:
-    assert ctx.journal.new_root is not None
+    assert ctx.facts.new_root is not None
     hv, name = ctx.deps.hypervisor, ctx.server.domain_name
-    disk = domxml.DiskSpec(target=ctx.root.device_name, path=str(ctx.journal.new_root))
+    disk = domxml.DiskSpec(target=ctx.root.device_name, path=ctx.facts.new_root)
     await hv.attach_disk(name, disk)
-    await hv.set_metadata(name, domain_metadata(ctx.server, ctx.image.id))
+    await hv.set_metadata(name, domain_metadata(ctx.server, ctx.image_id))
 
 
 async def _start(ctx: RebuildContext) -> None:
@@ -339,9 +428,7 @@ async def _succeed(ctx: RebuildContext) -> Outcome:
             "launched_at": utcnow(),
             "progress": 0,
         },
-        block_device_changes={
-            ctx.root.id: {"path": str(ctx.journal.new_root), "image_id": ctx.image.id}
-        },
+        block_device_changes={ctx.root.id: {"path": ctx.facts.new_root, "image_id": ctx.image_id}},
     )
 
 
@@ -352,25 +439,16 @@ async def _fail(ctx: RebuildContext, rolled_back: bool) -> Outcome:
         power = await ctx.deps.hypervisor.power_state(before.domain_name)
     except errors.RebuilddError:
         power = PowerState.NOSTATE
-    restored: dict[str, Any] = {
-        "image_ref": before.image_ref,
-        "name": before.name,
-        "server_metadata": before.metadata,
-        "description": before.description,
-        "key_name": before.key_name,
-        "key_data": before.key_data,
-        "access_ip_v4": before.access_ip_v4,
-        "access_ip_v6": before.access_ip_v6,
-        "auto_disk_config": before.auto_disk_config,
-    }
+    restored = {name: getattr(before, name) for name in RESTORED_FIELDS}
+    restored["server_metadata"] = restored.pop("metadata")
     vm_state = before.vm_state if rolled_back else VmState.ERROR
     return Outcome(changes={**restored, "vm_state": vm_state, "power_state": power})
 
 
 async def _remove_old_root(ctx: RebuildContext) -> None:
-    old = ctx.root.path
-    if old and Path(old) != ctx.journal.new_root:
-        await ctx.deps.disks.remove(Path(old))
+    old = ctx.facts.old_root
+    if old and old != ctx.facts.new_root:
+        await ctx.deps.disks.retire(Path(old))
 
 
 def domain_metadata(server: Server, image_id: str) -> tuple[tuple[str, str], ...]:

@@ -1,9 +1,15 @@
 """The job runner every pipeline (build, rebuild, stop, start, delete) runs on.
 
 Owns the bookkeeping that happens once per job and never in a step: instance-action events,
-notifications, task_state transitions between steps, undo on failure (newest first, shielded
-from cancellation), the final state with its fault, and bounded concurrency. Steps are small
-async functions over one context; they must not write task_state or record events themselves.
+notifications, task_state transitions between steps, the journal saved at every step boundary,
+undo on failure (newest first, shielded from cancellation), the final state with its fault,
+resuming jobs a killed daemon left behind, and bounded concurrency.
+
+The journal is a saga log: which steps started, which finished, and the *facts* their undos
+need. A step's undo may rely only on facts saved before the step began — so a step that must
+remember something before a side effect (a path it is about to create, the disk it is about to
+detach) is preceded by a step that only records it. Every ``run`` and ``undo`` is idempotent:
+after a crash, a started step is either re-run (rolling forward) or undone (rolling back).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -22,6 +28,24 @@ from rebuildd.models import Fault, RequestContext, Server, utcnow
 log = structlog.get_logger("rebuildd.runner")
 C = TypeVar("C")
 StepFn = Callable[[C], Awaitable[None]]
+
+RUNNING, CLEANING, DONE, ROLLED_BACK, FAILED = (
+    "running",
+    "cleaning",
+    "done",
+    "rolled_back",
+    "failed",
+)
+
+
+class Interrupted(errors.OperationFailed):
+    template = "Interrupted: the compute service {when} during the operation."
+
+
+class Facts(Protocol):
+    """A job's facts: what its undos need, saved in the journal."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +85,26 @@ class Job(Generic[C]):
     task_state: str  # what the api stage set
     stages: tuple[Stage[C], ...]
     context: C
+    facts: Facts
     succeed: Callable[[C], Awaitable[Outcome]]
     fail: Callable[[C, bool], Awaitable[Outcome]]  # (context, rolled_back) -> outcome
     cleanup: tuple[Step[C], ...] = ()  # after success; failures are logged, not fatal
+    # After a crash: given the steps that finished, roll forward (True) or back (False)?
+    resume_forward: Callable[[frozenset[str]], bool] = lambda _done: False
+
+
+@dataclass(slots=True)
+class Journal:
+    started: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, data: Mapping[str, Any] | None) -> Journal:
+        data = data or {}
+        return cls(started=list(data.get("started", [])), done=list(data.get("done", [])))
+
+    def dump(self, facts: Facts) -> dict[str, Any]:
+        return {"started": list(self.started), "done": list(self.done), "facts": facts.to_dict()}
 
 
 class _NullObserver:
@@ -89,14 +130,20 @@ class Runner:
         self.store = store
         self.notifier = notifier
         self.host = host
+        self.limit = limit
         self.observer: ports.StepObserver = observer or _NullObserver()
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        self.active = 0  # jobs holding a slot now
+        self.peak = 0  # most jobs that ever held a slot at once
 
-    def submit(self, job: Job[Any]) -> None:
+    def check_accepting(self) -> None:
+        """The api stage calls this before committing anything."""
         if not self.accepting:
             raise errors.Conflict("The compute service is shutting down; try again shortly.")
+
+    def submit(self, job: Job[Any]) -> None:
         task = asyncio.create_task(self._guarded(job), name=f"{job.action}:{job.server_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -106,7 +153,8 @@ class Runner:
         return len(self._tasks)
 
     async def drain(self, timeout: float) -> None:
-        """Stop accepting jobs; wait up to ``timeout`` for running ones, then cancel them."""
+        """Stop accepting jobs; wait up to ``timeout`` for running ones, then interrupt them
+        (each interrupted job rolls back before this returns)."""
         self.accepting = False
         if not self._tasks:
             return
@@ -116,96 +164,123 @@ class Runner:
         if pending:
             await asyncio.wait(pending)
 
-    async def _guarded(self, job: Job[Any]) -> None:
+    async def _guarded(self, job: Job[Any], journal: Journal | None = None) -> None:
         async with self._slots:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
             try:
-                await self._execute(job)
+                await self._execute(job, journal or Journal())
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # _execute records failures itself; this is a bug in the bookkeeping.
                 log.exception("job bookkeeping failed", action=job.action, server_id=job.server_id)
+            finally:
+                self.active -= 1
 
-    async def _execute(self, job: Job[C]) -> None:
+    async def _save(self, job: Job[C], journal: Journal) -> None:
+        await self.store.save_journal(job.request.request_id, journal.dump(job.facts))
+
+    async def _execute(self, job: Job[C], journal: Journal, task_state: str | None = None) -> None:
         bound = log.bind(
             action=job.action, server_id=job.server_id, request_id=job.request.request_id
         )
-        task_state = job.task_state
-        done: list[Step[C]] = []
+        task_state = task_state or job.task_state
         stage = job.stages[0]
+        server: Server | None = None
         try:
             for index, stage in enumerate(job.stages):
                 last = index == len(job.stages) - 1
+                pending = [s for s in stage.steps if s.name not in journal.done]
+                if not pending and not last and stage.steps:
+                    await self.store.finish_event(
+                        job.request.request_id, stage.event, result="Success"
+                    )
+                    continue
+                fresh = not any(s.name in journal.started for s in stage.steps)
                 await self.store.start_event(job.request.request_id, stage.event, self.host)
-                if stage.notify_start:
+                if stage.notify_start and fresh:
                     await self._notify(job, stage.notify_start)
-                for step in stage.steps:
+                for step in pending:
                     await self.observer.before_step(job.action, step.name, job.server_id)
                     if step.task_state is not None and step.task_state != task_state:
                         await self._transition(job, task_state, step.task_state)
                         task_state = step.task_state
-                    done.append(step)
+                    if step.name not in journal.started:
+                        journal.started.append(step.name)
+                        await self._save(job, journal)
                     if step.run is not None:
                         bound.debug("step", step=step.name)
                         await step.run(job.context)
+                    journal.done.append(step.name)
+                    await self._save(job, journal)
                     await self.observer.after_step(job.action, step.name, job.server_id)
                 if last:
                     outcome = await job.succeed(job.context)
-                    server = await self._transition(job, task_state, None, outcome)
-                    task_state = None  # type: ignore[assignment]
+                    final = CLEANING if job.cleanup else DONE
+                    server = await self._transition(job, task_state, None, outcome, job_state=final)
+                    task_state = None
                 await self.store.finish_event(
                     job.request.request_id, stage.event, result="Success", finish_action=last
                 )
                 if stage.notify_end:
                     await self._notify(job, stage.notify_end, server if last else None)
         except BaseException as exc:
-            await asyncio.shield(self._fail(job, stage, done, task_state, exc, bound))
+            if task_state is None:  # the final state is written; only bookkeeping failed
+                bound.exception("job bookkeeping after success failed")
+                raise
+            await asyncio.shield(self._fail(job, stage, journal, task_state, exc, bound))
             if not isinstance(exc, Exception):
                 raise
             return
         bound.info("job finished", result="Success")
+        await self._cleanup(job, bound)
+
+    async def _cleanup(self, job: Job[C], bound: Any) -> None:
         for step in job.cleanup:
+            await self.observer.before_step(job.action, step.name, job.server_id)
             try:
                 if step.run is not None:
                     await step.run(job.context)
-                await self.observer.after_step(job.action, step.name, job.server_id)
             except Exception:
                 bound.exception("cleanup step failed", step=step.name)
+            await self.observer.after_step(job.action, step.name, job.server_id)
+        if job.cleanup:
+            await self.store.set_job_state(job.request.request_id, DONE)
 
     async def _fail(
         self,
         job: Job[C],
         stage: Stage[C],
-        done: list[Step[C]],
-        task_state: str | None,
+        journal: Journal,
+        task_state: str,
         exc: BaseException,
         bound: Any,
     ) -> None:
         message = _fault_message(exc)
         details = "".join(traceback.format_exception(exc))
         bound.error("job failed", stage=stage.event, reason=message)
-        rolled_back = True
-        for step in reversed(done):
-            if step.undo is None:
-                continue
-            try:
-                await step.undo(job.context)
-            except Exception:
-                rolled_back = False
-                bound.exception("undo failed", step=step.name)
+        rolled_back = await self._undo(job, journal, bound)
         outcome = await job.fail(job.context, rolled_back)
         fault = Fault(code=500, message=message, details=details, created_at=utcnow())
-        server = None
-        if task_state is not None:
-            server = await self._transition(job, task_state, None, outcome, fault=fault)
-        await self.store.finish_event(
-            job.request.request_id,
-            stage.event,
-            result="Error",
-            traceback=details,
-            details=message,
-            finish_action=True,
+        server = await self._transition(
+            job,
+            task_state,
+            None,
+            outcome,
+            fault=fault,
+            job_state=ROLLED_BACK if rolled_back else FAILED,
         )
+        # Every event still open fails with it (after a crash that may be a later stage's).
+        for each in job.stages:
+            await self.store.finish_event(
+                job.request.request_id,
+                each.event,
+                result="Error",
+                traceback=details,
+                details=message,
+                finish_action=each is job.stages[-1],
+            )
         if stage.notify_error:
             await self._notify(
                 job,
@@ -215,6 +290,49 @@ class Runner:
                 extra={"fault": {"message": message, "exception": type(exc).__name__}},
             )
 
+    async def _undo(self, job: Job[C], journal: Journal, bound: Any) -> bool:
+        """Undo every started step, newest first; True when every undo succeeded."""
+        steps = {s.name: s for stage in job.stages for s in stage.steps}
+        rolled_back = True
+        for name in reversed(journal.started):
+            step = steps.get(name)
+            if step is None or step.undo is None:
+                continue
+            try:
+                await step.undo(job.context)
+            except Exception:
+                rolled_back = False
+                bound.exception("undo failed", step=name)
+        return rolled_back
+
+    # -- resuming after a crash ---------------------------------------------------------------
+
+    async def resume(
+        self, job: Job[C], journal: Journal, job_state: str, task_state: str | None
+    ) -> None:
+        """Finish or roll back a job a previous process left in flight (at start-up)."""
+        bound = log.bind(
+            action=job.action, server_id=job.server_id, request_id=job.request.request_id
+        )
+        if job_state == CLEANING:
+            bound.info("resuming cleanup")
+            await self._cleanup(job, bound)
+            return
+        if task_state is None:
+            # The final state was written but the job state was not: nothing left to do.
+            await self.store.set_job_state(job.request.request_id, DONE)
+            return
+        if job.resume_forward(frozenset(journal.done)):
+            bound.info("rolling forward", done=journal.done)
+            async with self._slots:
+                await self._execute(job, journal, task_state)
+            return
+        bound.info("rolling back", started=journal.started)
+        stage = _stage_of(job, journal)
+        await self._fail(job, stage, journal, task_state, Interrupted(when="stopped"), bound)
+
+    # -- helpers ------------------------------------------------------------------------------
+
     async def _transition(
         self,
         job: Job[C],
@@ -223,6 +341,7 @@ class Runner:
         outcome: Outcome | None = None,
         *,
         fault: Fault | None = None,
+        job_state: str | None = None,
     ) -> Server:
         return await self.store.transition(
             job.server_id,
@@ -232,6 +351,7 @@ class Runner:
             changes=outcome.changes if outcome else None,
             block_device_changes=outcome.block_device_changes if outcome else None,
             fault=fault,
+            job=(job.request.request_id, job_state) if job_state else None,
         )
 
     async def _notify(
@@ -250,9 +370,17 @@ class Runner:
         )
 
 
+def _stage_of(job: Job[C], journal: Journal) -> Stage[C]:
+    """The stage of the newest started step (the first stage if none started)."""
+    for stage in reversed(job.stages):
+        if any(s.name in journal.started for s in stage.steps):
+            return stage
+    return job.stages[0]
+
+
 def _fault_message(exc: BaseException) -> str:
     if isinstance(exc, errors.RebuilddError):
         return exc.message
     if isinstance(exc, asyncio.CancelledError):
-        return "Interrupted: the compute service stopped during the operation."
+        return Interrupted(when="shut down").message
     return f"{type(exc).__name__}: {exc}"

@@ -84,6 +84,16 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body (413 above); image uploads are not limited.",
     )
+    old_root_disk_retention: float = Field(
+        default=0,
+        ge=0,
+        description="Seconds a replaced root disk is kept (renamed retired-*) before it is "
+        "deleted; 0 deletes it as soon as the rebuilt domain has started.",
+    )
+    test_kill_at: str | None = Field(
+        default=None,
+        description="Test hook only: JOB:STEP:before|after at which the daemon SIGKILLs itself.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON otherwise."

@@ -323,13 +323,15 @@ class Store:
         new_action: NewAction | None = None,
         fault: Fault | None = None,
         block_device_changes: Mapping[str, Mapping[str, Any]] | None = None,
+        job: tuple[str, str] | None = None,
     ) -> Server:
         """The compare-and-swap every task_state change goes through.
 
         Sets ``task_state`` (and ``changes``) only if the server's current task_state is one of
         ``expected_task_state`` (and its vm_state one of ``expected_vm_state``), in one UPDATE;
         with it, in the same transaction, records ``new_action``, ``fault`` and the changes to
-        block devices (by id) in ``block_device_changes``. When the row did
+        block devices (by id) in ``block_device_changes``, and the new state of a job's action
+        (``job``: request id, job state). When the row did
         not match, raises InstanceInvalidState naming what differed (409), or ServerNotFound.
         """
         values = dict(changes or {})
@@ -359,6 +361,12 @@ class Store:
                         col(BlockDeviceRow.id) == bdm_id, col(BlockDeviceRow.server_id) == server_id
                     )
                     .values(**bdm_values, updated_at=now)
+                )
+            if job is not None:
+                await session.execute(
+                    update(InstanceActionRow)
+                    .where(col(InstanceActionRow.request_id) == job[0])
+                    .values(job_state=job[1], updated_at=now)
                 )
             if fault is not None:
                 session.add(
@@ -438,11 +446,21 @@ class Store:
         return _action(row, tuple(_event(e) for e in events))
 
     async def start_event(self, request_id: str, event_name: str, host: str) -> None:
+        """Start an event; a no-op if that event is already started and unfinished (resume)."""
         now = utcnow()
         async with self._write() as session:
             action = await self._action_row(session, request_id)
             action.updated_at = now
             assert action.id is not None
+            open_event = await session.scalars(
+                select(col(InstanceActionEventRow.id)).where(
+                    col(InstanceActionEventRow.action_id) == action.id,
+                    col(InstanceActionEventRow.event) == event_name,
+                    col(InstanceActionEventRow.finish_time).is_(None),
+                )
+            )
+            if open_event.first() is not None:
+                return
             session.add(
                 InstanceActionEventRow(
                     action_id=action.id,
@@ -477,6 +495,55 @@ class Store:
                 )
                 .values(finish_time=now, result=result, traceback=traceback, details=details)
             )
+
+    # -- jobs: journal, recovery, idempotency ---------------------------------------------------
+
+    async def save_journal(self, request_id: str, journal: dict[str, Any]) -> None:
+        statement = (
+            update(InstanceActionRow)
+            .where(col(InstanceActionRow.request_id) == request_id)
+            .values(journal=journal, updated_at=utcnow())
+        )
+        async with self._write() as session:
+            await session.execute(statement)
+
+    async def set_job_state(self, request_id: str, job_state: str) -> None:
+        statement = (
+            update(InstanceActionRow)
+            .where(col(InstanceActionRow.request_id) == request_id)
+            .values(job_state=job_state, updated_at=utcnow())
+        )
+        async with self._write() as session:
+            await session.execute(statement)
+
+    async def in_flight_actions(self) -> list[InstanceAction]:
+        """Actions whose job had not ended (running) or not cleaned up (cleaning)."""
+        query = (
+            select(InstanceActionRow)
+            .where(col(InstanceActionRow.job_state).in_(["running", "cleaning"]))
+            .order_by(col(InstanceActionRow.id))
+        )
+        async with self._read() as session:
+            rows = (await session.scalars(query)).all()
+        return [_action(row, ()) for row in rows]
+
+    async def find_action_by_key(self, server_id: str, key: str) -> InstanceAction | None:
+        query = select(InstanceActionRow).where(
+            col(InstanceActionRow.server_id) == server_id,
+            col(InstanceActionRow.idempotency_key) == key,
+        )
+        async with self._read() as session:
+            row = (await session.scalars(query)).first()
+        return None if row is None else _action(row, ())
+
+    async def save_response(self, request_id: str, response: dict[str, Any]) -> None:
+        statement = (
+            update(InstanceActionRow)
+            .where(col(InstanceActionRow.request_id) == request_id)
+            .values(response=response)
+        )
+        async with self._write() as session:
+            await session.execute(statement)
 
     @staticmethod
     async def _action_row(session: AsyncSession, request_id: str) -> InstanceActionRow:
@@ -604,6 +671,10 @@ def _action_row(server_id: str, action: NewAction, now: dt.datetime) -> Instance
         message=action.message,
         start_time=now,
         updated_at=now,
+        job_state="running" if action.params is not None else None,
+        job_params=action.params,
+        journal={} if action.params is not None else None,
+        idempotency_key=action.idempotency_key,
     )
 
 
@@ -678,6 +749,11 @@ def _action(row: InstanceActionRow, events: tuple[ActionEvent, ...]) -> Instance
         message=row.message,
         updated_at=row.updated_at,
         events=events,
+        job_state=row.job_state,
+        job_params=row.job_params,
+        journal=row.journal,
+        idempotency_key=row.idempotency_key,
+        response=row.response,
     )
 
 

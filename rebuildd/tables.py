@@ -132,8 +132,13 @@ class BlockDeviceRow(SQLModel, table=True):
 
 
 class InstanceActionRow(SQLModel, table=True):
+    """An instance action, and the journal of the job that carries it out (the saga)."""
+
     __tablename__ = "instance_actions"
-    __table_args__ = (Index("ix_instance_actions_server_start", "server_id", "start_time"),)
+    __table_args__ = (
+        Index("ix_instance_actions_server_start", "server_id", "start_time"),
+        UniqueConstraint("server_id", "idempotency_key", name="uq_instance_actions_idempotency"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     server_id: str = Field(foreign_key="servers.id", max_length=36)
@@ -145,6 +150,15 @@ class InstanceActionRow(SQLModel, table=True):
     finish_time: dt.datetime | None = None
     message: str | None = Field(default=None, max_length=255)
     updated_at: dt.datetime
+    # running -> cleaning -> done | rolled_back | failed; None for actions without a job.
+    job_state: str | None = Field(default=None, max_length=16, index=True)
+    # What a restarted daemon needs to rebuild the job's context.
+    job_params: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Steps started and done, and the facts their undos need, saved at every step boundary.
+    journal: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    # The first answer, replayed to a repeat of the same idempotency key.
+    response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class InstanceActionEventRow(SQLModel, table=True):
