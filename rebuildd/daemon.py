@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -27,7 +27,7 @@ from rebuildd.images import ImageCache, LocalImageService
 from rebuildd.lifecycle import DomainSettings
 from rebuildd.notifications import Notifier
 from rebuildd.pipeline import Deps
-from rebuildd.ports import StepObserver
+from rebuildd.ports import Hypervisor, StepObserver
 from rebuildd.runner import Runner
 from rebuildd.settings import Settings
 from rebuildd.storage import Store, create_engine
@@ -56,7 +56,14 @@ class Daemon:
         log.info("daemon closed")
 
 
-async def open_daemon(settings: Settings, *, observer: StepObserver | None = None) -> Daemon:
+async def open_daemon(
+    settings: Settings,
+    *,
+    observer: StepObserver | None = None,
+    hypervisor_port: Callable[[LibvirtHypervisor], Hypervisor] | None = None,
+) -> Daemon:
+    """Open every service and run restart recovery. ``observer`` and ``hypervisor_port`` let
+    tests watch step boundaries and put a fault injector in front of libvirt."""
     state = settings.state_dir
     for sub in ("images", "_base", "instances"):
         (state / sub).mkdir(parents=True, exist_ok=True)
@@ -78,7 +85,7 @@ async def open_daemon(settings: Settings, *, observer: StepObserver | None = Non
     )
     deps = Deps(
         store=store,
-        hypervisor=hypervisor,
+        hypervisor=hypervisor_port(hypervisor) if hypervisor_port else hypervisor,
         images=images,
         cache=ImageCache(state / "_base", images),
         disks=disks,

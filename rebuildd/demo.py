@@ -67,7 +67,8 @@ async def seed(store: Store, images: LocalImageService, disks: DiskManager) -> l
 
 
 async def _make_image(qemu_img: str, path: Path, pattern: int) -> None:
-    qemu_io = str(Path(qemu_img).with_name("qemu-io")) if "/" in qemu_img else "qemu-io"
+    sibling = Path(qemu_img).with_name("qemu-io")
+    qemu_io = str(sibling) if "/" in qemu_img and sibling.exists() else "qemu-io"
     for argv in (
         [qemu_img, "create", "-q", "-f", "qcow2", str(path), "64M"],
         [qemu_io, "-f", "qcow2", "-c", f"write -P {pattern} 0 1M", str(path)],

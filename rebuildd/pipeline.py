@@ -272,6 +272,7 @@ def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
         event="rebuild_server",
         steps=(Step("check_host", run=_check_host),),
         notify_end="instance.rebuild_scheduled",
+        notify_error="instance.rebuild.error",
     )
     compute = Stage(
         event="compute_rebuild_instance",

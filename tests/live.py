@@ -70,7 +70,12 @@ class LiveDaemon:
         )
 
     def poll(
-        self, server_id: str, done: Callable[[dict[str, Any]], bool], what: str
+        self,
+        server_id: str,
+        done: Callable[[dict[str, Any]], bool],
+        what: str,
+        *,
+        allow_error: bool = False,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + POLL_LIMIT
         seen: list[str] = []
@@ -80,7 +85,7 @@ class LiveDaemon:
                 seen.append(server["status"])
             if done(server):
                 return server
-            if server["status"] == "ERROR":
+            if server["status"] == "ERROR" and not allow_error:
                 raise AssertionError(
                     f"server went to ERROR waiting for {what}: {server.get('fault')}"
                 )
@@ -99,17 +104,19 @@ def start_live_daemon(
     state_dir: Path,
     *,
     observer: StepObserver | None = None,
+    hypervisor_port: Callable[[Any], Any] | None = None,
     **overrides: Any,
 ) -> LiveDaemon:
     """Migrate, seed the demo data and serve; return once the port answers."""
     settings = Settings(state_dir=state_dir, **overrides)
+    state_dir.mkdir(parents=True, exist_ok=True)
     migrations.upgrade(settings.effective_database_url)
     sock = _free_socket()
     ready = threading.Event()
     holder: dict[str, Any] = {}
 
     async def main() -> None:
-        daemon = await open_daemon(settings, observer=observer)
+        daemon = await open_daemon(settings, observer=observer, hypervisor_port=hypervisor_port)
         try:
             holder["images"] = await demo.seed(
                 daemon.store,
@@ -151,3 +158,25 @@ def start_live_daemon(
         _thread=thread,
         _loop=holder["loop"],
     )
+
+
+class Gate:
+    """A step observer that holds a job at one step until released (a test hook)."""
+
+    def __init__(self, step: str, job: str = "rebuild") -> None:
+        self.step = step
+        self.job = job
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.fail_with: Exception | None = None
+
+    async def before_step(self, job: str, step: str, server_id: str) -> None:
+        if (job, step) == (self.job, self.step):
+            self.reached.set()
+            if self.fail_with is not None:
+                raise self.fail_with
+            while not self.release.is_set():
+                await asyncio.sleep(0.01)
+
+    async def after_step(self, job: str, step: str, server_id: str) -> None:
+        return None

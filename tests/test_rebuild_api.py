@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,32 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live import LiveDaemon, start_live_daemon
+from tests.live import Gate, LiveDaemon, start_live_daemon
 from tests.xmlutil import disk_source, parse
-
-
-class Gate:
-    """A step observer that holds a job at one step until released (a test hook)."""
-
-    def __init__(self, step: str, job: str = "rebuild") -> None:
-        self.step = step
-        self.job = job
-        self.reached = threading.Event()
-        self.release = threading.Event()
-        self.fail_with: Exception | None = None
-
-    async def before_step(self, job: str, step: str, server_id: str) -> None:
-        if (job, step) == (self.job, self.step):
-            self.reached.set()
-            if self.fail_with is not None:
-                raise self.fail_with
-            import asyncio
-
-            while not self.release.is_set():
-                await asyncio.sleep(0.01)
-
-    async def after_step(self, job: str, step: str, server_id: str) -> None:
-        return None
 
 
 def _rebuild(
