@@ -124,8 +124,13 @@ def start_live_daemon(
                 daemon.services.deps.disks,  # type: ignore[arg-type]
             )
             holder["daemon"] = daemon
+            # A long keep-alive: pooled test clients never race the server closing idle sockets.
             config = uvicorn.Config(
-                build_app(daemon), log_config=None, access_log=False, lifespan="on"
+                build_app(daemon),
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                timeout_keep_alive=65,
             )
             server = uvicorn.Server(config)
             holder["server"] = server
