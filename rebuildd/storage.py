@@ -499,19 +499,16 @@ class Store:
     # -- jobs: journal, recovery, idempotency ---------------------------------------------------
 
     async def save_journal(self, request_id: str, journal: dict[str, Any]) -> None:
-        statement = (
-            update(InstanceActionRow)
-            .where(col(InstanceActionRow.request_id) == request_id)
-            .values(journal=journal, updated_at=utcnow())
-        )
-        async with self._write() as session:
-            await session.execute(statement)
+        await self._update_action(request_id, journal=journal, updated_at=utcnow())
 
     async def set_job_state(self, request_id: str, job_state: str) -> None:
+        await self._update_action(request_id, job_state=job_state, updated_at=utcnow())
+
+    async def _update_action(self, request_id: str, **values: Any) -> None:
         statement = (
             update(InstanceActionRow)
             .where(col(InstanceActionRow.request_id) == request_id)
-            .values(job_state=job_state, updated_at=utcnow())
+            .values(**values)
         )
         async with self._write() as session:
             await session.execute(statement)
@@ -537,13 +534,7 @@ class Store:
         return None if row is None else _action(row, ())
 
     async def save_response(self, request_id: str, response: dict[str, Any]) -> None:
-        statement = (
-            update(InstanceActionRow)
-            .where(col(InstanceActionRow.request_id) == request_id)
-            .values(response=response)
-        )
-        async with self._write() as session:
-            await session.execute(statement)
+        await self._update_action(request_id, response=response)
 
     @staticmethod
     async def _action_row(session: AsyncSession, request_id: str) -> InstanceActionRow:

@@ -7,19 +7,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 
-BIN = Path(sys.executable).parent / "rebuildd"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.process import BIN, free_port
 
 
 def test_serve_notifies_systemd_and_closes_on_sigterm(tmp_path: Path) -> None:
@@ -32,7 +24,7 @@ def test_serve_notifies_systemd_and_closes_on_sigterm(tmp_path: Path) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(60)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [str(BIN), "serve", "--port", str(port)],
         env={**env, "NOTIFY_SOCKET": str(notify_path)},

@@ -10,8 +10,6 @@ the instance directory holds no orphaned disk; no other domain was left behind.
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 
 from tests.conftest import require
 from tests.process import DaemonProcess
-from tests.xmlutil import disk_source, parse
+from tests.xmlutil import backing_file, disk_source, parse
 
 libvirt = pytest.importorskip("libvirt")
 URI = "qemu:///system"
@@ -50,16 +48,6 @@ def qemu() -> Iterator[object]:
         require("libvirtd with the QEMU driver", str(exc))
     yield conn
     conn.close()
-
-
-def _backing(path: Path) -> Path:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return Path(json.loads(out)["full-backing-filename"])
 
 
 def _create(client: httpx.Client, image_id: str) -> str:
@@ -114,7 +102,7 @@ def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: 
         assert dom.isActive(), "the domain must run again"
         root = disk_source(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
         assert root.exists(), "never diskless"
-        assert _backing(root) == tmp_path / "_base" / server["image"]["id"]
+        assert backing_file(root) == tmp_path / "_base" / server["image"]["id"]
         if server["image"]["id"] == old_image:
             assert root == old_disk, "rolled back onto the old disk"
         files = sorted(p.name for p in (tmp_path / "instances" / server_id).iterdir())

@@ -4,8 +4,6 @@ XML outside ``<disk>`` is unchanged."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from lxml import etree
 
 from tests.conftest import require
 from tests.live import LiveDaemon, start_live_daemon
-from tests.xmlutil import disk_source, outside_disks
+from tests.xmlutil import backing_file, disk_source, outside_disks
 
 libvirt = pytest.importorskip("libvirt")
 URI = "qemu:///system"
@@ -87,16 +85,6 @@ def _xml(conn: object, name: str) -> etree._Element:
     return etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
 
 
-def _backing_file(path: Path) -> Path:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return Path(json.loads(out)["full-backing-filename"])
-
-
 @pytest.mark.qemu
 def test_rebuild_on_real_qemu(qemu_daemon: tuple[LiveDaemon, Recorder]) -> None:
     """Create on QEMU, rebuild onto the other image, and check disk, order and XML fidelity."""
@@ -138,7 +126,7 @@ def test_rebuild_on_real_qemu(qemu_daemon: tuple[LiveDaemon, Recorder]) -> None:
     new_disk = disk_source(after)
     assert new_disk != old_disk and new_disk.exists()
     base = live.settings.state_dir / "_base" / live.image_ids[1]
-    assert _backing_file(new_disk) == base
+    assert backing_file(new_disk) == base
 
     # The old disk stayed until the new domain had started, and was removed after that.
     steps = [(b.step, b.phase) for b in recorder.boundaries]

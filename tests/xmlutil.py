@@ -1,7 +1,10 @@
-"""Small lxml helpers for tests, written independently of rebuildd.domxml (the code under test)."""
+"""Small helpers for tests about disks and domain XML, written independently of the code
+under test (rebuildd.domxml, rebuildd.disks)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 from lxml import etree
@@ -40,3 +43,14 @@ def outside_disks(root: etree._Element) -> str:
         if element.text is not None and not element.text.strip():
             element.text = None
     return etree.tostring(copy, encoding="unicode")
+
+
+def backing_file(path: Path) -> Path:
+    """The backing file of a qcow2 overlay (``-U``: the running QEMU holds a lock on it)."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return Path(json.loads(out)["full-backing-filename"])
