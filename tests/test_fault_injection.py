@@ -10,9 +10,11 @@ the instance directory holds no orphaned disk; no other domain was left behind.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -57,10 +59,7 @@ def _create(client: httpx.Client, image_id: str) -> str:
     response = client.post("/v2.1/servers", json=body)
     assert response.status_code == 202, response.text
     server_id: str = response.json()["server"]["id"]
-    deadline = time.monotonic() + 60
-    while client.get(f"/v2.1/servers/{server_id}").json()["server"]["status"] != "ACTIVE":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _until(client, server_id, "ACTIVE")
     return server_id
 
 
@@ -68,6 +67,36 @@ def _create(client: httpx.Client, image_id: str) -> str:
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: str) -> None:
     """Killed at this boundary and restarted, the server is whole: ACTIVE, old or new image."""
+    _kill_rebuild_and_restart(qemu, tmp_path, boundary, "active")
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("boundary", "start_as"),
+    [
+        ("power_off:after", "stopped"),
+        ("start_domain:after", "stopped"),
+        ("restore_power_state:after", "stopped"),
+        ("detach_root_disk:after", "error"),
+        ("start_domain:after", "error"),
+    ],
+)
+def test_sigkill_of_rebuilds_from_shutoff_and_error(
+    qemu: object, tmp_path: Path, boundary: str, start_as: str
+) -> None:
+    """A stopped server ends SHUTOFF (and not running); a server rebuilt from ERROR ends ERROR
+    on its old disk or ACTIVE on the new one — never stuck in REBUILD (Nova's gap)."""
+    _kill_rebuild_and_restart(qemu, tmp_path, boundary, start_as)
+
+
+def _set_vm_state(db: Path, server_id: str, vm_state: str) -> None:
+    """Test set-up only: put a server in a state the API cannot reach directly (ERROR)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("UPDATE servers SET vm_state = ? WHERE id = ?", (vm_state, server_id))
+        conn.commit()
+
+
+def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as: str) -> None:
     daemon = DaemonProcess(
         tmp_path,
         libvirt_uri=URI,
@@ -84,7 +113,12 @@ def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: 
             old_image, new_image = images["demo-image-a"], images["demo-image-b"]
             server_id = _create(client, old_image)
             name = f"rebuildd-test-{server_id}"
-            old_disk = disk_source(parse(qemu.lookupByName(name).XMLDesc(0)))  # type: ignore[attr-defined]
+            if start_as == "stopped":
+                client.post(f"/v2.1/servers/{server_id}/action", json={"os-stop": None})
+                _until(client, server_id, "SHUTOFF")
+            elif start_as == "error":
+                _set_vm_state(tmp_path / "rebuildd.db", server_id, "error")
+            old_disk = disk_source(parse(qemu.lookupByName(name).XMLDesc(0)))
             # Killed before the 202 went out, the rebuild may or may not be recorded.
             with contextlib.suppress(httpx.TransportError):
                 client.post(
@@ -94,20 +128,26 @@ def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: 
 
         daemon.start()  # recovery runs before the API answers
         server = daemon.get(f"/v2.1/servers/{server_id}")["server"]
-        assert server["status"] == "ACTIVE", server
         assert server["OS-EXT-STS:task_state"] is None
+        rolled_back = server["image"]["id"] == old_image
+        expected = {
+            "active": "ACTIVE",
+            "stopped": "SHUTOFF",
+            "error": "ERROR" if rolled_back else "ACTIVE",
+        }[start_as]
+        assert server["status"] == expected, server
         assert server["image"]["id"] in {old_image, new_image}
 
-        dom = qemu.lookupByName(name)  # type: ignore[attr-defined]
-        assert dom.isActive(), "the domain must run again"
+        dom = qemu.lookupByName(name)
+        assert bool(dom.isActive()) == (start_as != "stopped"), "power state as before"
         root = disk_source(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
         assert root.exists(), "never diskless"
         assert backing_file(root) == tmp_path / "_base" / server["image"]["id"]
-        if server["image"]["id"] == old_image:
+        if rolled_back:
             assert root == old_disk, "rolled back onto the old disk"
         files = sorted(p.name for p in (tmp_path / "instances" / server_id).iterdir())
         assert files == [root.name], f"orphaned disks: {files}"
-        ours = [d.name() for d in qemu.listAllDomains(0) if server_id in d.name()]  # type: ignore[attr-defined]
+        ours = [d.name() for d in qemu.listAllDomains(0) if server_id in d.name()]
         assert ours == [name]
         actions = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions")["instanceActions"]
         for action in actions:
@@ -116,18 +156,27 @@ def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: 
             )
             assert all(e["finish_time"] for e in detail["instanceAction"]["events"]), detail
     finally:
-        if server_id and daemon.process is not None and daemon.process.poll() is None:
-            httpx.delete(f"{daemon.url}/v2.1/servers/{server_id}", timeout=30)
-            deadline = time.monotonic() + 30
-            while (
-                httpx.get(f"{daemon.url}/v2.1/servers/{server_id}", timeout=30).status_code != 404
-            ):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-        daemon.stop()
-        for dom in qemu.listAllDomains(0):  # type: ignore[attr-defined]
-            if server_id and server_id in dom.name():
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefine()
+        _clean_up(qemu, daemon, server_id)
+
+
+def _until(client: httpx.Client, server_id: str, status: str) -> None:
+    deadline = time.monotonic() + 60
+    while client.get(f"/v2.1/servers/{server_id}").json()["server"]["status"] != status:
+        assert time.monotonic() < deadline, f"never {status}"
+        time.sleep(0.05)
+
+
+def _clean_up(qemu: Any, daemon: DaemonProcess, server_id: str) -> None:
+    if server_id and daemon.process is not None and daemon.process.poll() is None:
+        httpx.delete(f"{daemon.url}/v2.1/servers/{server_id}", timeout=30)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{daemon.url}/v2.1/servers/{server_id}", timeout=30).status_code != 404:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    daemon.stop()
+    for dom in qemu.listAllDomains(0):
+        if server_id and server_id in dom.name():
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
