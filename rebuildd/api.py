@@ -1,14 +1,16 @@
 """The HTTP API: Nova's compute API at /v2.1 and a Glance-compatible image API at /image.
 
 Owns the FastAPI application: the middleware for microversions, request ids and body size;
-the one translation of errors into Nova fault bodies; version documents; and the
-dependencies routes share. Routes live in api_servers.py, api_catalog.py and api_images.py.
-It must not call libvirt or SQL directly: routes call the pipeline and the Store's records.
+the one translation of errors into Nova fault bodies (FastAPI's own 422 never reaches a
+client, nor the OpenAPI document); version documents; and the dependencies routes share.
+Routes live in api_servers.py, api_catalog.py and api_images.py. It must not call libvirt or
+SQL directly: routes call the pipeline and the Store's records.
 """
 
 from __future__ import annotations
 
 import json
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -17,8 +19,10 @@ from typing import Annotated, Any, Final
 import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, RootModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rebuildd import errors, microversion
@@ -65,6 +69,32 @@ def fault_body(status: int, name: str, message: str) -> dict[str, Any]:
     return {name: {"code": status, "message": message}}
 
 
+class FaultDetail(BaseModel):
+    code: int
+    message: str
+
+
+class Fault(RootModel[dict[str, FaultDetail]]):
+    """Every error body: one key, the fault name (``badRequest``, ``itemNotFound``, ...)."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+
+_FAULT_DESCRIPTIONS: Final = {
+    400: "badRequest: the request is malformed or invalid",
+    403: "forbidden",
+    404: "itemNotFound",
+    406: "notAcceptable: the requested microversion is out of range",
+    409: "conflictingRequest: the resource's state does not allow it",
+    413: "overLimit: the body is larger than REBUILDD_MAX_BODY_BYTES",
+}
+
+
+def faults(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route may answer, as Fault bodies."""
+    return {code: {"model": Fault, "description": _FAULT_DESCRIPTIONS[code]} for code in codes}
+
+
 def _json_bytes(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -97,6 +127,7 @@ class NovaHeaders:
         else:
             extra.append((b"x-openstack-request-id", request_id.encode()))
         try:
+            _refuse_nul(scope)
             if compute:
                 version = microversion.negotiate(microversion.requested(headers))
                 state["microversion"] = version
@@ -121,6 +152,15 @@ class NovaHeaders:
 
         limited = receive if _is_upload(scope) else _limit_body(receive, self.max_body_bytes)
         await self.app(scope, limited, send_with_headers)
+
+
+def _refuse_nul(scope: Scope) -> None:
+    """A NUL names no resource and no filter value (PostgreSQL cannot even compare it)."""
+    if "\x00" in scope["path"]:
+        raise errors.NotFound("The resource could not be found.")
+    query: bytes = scope.get("query_string", b"")
+    if b"%00" in query or b"\x00" in query:
+        raise errors.Invalid("Invalid query parameter: NUL is not allowed.")
 
 
 def _limit_body(receive: Receive, limit: int) -> Receive:
@@ -230,6 +270,7 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
         description="Nova's compute API for rebuilding servers in place on one libvirt host.",
         generate_unique_id_function=_operation_id,
         lifespan=lifespan,
+        responses=faults(400, 413),
     )
     app.state.services = services
     app.add_exception_handler(errors.RebuilddError, _rebuildd_error)  # type: ignore[arg-type]
@@ -242,7 +283,27 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     app.include_router(api_images.router, prefix="/image")
     app.include_router(api_images.compute_alias, prefix="/v2.1")
     app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document without its 422 (invalid input is a 400 badRequest fault here)."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        schemas = document.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _fault_response(status: int, name: str, message: str) -> JSONResponse:
@@ -266,12 +327,30 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's checks of query and path parameters, in Nova's words (never a 422)."""
+    from rebuildd.schemas import show
+
     first = exc.errors()[0] if exc.errors() else {}
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    message = f"Invalid input for field/attribute {loc}. {first.get('msg', 'invalid')}"
+    where, *names = [str(p) for p in first.get("loc", ())] or ["request"]
+    name = ".".join(names) or where
+    reason = first.get("msg", "invalid")
+    if where == "query":
+        value = show(first.get("input"))
+        message = f"Invalid input for query parameters {name}. Value: {value}. {reason}"
+    else:
+        message = f"Invalid input for field/attribute {name}. {reason}"
+    log.info("request refused", path=request.url.path, status=400, reason=message)
     return _fault_response(400, "badRequest", message)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error", path=request.url.path)
+    """A bug: logged with where it happened but without the exception's message or the frames'
+    locals, either of which may hold a request's secrets (SQLAlchemy puts bound parameters,
+    pydantic the input, in their messages)."""
+    log.error(
+        "unexpected error",
+        path=request.url.path,
+        error=type(exc).__name__,
+        traceback="".join(traceback.format_tb(exc.__traceback__)),
+    )
     return _fault_response(500, "computeFault", _UNEXPECTED)

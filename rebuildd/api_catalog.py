@@ -14,10 +14,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from rebuildd import errors, schemas, views
-from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, VersionDep, read_json
+from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, VersionDep, faults, read_json
 from rebuildd.models import Flavor, KeyPair, utcnow
 
-router = APIRouter()
+router = APIRouter(responses=faults(406))
 
 
 @router.get("/flavors", name="list_flavors", tags=["flavors"])
@@ -36,7 +36,7 @@ async def list_flavors_detail(
     return {"flavors": [views.flavor_detail(f, base, version) for f in flavors]}
 
 
-@router.get("/flavors/{flavor_id}", name="show_flavor", tags=["flavors"])
+@router.get("/flavors/{flavor_id}", name="show_flavor", tags=["flavors"], responses=faults(404))
 async def show_flavor(
     flavor_id: str, services: ServicesDep, version: VersionDep, base: BaseUrlDep
 ) -> dict[str, Any]:
@@ -48,6 +48,7 @@ async def show_flavor(
     "/flavors",
     name="create_flavor",
     tags=["flavors"],
+    responses=faults(403, 409),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -55,9 +56,7 @@ async def show_flavor(
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "properties": {
-                            "flavor": schemas.FlavorCreate.model_json_schema(by_alias=True)
-                        },
+                        "properties": {"flavor": schemas.request_schema(schemas.FlavorCreate)},
                         "required": ["flavor"],
                     }
                 }
@@ -73,7 +72,7 @@ async def create_flavor(
     body = await read_json(request)
     if not isinstance(body, dict) or set(body) != {"flavor"}:
         raise errors.ValidationFailed(
-            field="body", value=repr(body), reason="'flavor' is a required property"
+            field="body", value=schemas.show(body), reason="'flavor' is a required property"
         )
     model = schemas.validate(schemas.FlavorCreate, body["flavor"], field="flavor")
     flavor = Flavor(
@@ -118,6 +117,8 @@ def fingerprint(public_key: str) -> str:
     "/os-keypairs",
     name="create_keypair",
     tags=["keypairs"],
+    status_code=200,
+    responses={201: {"description": "Created (2.2 and later)"}, **faults(409)},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -125,9 +126,7 @@ def fingerprint(public_key: str) -> str:
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "properties": {
-                            "keypair": schemas.KeypairCreate.model_json_schema(by_alias=True)
-                        },
+                        "properties": {"keypair": schemas.request_schema(schemas.KeypairCreate)},
                         "required": ["keypair"],
                     }
                 }
@@ -141,7 +140,7 @@ async def create_keypair(
     body = await read_json(request)
     if not isinstance(body, dict) or set(body) != {"keypair"}:
         raise errors.ValidationFailed(
-            field="body", value=repr(body), reason="'keypair' is a required property"
+            field="body", value=schemas.show(body), reason="'keypair' is a required property"
         )
     model = schemas.validate(schemas.KeypairCreate, body["keypair"], field="keypair")
     keypair = KeyPair(
@@ -167,7 +166,7 @@ async def list_keypairs(
     return {"keypairs": [{"keypair": views.keypair_view(k, version)} for k in keypairs]}
 
 
-@router.get("/os-keypairs/{name}", name="show_keypair", tags=["keypairs"])
+@router.get("/os-keypairs/{name}", name="show_keypair", tags=["keypairs"], responses=faults(404))
 async def show_keypair(
     name: str, services: ServicesDep, ctx: ContextDep, version: VersionDep
 ) -> dict[str, Any]:
@@ -181,7 +180,13 @@ async def show_keypair(
     return {"keypair": view}
 
 
-@router.delete("/os-keypairs/{name}", name="delete_keypair", tags=["keypairs"])
+@router.delete(
+    "/os-keypairs/{name}",
+    name="delete_keypair",
+    tags=["keypairs"],
+    status_code=202,
+    responses={204: {"description": "Deleted (2.2 and later)"}, **faults(404)},
+)
 async def delete_keypair(
     name: str, services: ServicesDep, ctx: ContextDep, version: VersionDep
 ) -> Response:

@@ -7,13 +7,14 @@ paging), show, create, upload, download and delete.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rebuildd import errors, schemas, views
-from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, read_json
+from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, faults, read_json
 from rebuildd.storage import ImageFilters
 
 router = APIRouter(tags=["images"])
@@ -37,29 +38,35 @@ async def image_versions(base: BaseUrlDep) -> dict[str, Any]:
     }
 
 
-def _image_filters(request: Request) -> ImageFilters:
-    params = request.query_params
-    ids = None
-    if (id_filter := params.get("id")) is not None:
-        ids = id_filter.removeprefix("in:").split(",")
-    try:
-        limit = min(int(params["limit"]), MAX_LIMIT) if "limit" in params else None
-    except ValueError:
-        raise errors.Invalid("limit param must be an integer") from None
-    if limit is not None and limit < 0:
-        raise errors.Invalid("limit param must be positive")
+@dataclass(frozen=True, slots=True)
+class ImageQuery:
+    """Glance's list filters that rebuildd supports; other query parameters are ignored."""
+
+    name: Annotated[str | None, Query()] = None
+    id: Annotated[str | None, Query(description="in:ID,ID,...")] = None
+    status: Annotated[str | None, Query()] = None
+    visibility: Annotated[str | None, Query()] = None
+    limit: Annotated[int | None, Query(ge=0)] = None
+    marker: Annotated[str | None, Query()] = None
+
+
+ImageQueryDep = Annotated[ImageQuery, Depends()]
+
+
+def _image_filters(query: ImageQuery) -> ImageFilters:
+    ids = query.id.removeprefix("in:").split(",") if query.id is not None else None
     return ImageFilters(
-        name=params.get("name"),
+        name=query.name,
         ids=ids,
-        status=params.get("status"),
-        visibility=params.get("visibility"),
-        limit=limit,
-        marker=params.get("marker"),
+        status=query.status,
+        visibility=query.visibility,
+        limit=min(query.limit, MAX_LIMIT) if query.limit is not None else None,
+        marker=query.marker,
     )
 
 
-async def _list_images(request: Request, services: ServicesDep) -> dict[str, Any]:
-    filters = _image_filters(request)
+async def _list_images(query: ImageQuery, services: ServicesDep) -> dict[str, Any]:
+    filters = _image_filters(query)
     images = await services.images.list(filters)
     body: dict[str, Any] = {
         "images": [views.image_view(i) for i in images],
@@ -79,18 +86,18 @@ async def _show_image(image_id: str, services: ServicesDep, ctx: ContextDep) -> 
 
 
 @router.get("/v2/images", name="list_images")
-async def list_images(request: Request, services: ServicesDep) -> dict[str, Any]:
-    return await _list_images(request, services)
+async def list_images(query: ImageQueryDep, services: ServicesDep) -> dict[str, Any]:
+    return await _list_images(query, services)
 
 
-@router.get("/v2/images/{image_id}", name="show_image")
+@router.get("/v2/images/{image_id}", name="show_image", responses=faults(404))
 async def show_image(image_id: str, services: ServicesDep, ctx: ContextDep) -> dict[str, Any]:
     return await _show_image(image_id, services, ctx)
 
 
 @compute_alias.get("/v2/images", name="list_images_compute_alias", include_in_schema=False)
-async def list_images_alias(request: Request, services: ServicesDep) -> dict[str, Any]:
-    return await _list_images(request, services)
+async def list_images_alias(query: ImageQueryDep, services: ServicesDep) -> dict[str, Any]:
+    return await _list_images(query, services)
 
 
 @compute_alias.get(
@@ -104,16 +111,21 @@ async def show_image_alias(image_id: str, services: ServicesDep, ctx: ContextDep
     "/v2/images",
     name="create_image",
     status_code=201,
+    responses=faults(403, 409),
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": schemas.ImageCreate.model_json_schema()}},
+            "content": {
+                "application/json": {"schema": schemas.request_schema(schemas.ImageCreate)}
+            },
         }
     },
 )
 async def create_image(request: Request, services: ServicesDep, ctx: ContextDep) -> JSONResponse:
     body = await read_json(request)
     model = schemas.validate(schemas.ImageCreate, body, field="image")
+    if read_only := sorted(schemas.IMAGE_READ_ONLY & set(model.model_extra or {})):
+        raise errors.Forbidden(f"Attribute '{read_only[0]}' is read-only.")
     fields = model.model_dump(exclude={"tags"})
     image = await services.images.create(ctx, fields)
     return JSONResponse(
@@ -127,6 +139,7 @@ async def create_image(request: Request, services: ServicesDep, ctx: ContextDep)
     "/v2/images/{image_id}/file",
     name="upload_image",
     status_code=204,
+    responses=faults(404, 409),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -141,7 +154,19 @@ async def upload_image(image_id: str, request: Request, services: ServicesDep) -
     return Response(status_code=204)
 
 
-@router.get("/v2/images/{image_id}/file", name="download_image")
+@router.get(
+    "/v2/images/{image_id}/file",
+    name="download_image",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            }
+        },
+        **faults(404, 409),
+    },
+)
 async def download_image(
     image_id: str, services: ServicesDep, ctx: ContextDep
 ) -> StreamingResponse:
@@ -156,7 +181,9 @@ async def download_image(
     )
 
 
-@router.delete("/v2/images/{image_id}", name="delete_image", status_code=204)
+@router.delete(
+    "/v2/images/{image_id}", name="delete_image", status_code=204, responses=faults(403, 404)
+)
 async def delete_image(image_id: str, services: ServicesDep) -> Response:
     await services.images.delete(image_id)
     return Response(status_code=204)

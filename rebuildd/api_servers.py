@@ -8,18 +8,20 @@ Errors are raised as rebuildd errors and rendered by api.py's one handler.
 from __future__ import annotations
 
 import datetime as dt
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from rebuildd import errors, lifecycle, microversion, pipeline, schemas, views
-from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, VersionDep, read_json
+from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, VersionDep, faults, read_json
 from rebuildd.states import states_for_status
 from rebuildd.storage import ServerFilters
 
 versions = APIRouter(tags=["versions"])
-router = APIRouter(tags=["servers"])
+router = APIRouter(tags=["servers"], responses=faults(406))
 
 MAX_LIMIT = 1000
 _UPDATED = "2013-07-23T11:33:21Z"
@@ -42,7 +44,7 @@ async def list_versions(base: BaseUrlDep) -> dict[str, Any]:
 
 
 @versions.get("/v2.1", name="show_version", include_in_schema=False)
-@versions.get("/v2.1/", name="show_version_v21")
+@versions.get("/v2.1/", name="show_version_v21", responses=faults(406))
 async def show_version(base: BaseUrlDep) -> dict[str, Any]:
     doc = _version_doc(base)
     doc["links"].append(
@@ -57,35 +59,55 @@ async def show_version(base: BaseUrlDep) -> dict[str, Any]:
 # -- servers ------------------------------------------------------------------------------------
 
 
-def _filters(request: Request, *, is_admin: bool, project_id: str) -> ServerFilters:
-    params = request.query_params
-    limit = params.get("limit")
-    status = params.get("status")
-    changes_since = params.get("changes-since") or params.get("changes_since")
-    all_tenants = params.get("all_tenants", "").lower() not in {"", "0", "false", "off", "no"}
-    try:
-        parsed_limit = min(int(limit), MAX_LIMIT) if limit is not None else MAX_LIMIT
-        if parsed_limit < 0:
-            raise ValueError(limit)
-        since = (
-            dt.datetime.fromisoformat(changes_since.replace("Z", "+00:00"))
-            if changes_since
-            else None
-        )
-    except ValueError as exc:
-        raise errors.Invalid(f"Invalid query parameter: {exc}") from None
+@dataclass(frozen=True, slots=True)
+class ServerQuery:
+    """The ``GET /servers`` filters Nova documents; other query parameters are ignored."""
+
+    name: Annotated[str | None, Query(description="A regular expression")] = None
+    status: Annotated[str | None, Query()] = None
+    image: Annotated[str | None, Query()] = None
+    flavor: Annotated[str | None, Query()] = None
+    changes_since: Annotated[dt.datetime | None, Query(alias="changes-since")] = None
+    limit: Annotated[int | None, Query(ge=0)] = None
+    marker: Annotated[str | None, Query()] = None
+    all_tenants: Annotated[str | None, Query()] = None
+
+
+ServerQueryDep = Annotated[ServerQuery, Depends()]
+
+
+def _filters(query: ServerQuery, *, is_admin: bool, project_id: str) -> ServerFilters:
+    all_tenants = (query.all_tenants or "").lower() not in {"", "0", "false", "off", "no"}
+    since = query.changes_since
     if since is not None:
-        since = since.astimezone(dt.UTC) if since.tzinfo else since.replace(tzinfo=dt.UTC)
+        try:
+            since = since.astimezone(dt.UTC) if since.tzinfo else since.replace(tzinfo=dt.UTC)
+        except OverflowError:
+            raise errors.Invalid(
+                f"Invalid query parameter: changes-since {query.changes_since} is out of range"
+            ) from None
     return ServerFilters(
         project_id=None if (is_admin and all_tenants) else project_id,
-        name=params.get("name") or None,
-        image=params.get("image") or None,
-        flavor=params.get("flavor") or None,
-        states=states_for_status(status.upper()) if status else None,
+        name=_name_regex(query.name) if query.name else None,
+        image=query.image or None,
+        flavor=query.flavor or None,
+        states=states_for_status(query.status.upper()) if query.status else None,
         changes_since=since,
-        limit=parsed_limit,
-        marker=params.get("marker") or None,
+        limit=min(query.limit, MAX_LIMIT) if query.limit is not None else MAX_LIMIT,
+        marker=query.marker or None,
     )
+
+
+def _name_regex(name: str) -> str:
+    """The name filter is a regular expression; one Python cannot compile (a repetition
+    count beyond its limits, say) is matched literally, as an invalid pattern already is."""
+    try:
+        re.compile(name)
+    except re.error:
+        return name
+    except (OverflowError, RecursionError, ValueError):
+        return re.escape(name)
+    return name
 
 
 def _next_links(
@@ -101,9 +123,13 @@ def _next_links(
 
 @router.get("/servers", name="list_servers")
 async def list_servers(
-    request: Request, services: ServicesDep, ctx: ContextDep, base: BaseUrlDep
+    request: Request,
+    query: ServerQueryDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    base: BaseUrlDep,
 ) -> dict[str, Any]:
-    filters = _filters(request, is_admin=ctx.is_admin, project_id=ctx.project_id)
+    filters = _filters(query, is_admin=ctx.is_admin, project_id=ctx.project_id)
     servers = await services.store.list_servers(filters)
     body: dict[str, Any] = {"servers": [views.server_brief(s, base) for s in servers]}
     if links := _next_links(
@@ -120,17 +146,18 @@ async def list_servers(
 @router.get("/servers/detail", name="list_servers_detail")
 async def list_servers_detail(
     request: Request,
+    query: ServerQueryDep,
     services: ServicesDep,
     ctx: ContextDep,
     version: VersionDep,
     base: BaseUrlDep,
 ) -> dict[str, Any]:
-    filters = _filters(request, is_admin=ctx.is_admin, project_id=ctx.project_id)
+    filters = _filters(query, is_admin=ctx.is_admin, project_id=ctx.project_id)
     servers = await services.store.list_servers(filters)
-    faults = await services.store.latest_faults([s.id for s in servers if s.vm_state == "error"])
+    latest = await services.store.latest_faults([s.id for s in servers if s.vm_state == "error"])
     body: dict[str, Any] = {
         "servers": [
-            views.server_detail(s, base, version, faults.get(s.id), is_admin=ctx.is_admin)
+            views.server_detail(s, base, version, latest.get(s.id), is_admin=ctx.is_admin)
             for s in servers
         ]
     }
@@ -145,16 +172,16 @@ async def list_servers_detail(
     return body
 
 
-@router.get("/servers/{server_id}", name="show_server")
+@router.get("/servers/{server_id}", name="show_server", responses=faults(404))
 async def show_server(
     server_id: str, services: ServicesDep, ctx: ContextDep, version: VersionDep, base: BaseUrlDep
 ) -> dict[str, Any]:
     project = None if ctx.is_admin else ctx.project_id
     server = await services.store.get_server(server_id, project_id=project)
-    faults = await services.store.latest_faults([server.id] if server.vm_state == "error" else [])
+    latest = await services.store.latest_faults([server.id] if server.vm_state == "error" else [])
     return {
         "server": views.server_detail(
-            server, base, version, faults.get(server.id), is_admin=ctx.is_admin
+            server, base, version, latest.get(server.id), is_admin=ctx.is_admin
         )
     }
 
@@ -170,9 +197,7 @@ async def show_server(
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "properties": {
-                            "server": schemas.CreateServerV219.model_json_schema(by_alias=True)
-                        },
+                        "properties": {"server": schemas.request_schema(schemas.CreateServerV219)},
                         "required": ["server"],
                     }
                 }
@@ -186,13 +211,13 @@ async def create_server(
     body = await read_json(request)
     if not isinstance(body, dict) or "server" not in body:
         raise errors.ValidationFailed(
-            field="server", value=repr(body), reason="'server' is a required property"
+            field="server", value=schemas.show(body), reason="'server' is a required property"
         )
     unknown = set(body) - {"server", "os:scheduler_hints", "OS-SCH-HNT:scheduler_hints"}
     if unknown:
         raise errors.ValidationFailed(
             field="body",
-            value=repr(body),
+            value=schemas.show(body),
             reason=f"Additional properties are not allowed ('{sorted(unknown)[0]}' was unexpected)",
         )
     model = schemas.validate(schemas.create_model(version), body["server"], field="server")
@@ -224,7 +249,9 @@ async def create_server(
     return JSONResponse({"server": view}, status_code=202, headers={"Location": location})
 
 
-@router.delete("/servers/{server_id}", name="delete_server", status_code=204)
+@router.delete(
+    "/servers/{server_id}", name="delete_server", status_code=204, responses=faults(404, 409)
+)
 async def delete_server(server_id: str, services: ServicesDep, ctx: ContextDep) -> Response:
     await lifecycle.request_delete(services.deps, ctx, server_id)
     return Response(status_code=204)
@@ -239,6 +266,14 @@ _ACTIONS = ("rebuild", "os-stop", "os-start")
     "/servers/{server_id}/action",
     name="server_action",
     status_code=202,
+    response_class=Response,
+    responses={
+        202: {
+            "description": 'Accepted. A rebuild answers {"server": {...}} (JSON) with the new '
+            "adminPass; os-stop and os-start answer with no body, as Nova does."
+        },
+        **faults(404, 409),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -249,7 +284,7 @@ _ACTIONS = ("rebuild", "os-stop", "os-start")
                             {
                                 "type": "object",
                                 "properties": {
-                                    "rebuild": schemas.RebuildV254.model_json_schema(by_alias=True)
+                                    "rebuild": schemas.request_schema(schemas.RebuildV254)
                                 },
                                 "required": ["rebuild"],
                                 "additionalProperties": False,
@@ -332,7 +367,9 @@ async def _rebuild(
 # -- instance actions ---------------------------------------------------------------------------
 
 
-@router.get("/servers/{server_id}/os-instance-actions", name="list_instance_actions")
+@router.get(
+    "/servers/{server_id}/os-instance-actions", name="list_instance_actions", responses=faults(404)
+)
 async def list_instance_actions(
     server_id: str, services: ServicesDep, ctx: ContextDep, version: VersionDep
 ) -> dict[str, Any]:
@@ -342,7 +379,11 @@ async def list_instance_actions(
     return {"instanceActions": [views.action_view(a, version, with_events=False) for a in actions]}
 
 
-@router.get("/servers/{server_id}/os-instance-actions/{request_id}", name="show_instance_action")
+@router.get(
+    "/servers/{server_id}/os-instance-actions/{request_id}",
+    name="show_instance_action",
+    responses=faults(404),
+)
 async def show_instance_action(
     server_id: str,
     request_id: str,

@@ -124,7 +124,12 @@ class LocalImageService:
                     sha512.update(chunk)
                     size += len(chunk)
                     await out.write(chunk)
-            info = await self.disks.info(partial)
+            try:
+                info = await self.disks.info(partial)
+            except errors.DiskError as exc:  # qemu-img could not even parse the bytes
+                raise errors.ImageDataInvalid(
+                    disk_format=image.disk_format, reason="qemu-img cannot read it"
+                ) from exc
             if info.format != image.disk_format or info.backing_file:
                 raise errors.ImageDataInvalid(
                     disk_format=image.disk_format,

@@ -3,14 +3,20 @@
 Owns the shape of what clients may send (unknown fields are rejected, as Nova's JSON schemas
 do) and the translation of pydantic's errors into Nova's "Invalid input for field/attribute"
 message. Semantics (does the image exist, ...) belong to the pipeline, not here.
+
+Secrets (``adminPass``, ``user_data``, personality ``contents``) are never rendered into a
+message: :func:`show` replaces their values with ``***`` wherever a request value is echoed,
+and a validation error located under a secret key shows ``***`` as its value.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import unicodedata
 import uuid
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -21,6 +27,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 
 from rebuildd import errors
 from rebuildd.microversion import Version
@@ -29,6 +36,16 @@ from rebuildd.microversion import Version
 def _no_edge_whitespace(value: str) -> str:
     if value != value.strip():
         raise ValueError("leading or trailing whitespace is not allowed")
+    return value
+
+
+def _printable(value: str) -> str:
+    """Nova's name rule: no control, format, surrogate or unassigned characters and no line or
+    paragraph separators (such names cannot go into a libvirt domain's XML, nor a log line)."""
+    for char in value:
+        category = unicodedata.category(char)
+        if category.startswith("C") or category in {"Zl", "Zp"}:
+            raise ValueError(f"character {char!r} is not allowed in a name")
     return value
 
 
@@ -50,15 +67,18 @@ def _ipv6(value: str) -> str:
 
 
 Name = Annotated[
-    str, StringConstraints(min_length=1, max_length=255), AfterValidator(_no_edge_whitespace)
+    str,
+    StringConstraints(min_length=1, max_length=255),
+    AfterValidator(_no_edge_whitespace),
+    AfterValidator(_printable),
 ]
-Uuid = Annotated[str, AfterValidator(_uuid)]
+Uuid = Annotated[str, AfterValidator(_uuid), WithJsonSchema({"type": "string", "format": "uuid"})]
 MetadataKey = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9-_:. ]{1,255}$")]
 MetadataValue = Annotated[str, StringConstraints(max_length=255)]
 Metadata = dict[MetadataKey, MetadataValue]
 Description = Annotated[str, StringConstraints(max_length=255)]
-IPv4 = Annotated[str, AfterValidator(_ipv4)]
-IPv6 = Annotated[str, AfterValidator(_ipv6)]
+IPv4 = Annotated[str, AfterValidator(_ipv4), WithJsonSchema({"type": "string", "format": "ipv4"})]
+IPv6 = Annotated[str, AfterValidator(_ipv6), WithJsonSchema({"type": "string", "format": "ipv6"})]
 
 
 class Strict(BaseModel):
@@ -150,11 +170,15 @@ def create_model(version: Version) -> type[CreateServerV21]:
     return CreateServerV219 if version.at_least("2.19") else CreateServerV21
 
 
+MAX_INT: Final = 2147483647  # Nova's db.MAX_INT: the columns are 32-bit integers
+MAX_FLOAT: Final = 3.40282e38  # Nova's rxtx_factor bound (a 32-bit float column)
+
+
 class FlavorCreate(Strict):
     name: Name
-    ram: Annotated[int, Field(ge=1)]
-    vcpus: Annotated[int, Field(ge=1)]
-    disk: Annotated[int, Field(ge=0)]
+    ram: Annotated[int, Field(ge=1, le=MAX_INT)]
+    vcpus: Annotated[int, Field(ge=1, le=MAX_INT)]
+    disk: Annotated[int, Field(ge=0, le=MAX_INT)]
     id: (
         Annotated[
             str,
@@ -162,9 +186,11 @@ class FlavorCreate(Strict):
         ]
         | None
     ) = None
-    ephemeral: Annotated[int, Field(ge=0)] = Field(default=0, alias="OS-FLV-EXT-DATA:ephemeral")
-    swap: Annotated[int, Field(ge=0)] = 0
-    rxtx_factor: Annotated[float, Field(gt=0)] = 1.0
+    ephemeral: Annotated[int, Field(ge=0, le=MAX_INT)] = Field(
+        default=0, alias="OS-FLV-EXT-DATA:ephemeral"
+    )
+    swap: Annotated[int, Field(ge=0, le=MAX_INT)] = 0
+    rxtx_factor: Annotated[float, Field(gt=0, le=MAX_FLOAT)] = 1.0
     is_public: bool = Field(default=True, alias="os-flavor-access:is_public")
     description: Description | None = None
     nullable: ClassVar[frozenset[str]] = frozenset({"id", "description"})
@@ -177,39 +203,121 @@ class KeypairCreate(Strict):
     user_id: str | None = None
 
 
+PropertyValue = Annotated[str, StringConstraints(max_length=65535)]
+
+# What Glance computes itself: a create naming one of these is 403 "Attribute ... is read-only."
+IMAGE_READ_ONLY: Final = frozenset(
+    {
+        "status", "size", "virtual_size", "checksum", "os_hash_algo", "os_hash_value", "owner",
+        "created_at", "updated_at", "self", "file", "schema", "direct_url", "location",
+        "locations", "os_hidden",
+    }
+)  # fmt: skip
+
+
 class ImageCreate(BaseModel):
-    """Glance's POST /v2/images: known fields typed, other keys kept as custom properties."""
+    """Glance's POST /v2/images: known fields typed, other keys kept as custom properties
+    (strings, as in Glance's image schema)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[Annotated[str, StringConstraints(max_length=255)], PropertyValue]
     id: Uuid | None = None
     name: Annotated[str, StringConstraints(max_length=255)] | None = None
     disk_format: Literal["qcow2", "raw"] | None = None
     container_format: Literal["bare"] | None = None
     visibility: Literal["public", "private", "shared", "community"] = "shared"
-    min_disk: Annotated[int, Field(ge=0)] = 0
-    min_ram: Annotated[int, Field(ge=0)] = 0
+    min_disk: Annotated[int, Field(ge=0, le=MAX_INT)] = 0
+    min_ram: Annotated[int, Field(ge=0, le=MAX_INT)] = 0
     protected: bool = False
     tags: list[str] = Field(default_factory=list)
 
 
 M = TypeVar("M", bound=BaseModel)
 
+# Keys whose values are secrets: never echoed in an error message, hence never logged.
+SECRET_KEYS: Final = frozenset({"adminPass", "admin_pass", "user_data", "contents"})
+REDACTED: Final = "***"
+
+
+def request_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of a request body for the OpenAPI document: its ``$defs`` inlined (the
+    document has no ``$defs`` of its own for them to resolve against), and ``null`` allowed
+    only where a :class:`Strict` model accepts it."""
+    schema = model.model_json_schema(by_alias=True)
+    inlined: dict[str, Any] = _inline(schema, schema.pop("$defs", {}))
+    if issubclass(model, Strict):
+        for key, prop in inlined.get("properties", {}).items():
+            options = prop.get("anyOf", [])
+            if key not in model.nullable and {"type": "null"} in options:
+                prop.pop("anyOf")
+                prop.pop("default", None)
+                rest = [option for option in options if option != {"type": "null"}]
+                prop.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+    return inlined
+
+
+def _inline(schema: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        inlined = {key: _inline(value, defs) for key, value in schema.items()}
+        if "patternProperties" in inlined:  # a dict whose keys pydantic constrains
+            inlined.setdefault("additionalProperties", False)
+        return inlined
+    if isinstance(schema, list):
+        return [_inline(item, defs) for item in schema]
+    return schema
+
 
 def parse_json(raw: bytes) -> Any:
-    """The request body as JSON, or Nova's 400 "Malformed request body"."""
+    """The request body as JSON, or Nova's 400 "Malformed request body".
+
+    Also refused: nesting deeper than Python's recursion limit, ``NaN``/``Infinity`` and numbers
+    that overflow a float (no JSON response could carry them back), and strings no database can
+    store (a lone UTF-16 surrogate such as ``"\\ud800"``, or a NUL character).
+    """
     if not raw.strip():
         raise errors.MalformedBody()
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        _check_strings(data)
+    except (ValueError, UnicodeError, RecursionError):
         raise errors.MalformedBody() from None
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows a float")
+    return value
+
+
+def _check_strings(value: Any) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("NUL in a string")
+        value.encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
 
 
 def validate(model: type[M], data: Any, *, field: str) -> M:
     """Validate ``data`` (the value under key ``field``) or raise Nova's 400 message."""
     if not isinstance(data, dict):
+        shown = show(REDACTED if field in SECRET_KEYS else data)
         raise errors.ValidationFailed(
-            field=field, value=_show(data), reason=f"{_show(data)} is not of type 'object'"
+            field=field, value=shown, reason=f"{shown} is not of type 'object'"
         )
     try:
         return model.model_validate(data)
@@ -225,20 +333,38 @@ def _nova_message(exc: ValidationError, data: dict[str, Any], field: str) -> err
         parent = loc[-2] if len(loc) > 1 else field
         return errors.ValidationFailed(
             field=parent,
-            value=_show(data),
+            value=show(data),
             reason=f"Additional properties are not allowed ('{loc[-1]}' was unexpected)",
         )
     if kind == "missing":
         parent = loc[-2] if len(loc) > 1 else field
         return errors.ValidationFailed(
-            field=parent, value=_show(data), reason=f"'{loc[-1]}' is a required property"
+            field=parent, value=show(data), reason=f"'{loc[-1]}' is a required property"
         )
-    value = error.get("input")
+    secret = any(part in SECRET_KEYS for part in loc)
+    value = REDACTED if secret else error.get("input")
     reason = str(error["msg"]).removeprefix("Value error, ")
-    return errors.ValidationFailed(
-        field=loc[-1] if loc else field, value=_show(value), reason=reason
-    )
+    field = loc[-1] if loc else field
+    return errors.ValidationFailed(field=field, value=show(value), reason=reason)
 
 
-def _show(value: Any) -> str:
-    return repr(value)
+def redact(value: Any) -> Any:
+    """``value`` with the value of every secret key, at any depth, replaced by ``***``."""
+    if isinstance(value, dict):
+        return {k: REDACTED if k in SECRET_KEYS else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return value
+
+
+def show(value: Any) -> str:
+    """How a request value appears in a message: its repr, secrets redacted, and bounded
+    (a 100 KiB body is not echoed back whole)."""
+    try:
+        text = repr(redact(value))
+    except RecursionError:
+        return "<too deeply nested>"
+    return text if len(text) <= _SHOW_LIMIT else text[:_SHOW_LIMIT] + "..."
+
+
+_SHOW_LIMIT: Final = 1024
