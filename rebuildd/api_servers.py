@@ -11,6 +11,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -117,8 +118,8 @@ def _next_links(
         return []
     query = {k: v for k, v in request.query_params.items() if k != "marker"}
     query["marker"] = items[-1].id
-    query_string = "&".join(f"{k}={v}" for k, v in query.items())
-    return [{"rel": "next", "href": f"{base}{path}?{query_string}"}]
+    # Encoded: a filter value holding '&', '#' or spaces must not change the next link's query.
+    return [{"rel": "next", "href": f"{base}{path}?{urlencode(query)}"}]
 
 
 @router.get("/servers", name="list_servers")

@@ -399,3 +399,15 @@ def test_hostile_names_reach_no_path_and_no_xml_unescaped(daemon: LiveDaemon) ->
     assert len(disks) == 1 and disks[0].name.startswith("root-"), disks
     assert set(state_dir.parent.iterdir()) == parent_before
     assert not [p for p in state_dir.rglob("*") if "passwd" in p.name]
+
+
+def test_next_link_encodes_filter_values(daemon: LiveDaemon) -> None:
+    """A name filter holding '&' and '#' comes back encoded in the next link, not as new
+    query parameters."""
+    for _ in range(2):
+        daemon.create_server("a&b #1")
+    page = daemon.client.get("/v2.1/servers", params={"name": "a&b #", "limit": 1}).json()
+    href = page["servers_links"][0]["href"]
+    assert "name=a%26b+%23" in href
+    rest = daemon.client.get(href).json()["servers"]
+    assert [s["name"] for s in rest] == ["a&b #1"]
