@@ -7,8 +7,10 @@ Errors are raised as rebuildd errors and rendered by api.py's one handler.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -322,7 +324,16 @@ async def server_action(
         raise errors.MalformedBody()
     ((action, value),) = body.items()
     if action == "rebuild":
-        return await _rebuild(server_id, value, services, ctx, version, base)
+        key = _idempotency_key(request)
+        if key is not None and (replay := await _replay(services, ctx, server_id, key)):
+            return replay
+        try:
+            return await _rebuild(server_id, value, services, ctx, version, base, key)
+        except errors.Conflict:
+            # A concurrent request with the same key won the race: answer as it did.
+            if key is not None and (replay := await _replay(services, ctx, server_id, key)):
+                return replay
+            raise
     if action in ("os-stop", "os-start"):
         await lifecycle.request_power_action(
             services.deps, ctx, server_id, action.removeprefix("os-")
@@ -338,6 +349,7 @@ async def _rebuild(
     ctx: ContextDep,
     version: VersionDep,
     base: str,
+    idempotency_key: str | None = None,
 ) -> JSONResponse:
     model = schemas.validate(schemas.rebuild_model(version), value, field="rebuild")
     fields = model.model_fields_set
@@ -355,14 +367,57 @@ async def _rebuild(
         else pipeline.UNSET,
         key_name=getattr(model, "key_name", None) if "key_name" in fields else pipeline.UNSET,
     )
-    server, admin_pass = await pipeline.request_rebuild(services.deps, ctx, server_id, spec)
+    server, admin_pass = await pipeline.request_rebuild(
+        services.deps, ctx, server_id, spec, idempotency_key=idempotency_key
+    )
     if version.at_least("2.75"):
         view = views.server_detail(server, base, version, None, is_admin=ctx.is_admin)
     else:
         view = views.server_base(server, base, version, None)
     view["adminPass"] = admin_pass
     location = f"{base}/v2.1/servers/{server.id}"
+    if idempotency_key is not None:
+        answer = {"body": {"server": view}, "location": location}
+        await services.store.save_response(ctx.request_id, answer)
     return JSONResponse({"server": view}, status_code=202, headers={"Location": location})
+
+
+# -- idempotent rebuilds --------------------------------------------------------------------------
+
+_REQUEST_ID = re.compile(r"^req-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_REPLAY_WAIT = 5.0
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """``X-Idempotency-Key``, else a client-chosen ``X-OpenStack-Request-ID`` (req-<uuid>)."""
+    key = request.headers.get("x-idempotency-key")
+    if key is not None:
+        key = key.strip()
+        if not 1 <= len(key) <= 255:
+            raise errors.Invalid("X-Idempotency-Key must be 1 to 255 characters long")
+        return key
+    request_id = request.headers.get("x-openstack-request-id", "").strip()
+    return request_id if _REQUEST_ID.match(request_id) else None
+
+
+async def _replay(
+    services: ServicesDep, ctx: ContextDep, server_id: str, key: str
+) -> JSONResponse | None:
+    """The first answer to this key for this server, if there was one (waiting briefly while
+    the request that got it is still writing it)."""
+    project = None if ctx.is_admin else ctx.project_id
+    await services.store.get_server(server_id, project_id=project, include_deleted=True)
+    deadline = time.monotonic() + _REPLAY_WAIT
+    while True:
+        action = await services.store.find_action_by_key(server_id, key)
+        if action is None:
+            return None
+        if action.response is not None:
+            headers = {"Location": action.response["location"]}
+            return JSONResponse(action.response["body"], status_code=202, headers=headers)
+        if time.monotonic() > deadline:
+            raise errors.Conflict(f"A rebuild with idempotency key {key} is still being accepted.")
+        await asyncio.sleep(0.02)
 
 
 # -- instance actions ---------------------------------------------------------------------------
