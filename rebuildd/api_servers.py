@@ -70,7 +70,9 @@ class ServerQuery:
     status: Annotated[str | None, Query()] = None
     image: Annotated[str | None, Query()] = None
     flavor: Annotated[str | None, Query()] = None
-    changes_since: Annotated[dt.datetime | None, Query(alias="changes-since")] = None
+    changes_since: Annotated[
+        str | None, Query(alias="changes-since", json_schema_extra={"format": "date-time"})
+    ] = None
     limit: Annotated[int | None, Query(ge=0)] = None
     marker: Annotated[str | None, Query()] = None
     all_tenants: Annotated[str | None, Query()] = None
@@ -81,14 +83,7 @@ ServerQueryDep = Annotated[ServerQuery, Depends()]
 
 def _filters(query: ServerQuery, *, is_admin: bool, project_id: str) -> ServerFilters:
     all_tenants = (query.all_tenants or "").lower() not in {"", "0", "false", "off", "no"}
-    since = query.changes_since
-    if since is not None:
-        try:
-            since = since.astimezone(dt.UTC) if since.tzinfo else since.replace(tzinfo=dt.UTC)
-        except OverflowError:
-            raise errors.Invalid(
-                f"Invalid query parameter: changes-since {query.changes_since} is out of range"
-            ) from None
+    since = _changes_since(query.changes_since) if query.changes_since else None
     return ServerFilters(
         project_id=None if (is_admin and all_tenants) else project_id,
         name=_name_regex(query.name) if query.name else None,
@@ -99,6 +94,18 @@ def _filters(query: ServerQuery, *, is_admin: bool, project_id: str) -> ServerFi
         limit=min(query.limit, MAX_LIMIT) if query.limit is not None else MAX_LIMIT,
         marker=query.marker or None,
     )
+
+
+def _changes_since(value: str) -> dt.datetime:
+    """An ISO 8601 time (Nova's ``date-time``; not a bare number), naive taken as UTC."""
+    try:
+        since = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return since.astimezone(dt.UTC) if since.tzinfo else since.replace(tzinfo=dt.UTC)
+    except (ValueError, OverflowError):
+        raise errors.Invalid(
+            f"Invalid input for query parameters changes-since. Value: {value!r}. "
+            "It is not an ISO 8601 date-time in range."
+        ) from None
 
 
 def _name_regex(name: str) -> str:
@@ -323,6 +330,12 @@ async def server_action(
     if not isinstance(body, dict) or len(body) != 1:
         raise errors.MalformedBody()
     ((action, value),) = body.items()
+    if action in ("os-stop", "os-start") and value is not None:
+        raise errors.ValidationFailed(
+            field=action,
+            value=schemas.show(value),
+            reason=f"{schemas.show(value)} is not of type 'null'",
+        )
     if action == "rebuild":
         key = _idempotency_key(request)
         if key is not None and (replay := await _replay(services, ctx, server_id, key)):

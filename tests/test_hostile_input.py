@@ -248,6 +248,7 @@ class TestNever422:
             ("/v2.1/servers", {"limit": "abc"}),
             ("/v2.1/servers", {"limit": "-1"}),
             ("/v2.1/servers/detail", {"changes-since": "yesterday"}),
+            ("/v2.1/servers/detail", {"changes-since": "31677246"}),
             ("/v2.1/servers/detail", {"changes-since": "9999-12-31T23:59:59-12:00"}),
             ("/image/v2/images", {"limit": "1.5"}),
             ("/v2.1/servers", {"image": "a\x00b"}),
@@ -261,6 +262,19 @@ class TestNever422:
         assert response.status_code == 400, response.text
         assert "badRequest" in response.json()
 
+    def test_changes_since_takes_iso_8601(self, daemon: LiveDaemon) -> None:
+        """A valid changes-since (with Z, an offset, or naive as UTC) still filters."""
+        server_id = daemon.create_server()
+        for since, listed in [
+            ("2000-01-01T00:00:00Z", True),
+            ("2000-01-01T00:00:00", True),
+            ("9999-01-01T00:00:00+02:00", False),
+        ]:
+            response = daemon.client.get("/v2.1/servers", params={"changes-since": since})
+            assert response.status_code == 200, response.text
+            ids = [s["id"] for s in response.json()["servers"]]
+            assert (server_id in ids) == listed, since
+
     def test_uncompilable_name_filter_matches_literally(self, daemon: LiveDaemon) -> None:
         """A name regex Python cannot compile (too large a repetition) is matched literally."""
         response = daemon.client.get("/v2.1/servers", params={"name": "a{99999999999}"})
@@ -270,6 +284,18 @@ class TestNever422:
         """A NUL in a path names no resource."""
         response = daemon.client.get("/v2.1/flavors/a%00b")
         assert response.status_code == 404 and "itemNotFound" in response.json()
+
+
+class TestPowerActions:
+    @pytest.mark.parametrize("value", ["now", {}, 0, []])
+    def test_a_value_other_than_null_is_400(self, daemon: LiveDaemon, value: Any) -> None:
+        """os-stop and os-start take null, as Nova's schema says; anything else is a 400."""
+        server_id = daemon.create_server()
+        for action in ("os-stop", "os-start"):
+            response = daemon.client.post(f"/v2.1/servers/{server_id}/action", json={action: value})
+            assert response.status_code == 400, response.text
+            assert "is not of type 'null'" in _message(response)
+        assert daemon.server(server_id)["status"] == "ACTIVE"
 
 
 class TestNumbersAndNames:
