@@ -10,6 +10,7 @@ SQL directly: routes call the pipeline and the Store's records.
 from __future__ import annotations
 
 import json
+import re
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -17,12 +18,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
 import structlog
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, RootModel
+from pydantic import BaseModel, BeforeValidator, ConfigDict, RootModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rebuildd import errors, microversion
@@ -242,6 +243,14 @@ def get_base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+def _digits(value: Any) -> Any:
+    """Nova's ``non_negative_integer`` query parameter: digits only ("1.0", "+1" are 400s)."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]+", value):
+        raise ValueError(f"'{value}' does not match '^[0-9]+$'")
+    return value
+
+
+LimitQuery = Annotated[int | None, Query(ge=0), BeforeValidator(_digits)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 VersionDep = Annotated[Version, Depends(get_version)]
 ContextDep = Annotated[RequestContext, Depends(get_context)]

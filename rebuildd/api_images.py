@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rebuildd import errors, schemas, views
-from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, faults, read_json
+from rebuildd.api import BaseUrlDep, ContextDep, LimitQuery, ServicesDep, faults, read_json
 from rebuildd.storage import ImageFilters
 
 router = APIRouter(tags=["images"])
@@ -46,7 +46,7 @@ class ImageQuery:
     id: Annotated[str | None, Query(description="in:ID,ID,...")] = None
     status: Annotated[str | None, Query()] = None
     visibility: Annotated[str | None, Query()] = None
-    limit: Annotated[int | None, Query(ge=0)] = None
+    limit: LimitQuery = None
     marker: Annotated[str | None, Query()] = None
 
 

@@ -19,7 +19,15 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from rebuildd import errors, lifecycle, microversion, pipeline, schemas, views
-from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, VersionDep, faults, read_json
+from rebuildd.api import (
+    BaseUrlDep,
+    ContextDep,
+    LimitQuery,
+    ServicesDep,
+    VersionDep,
+    faults,
+    read_json,
+)
 from rebuildd.states import states_for_status
 from rebuildd.storage import ServerFilters
 
@@ -73,7 +81,7 @@ class ServerQuery:
     changes_since: Annotated[
         str | None, Query(alias="changes-since", json_schema_extra={"format": "date-time"})
     ] = None
-    limit: Annotated[int | None, Query(ge=0)] = None
+    limit: LimitQuery = None
     marker: Annotated[str | None, Query()] = None
     all_tenants: Annotated[str | None, Query()] = None
 
@@ -83,7 +91,7 @@ ServerQueryDep = Annotated[ServerQuery, Depends()]
 
 def _filters(query: ServerQuery, *, is_admin: bool, project_id: str) -> ServerFilters:
     all_tenants = (query.all_tenants or "").lower() not in {"", "0", "false", "off", "no"}
-    since = _changes_since(query.changes_since) if query.changes_since else None
+    since = _changes_since(query.changes_since) if query.changes_since is not None else None
     return ServerFilters(
         project_id=None if (is_admin and all_tenants) else project_id,
         name=_name_regex(query.name) if query.name else None,
