@@ -287,7 +287,7 @@ class Runner:
                 stage.notify_error,
                 server,
                 priority="ERROR",
-                extra={"fault": {"message": message, "exception": type(exc).__name__}},
+                extra={"fault": _exception_payload(exc, message, details)},
             )
 
     async def _undo(self, job: Job[C], journal: Journal, bound: Any) -> bool:
@@ -376,6 +376,22 @@ def _stage_of(job: Job[C], journal: Journal) -> Stage[C]:
         if any(s.name in journal.started for s in stage.steps):
             return stage
     return job.stages[0]
+
+
+def _exception_payload(exc: BaseException, message: str, details: str) -> dict[str, str]:
+    """The fields of Nova's ExceptionPayload, from where the exception was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    last = frames[-1] if frames else None
+    module = type(exc).__module__
+    if last is not None:
+        module = last.filename.rsplit("/", 1)[-1].removesuffix(".py")
+    return {
+        "exception": type(exc).__name__,
+        "exception_message": message,
+        "function_name": last.name if last is not None else "",
+        "module_name": module,
+        "traceback": details,
+    }
 
 
 def _fault_message(exc: BaseException) -> str:
