@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, RootModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rebuildd import errors, microversion
+from rebuildd.auth import Policy, TokenTable
 from rebuildd.images import LocalImageService
 from rebuildd.lifecycle import DomainSettings
 from rebuildd.microversion import Version
@@ -63,6 +64,8 @@ class Services:
     public_url: str | None
     project_id: str
     user_id: str
+    policy: Policy
+    tokens: TokenTable | None = None  # None: authentication is off
     max_body_bytes: int = 114688  # Nova's (oslo.middleware sizelimit) default
 
 
@@ -225,15 +228,23 @@ def get_version(request: Request) -> Version:
 
 
 def get_context(request: Request) -> RequestContext:
-    """Authentication is off (a later issue adds tokens): every caller is the configured
-    project's admin, as with Nova's noauth2."""
+    """The caller: from ``X-Auth-Token`` with token auth (401 if unknown), else — auth off,
+    as with Nova's noauth2 — the configured project's admin (the token is then ignored)."""
+    cached: RequestContext | None = getattr(request.state, "context", None)
+    if cached is not None:
+        return cached
     services = get_services(request)
-    return RequestContext(
-        request_id=request.state.request_id,
-        user_id=services.user_id,
-        project_id=services.project_id,
-        roles=("admin", "member", "reader"),
+    if services.tokens is None:
+        user_id, project_id = services.user_id, services.project_id
+        roles: tuple[str, ...] = ("admin", "member", "reader")
+    else:
+        identity = services.tokens.authenticate(request.headers.get("x-auth-token"))
+        user_id, project_id, roles = identity.user_id, identity.project_id, identity.roles
+    context = RequestContext(
+        request_id=request.state.request_id, user_id=user_id, project_id=project_id, roles=roles
     )
+    request.state.context = context
+    return context
 
 
 def get_base_url(request: Request) -> str:
@@ -286,11 +297,13 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
+    authenticated = [Depends(get_context)]  # everything but the version documents
     app.include_router(api_servers.versions)
-    app.include_router(api_servers.router, prefix="/v2.1")
-    app.include_router(api_catalog.router, prefix="/v2.1")
-    app.include_router(api_images.router, prefix="/image")
-    app.include_router(api_images.compute_alias, prefix="/v2.1")
+    app.include_router(api_images.versions, prefix="/image")
+    app.include_router(api_servers.router, prefix="/v2.1", dependencies=authenticated)
+    app.include_router(api_catalog.router, prefix="/v2.1", dependencies=authenticated)
+    app.include_router(api_images.router, prefix="/image", dependencies=authenticated)
+    app.include_router(api_images.compute_alias, prefix="/v2.1", dependencies=authenticated)
     app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

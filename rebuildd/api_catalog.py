@@ -20,7 +20,12 @@ from rebuildd.models import Flavor, KeyPair, utcnow
 router = APIRouter(responses=faults(406))
 
 
-@router.get("/flavors", name="list_flavors", tags=["flavors"])
+@router.get(
+    "/flavors",
+    name="list_flavors",
+    tags=["flavors"],
+    responses=views.openapi_json(views.FLAVOR_LIST_BODY),
+)
 async def list_flavors(
     services: ServicesDep, version: VersionDep, base: BaseUrlDep
 ) -> dict[str, Any]:
@@ -28,7 +33,12 @@ async def list_flavors(
     return {"flavors": [views.flavor_brief(f, base, version) for f in flavors]}
 
 
-@router.get("/flavors/detail", name="list_flavors_detail", tags=["flavors"])
+@router.get(
+    "/flavors/detail",
+    name="list_flavors_detail",
+    tags=["flavors"],
+    responses=views.openapi_json(views.FLAVOR_DETAIL_LIST_BODY),
+)
 async def list_flavors_detail(
     services: ServicesDep, version: VersionDep, base: BaseUrlDep
 ) -> dict[str, Any]:
@@ -36,7 +46,12 @@ async def list_flavors_detail(
     return {"flavors": [views.flavor_detail(f, base, version) for f in flavors]}
 
 
-@router.get("/flavors/{flavor_id}", name="show_flavor", tags=["flavors"], responses=faults(404))
+@router.get(
+    "/flavors/{flavor_id}",
+    name="show_flavor",
+    tags=["flavors"],
+    responses={**views.openapi_json(views.FLAVOR_BODY), **faults(404)},
+)
 async def show_flavor(
     flavor_id: str, services: ServicesDep, version: VersionDep, base: BaseUrlDep
 ) -> dict[str, Any]:
@@ -48,7 +63,7 @@ async def show_flavor(
     "/flavors",
     name="create_flavor",
     tags=["flavors"],
-    responses=faults(403, 409),
+    responses={**views.openapi_json(views.FLAVOR_BODY), **faults(403, 409)},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -67,8 +82,7 @@ async def show_flavor(
 async def create_flavor(
     request: Request, services: ServicesDep, ctx: ContextDep, version: VersionDep, base: BaseUrlDep
 ) -> dict[str, Any]:
-    if not ctx.is_admin:
-        raise errors.Forbidden(action="os_compute_api:os-flavor-manage:create")
+    services.policy.authorize("os_compute_api:os-flavor-manage:create", ctx)
     body = await read_json(request)
     if not isinstance(body, dict) or set(body) != {"flavor"}:
         raise errors.ValidationFailed(
@@ -118,7 +132,14 @@ def fingerprint(public_key: str) -> str:
     name="create_keypair",
     tags=["keypairs"],
     status_code=200,
-    responses={201: {"description": "Created (2.2 and later)"}, **faults(409)},
+    responses={
+        **views.openapi_json(views.KEYPAIR_BODY),
+        201: {
+            "description": "Created (2.2 and later)",
+            "content": {"application/json": {"schema": views.KEYPAIR_BODY}},
+        },
+        **faults(409),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -158,7 +179,12 @@ async def create_keypair(
     return JSONResponse({"keypair": view}, status_code=status)
 
 
-@router.get("/os-keypairs", name="list_keypairs", tags=["keypairs"])
+@router.get(
+    "/os-keypairs",
+    name="list_keypairs",
+    tags=["keypairs"],
+    responses=views.openapi_json(views.KEYPAIR_LIST_BODY),
+)
 async def list_keypairs(
     services: ServicesDep, ctx: ContextDep, version: VersionDep
 ) -> dict[str, Any]:
@@ -166,7 +192,12 @@ async def list_keypairs(
     return {"keypairs": [{"keypair": views.keypair_view(k, version)} for k in keypairs]}
 
 
-@router.get("/os-keypairs/{name}", name="show_keypair", tags=["keypairs"], responses=faults(404))
+@router.get(
+    "/os-keypairs/{name}",
+    name="show_keypair",
+    tags=["keypairs"],
+    responses={**views.openapi_json(views.KEYPAIR_BODY), **faults(404)},
+)
 async def show_keypair(
     name: str, services: ServicesDep, ctx: ContextDep, version: VersionDep
 ) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from rebuildd import errors, schemas, views
 from rebuildd.api import BaseUrlDep, ContextDep, LimitQuery, ServicesDep, faults, read_json
 from rebuildd.storage import ImageFilters
 
+versions = APIRouter(tags=["images"])  # no authentication: clients discover with it
 router = APIRouter(tags=["images"])
 compute_alias = APIRouter(tags=["images"])
 
@@ -24,8 +25,8 @@ _GLANCE_VERSION = "v2.16"
 MAX_LIMIT = 1000
 
 
-@router.get("", name="image_versions", include_in_schema=False)
-@router.get("/", name="image_versions_slash")
+@versions.get("", name="image_versions", include_in_schema=False)
+@versions.get("/", name="image_versions_slash", responses=views.openapi_json(views.VERSIONS_BODY))
 async def image_versions(base: BaseUrlDep) -> dict[str, Any]:
     return {
         "versions": [
@@ -85,12 +86,16 @@ async def _show_image(image_id: str, services: ServicesDep, ctx: ContextDep) -> 
     return views.image_view(image)
 
 
-@router.get("/v2/images", name="list_images")
+@router.get("/v2/images", name="list_images", responses=views.openapi_json(views.IMAGE_LIST_BODY))
 async def list_images(query: ImageQueryDep, services: ServicesDep) -> dict[str, Any]:
     return await _list_images(query, services)
 
 
-@router.get("/v2/images/{image_id}", name="show_image", responses=faults(404))
+@router.get(
+    "/v2/images/{image_id}",
+    name="show_image",
+    responses={**views.openapi_json(views.IMAGE_BODY), **faults(404)},
+)
 async def show_image(image_id: str, services: ServicesDep, ctx: ContextDep) -> dict[str, Any]:
     return await _show_image(image_id, services, ctx)
 
@@ -111,7 +116,7 @@ async def show_image_alias(image_id: str, services: ServicesDep, ctx: ContextDep
     "/v2/images",
     name="create_image",
     status_code=201,
-    responses=faults(403, 409),
+    responses={**views.openapi_json(views.IMAGE_BODY, 201), **faults(403, 409)},
     openapi_extra={
         "requestBody": {
             "required": True,

@@ -28,6 +28,7 @@ from rebuildd.api import (
     faults,
     read_json,
 )
+from rebuildd.microversion import Version
 from rebuildd.states import states_for_status
 from rebuildd.storage import ServerFilters
 
@@ -49,13 +50,17 @@ def _version_doc(base: str) -> dict[str, Any]:
     }
 
 
-@versions.get("/", name="list_versions")
+@versions.get("/", name="list_versions", responses=views.openapi_json(views.VERSIONS_BODY))
 async def list_versions(base: BaseUrlDep) -> dict[str, Any]:
     return {"versions": [_version_doc(base)]}
 
 
 @versions.get("/v2.1", name="show_version", include_in_schema=False)
-@versions.get("/v2.1/", name="show_version_v21", responses=faults(406))
+@versions.get(
+    "/v2.1/",
+    name="show_version_v21",
+    responses={**views.openapi_json(views.VERSION_BODY), **faults(406)},
+)
 async def show_version(base: BaseUrlDep) -> dict[str, Any]:
     doc = _version_doc(base)
     doc["links"].append(
@@ -139,7 +144,7 @@ def _next_links(
     return [{"rel": "next", "href": f"{base}{path}?{urlencode(query)}"}]
 
 
-@router.get("/servers", name="list_servers")
+@router.get("/servers", name="list_servers", responses=views.openapi_json(views.SERVER_LIST_BODY))
 async def list_servers(
     request: Request,
     query: ServerQueryDep,
@@ -161,7 +166,11 @@ async def list_servers(
     return body
 
 
-@router.get("/servers/detail", name="list_servers_detail")
+@router.get(
+    "/servers/detail",
+    name="list_servers_detail",
+    responses=views.openapi_json(views.SERVER_DETAIL_LIST_BODY),
+)
 async def list_servers_detail(
     request: Request,
     query: ServerQueryDep,
@@ -190,7 +199,11 @@ async def list_servers_detail(
     return body
 
 
-@router.get("/servers/{server_id}", name="show_server", responses=faults(404))
+@router.get(
+    "/servers/{server_id}",
+    name="show_server",
+    responses={**views.openapi_json(views.SERVER_BODY), **faults(404)},
+)
 async def show_server(
     server_id: str, services: ServicesDep, ctx: ContextDep, version: VersionDep, base: BaseUrlDep
 ) -> dict[str, Any]:
@@ -208,6 +221,7 @@ async def show_server(
     "/servers",
     name="create_server",
     status_code=202,
+    responses=views.openapi_json(views.CREATED_SERVER_BODY, 202),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -319,6 +333,25 @@ _ACTIONS = ("rebuild", "os-stop", "os-start")
                                 "required": ["os-start"],
                                 "additionalProperties": False,
                             },
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "lock": {
+                                        "oneOf": [
+                                            {"type": "null"},
+                                            schemas.request_schema(schemas.LockBody),
+                                        ]
+                                    }
+                                },
+                                "required": ["lock"],
+                                "additionalProperties": False,
+                            },
+                            {
+                                "type": "object",
+                                "properties": {"unlock": {"type": "null"}},
+                                "required": ["unlock"],
+                                "additionalProperties": False,
+                            },
                         ]
                     }
                 }
@@ -355,6 +388,12 @@ async def server_action(
             if key is not None and (replay := await _replay(services, ctx, server_id, key)):
                 return replay
             raise
+    if action in ("lock", "unlock"):
+        reason = _lock_reason(action, value, version)
+        await lifecycle.request_lock(
+            services.deps, ctx, server_id, locked=action == "lock", reason=reason
+        )
+        return Response(status_code=202)
     if action in ("os-stop", "os-start"):
         await lifecycle.request_power_action(
             services.deps, ctx, server_id, action.removeprefix("os-")
@@ -403,6 +442,19 @@ async def _rebuild(
     return JSONResponse({"server": view}, status_code=202, headers={"Location": location})
 
 
+def _lock_reason(action: str, value: Any, version: Version) -> str | None:
+    """``{"lock": null}``; from 2.73 also ``{"lock": {"locked_reason": "..."}}``."""
+    if value is None:
+        return None
+    if action == "lock" and version.at_least("2.73") and isinstance(value, dict):
+        model = schemas.validate(schemas.LockBody, value, field="lock")
+        return model.locked_reason
+    shown = schemas.show(value)
+    raise errors.ValidationFailed(
+        field=action, value=shown, reason=f"{shown} is not of type 'null'"
+    )
+
+
 # -- idempotent rebuilds --------------------------------------------------------------------------
 
 _REQUEST_ID = re.compile(r"^req-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -445,7 +497,9 @@ async def _replay(
 
 
 @router.get(
-    "/servers/{server_id}/os-instance-actions", name="list_instance_actions", responses=faults(404)
+    "/servers/{server_id}/os-instance-actions",
+    name="list_instance_actions",
+    responses={**views.openapi_json(views.ACTION_LIST_BODY), **faults(404)},
 )
 async def list_instance_actions(
     server_id: str, services: ServicesDep, ctx: ContextDep, version: VersionDep
@@ -459,7 +513,7 @@ async def list_instance_actions(
 @router.get(
     "/servers/{server_id}/os-instance-actions/{request_id}",
     name="show_instance_action",
-    responses=faults(404),
+    responses={**views.openapi_json(views.ACTION_BODY), **faults(404)},
 )
 async def show_instance_action(
     server_id: str,

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from rebuildd import recovery
 from rebuildd.api import Services, create_app
+from rebuildd.auth import Policy, TokenTable
 from rebuildd.disks import DiskManager
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
@@ -83,6 +84,9 @@ async def open_daemon(
     runner = Runner(
         store, notifier, host=host, limit=settings.max_concurrent_operations, observer=observer
     )
+    policy = Policy.load(settings.policy_file)
+    if settings.auth == "token" and settings.tokens_file is None:
+        raise ValueError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
     deps = Deps(
         store=store,
         hypervisor=hypervisor_port(hypervisor) if hypervisor_port else hypervisor,
@@ -92,6 +96,7 @@ async def open_daemon(
         runner=runner,
         host=host,
         shutdown_timeout=settings.shutdown_timeout,
+        policy=policy,
     )
     domain = DomainSettings(
         domain_type=settings.effective_domain_type,
@@ -107,6 +112,10 @@ async def open_daemon(
         public_url=settings.public_url,
         project_id=settings.project_id,
         user_id=settings.user_id,
+        policy=policy,
+        tokens=TokenTable.load(settings.tokens_file)
+        if settings.auth == "token" and settings.tokens_file
+        else None,
         max_body_bytes=settings.max_body_bytes,
     )
     await recovery.recover(deps, domain)

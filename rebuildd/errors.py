@@ -10,6 +10,7 @@ on Nova's messages keeps working.
     │   ├── ImageNotFoundForRebuild, ImageNotFoundForBuild, InvalidFlavorRef, ImageNotActive
     │   ├── FlavorMemoryTooSmall, FlavorDiskSmallerThanImage, FlavorDiskSmallerThanMinDisk
     │   ├── InvalidKeyName, ImageDataInvalid
+    ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
     ├── NotFound                404 itemNotFound
     │   └── ServerNotFound, FlavorNotFound, ImageNotFound, KeypairNotFound, ActionNotFound
@@ -101,6 +102,10 @@ class ImageDataInvalid(Invalid):
     template = "Image data is not a valid {disk_format} image: {reason}"
 
 
+class Unauthorized(RebuilddError):
+    template = "The request you have made requires authentication."
+
+
 class Forbidden(RebuilddError):
     template = "Policy doesn't allow {action} to be performed."
 
@@ -185,6 +190,7 @@ class ImageFetchError(OperationFailed):
 # exactly one entry through its MRO; tests/test_errors.py fails if one does not.
 HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
     Invalid: (400, "badRequest"),
+    Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
     NotFound: (404, "itemNotFound"),
     VersionNotAcceptable: (406, "notAcceptable"),

@@ -95,6 +95,7 @@ async def request_create(
 ) -> tuple[Server, str]:
     """Nova's ``API.create`` for one server booted from an image on this host."""
     deps.runner.check_accepting()
+    deps.policy.authorize("os_compute_api:servers:create", request, request.project_id)
     try:
         flavor = await deps.store.get_flavor(spec.flavor_ref)
     except errors.FlavorNotFound:
@@ -312,6 +313,7 @@ async def _begin(
     deps.runner.check_accepting()
     project = None if request.is_admin else request.project_id
     server = await deps.store.get_server(server_id, project_id=project)
+    deps.policy.authorize(f"os_compute_api:servers:{action}", request, server.project_id)
     if server.locked and not request.is_admin:
         raise errors.InstanceIsLocked(server_id=server.id)
     return await deps.store.transition(
@@ -451,3 +453,29 @@ async def job_from_action(
         return _build_job(dataclasses.replace(ctx, root=root, image=image))
     factories = {"stop": _stop_job, "start": _start_job, "delete": _delete_job}
     return factories[action.action](ctx)
+
+
+# -- lock and unlock -------------------------------------------------------------------------
+
+
+async def request_lock(
+    deps: Deps, request: RequestContext, server_id: str, *, locked: bool, reason: str | None
+) -> None:
+    """Nova's lock/unlock: a lock records who set it (owner or admin); only an admin may lift
+    a lock an admin set (``unlock_override``). Locks stop non-admin actions, not admins'."""
+    project = None if request.is_admin else request.project_id
+    server = await deps.store.get_server(server_id, project_id=project)
+    action = "lock" if locked else "unlock"
+    deps.policy.authorize(f"os_compute_api:os-lock-server:{action}", request, server.project_id)
+    if not locked and server.locked_by == "admin":
+        deps.policy.authorize(
+            "os_compute_api:os-lock-server:unlock:unlock_override", request, server.project_id
+        )
+    by = ("owner" if request.project_id == server.project_id else "admin") if locked else None
+    await deps.store.set_lock(
+        server.id,
+        locked=locked,
+        reason=reason if locked else None,
+        by=by,
+        action=NewAction(action, request.request_id, request.user_id, request.project_id),
+    )

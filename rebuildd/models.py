@@ -123,6 +123,7 @@ class Server:
     created_at: dt.datetime
     updated_at: dt.datetime
     deleted: bool = False
+    locked_by: str | None = None  # owner | admin
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ class Deps:
     runner: Runner
     host: str
     shutdown_timeout: float
+    policy: ports.Authorizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,7 @@ async def request_rebuild(
     deps.runner.check_accepting()
     project = None if request.is_admin else request.project_id
     server = await deps.store.get_server(server_id, project_id=project)
+    deps.policy.authorize("os_compute_api:servers:rebuild", request, server.project_id)
     check_rebuildable(server, request)
     key_changes = await _key_changes(deps, request, spec)
     image = await deps.images.get(request, spec.image_ref)

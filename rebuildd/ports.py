@@ -56,6 +56,16 @@ class Store(Protocol):
 
     async def get_block_devices(self, server_id: str) -> list[BlockDevice]: ...
 
+    async def set_lock(
+        self,
+        server_id: str,
+        *,
+        locked: bool,
+        reason: str | None,
+        by: str | None,
+        action: NewAction,
+    ) -> None: ...
+
     async def get_flavor(self, flavor_id: str) -> Flavor: ...
 
     async def get_keypair(self, user_id: str, name: str) -> KeyPair | None: ...
@@ -143,3 +153,11 @@ class StepObserver(Protocol):
     async def before_step(self, job: str, step: str, server_id: str) -> None: ...
 
     async def after_step(self, job: str, step: str, server_id: str) -> None: ...
+
+
+class Authorizer(Protocol):
+    """Nova's ``context.can``: raises Forbidden unless the named rule allows the caller."""
+
+    def authorize(
+        self, rule: str, context: RequestContext, target_project: str | None = None
+    ) -> None: ...

@@ -174,6 +174,12 @@ MAX_INT: Final = 2147483647  # Nova's db.MAX_INT: the columns are 32-bit integer
 MAX_FLOAT: Final = 3.40282e38  # Nova's rxtx_factor bound (a 32-bit float column)
 
 
+class LockBody(Strict):
+    """``lock`` from 2.73."""
+
+    locked_reason: Annotated[str, StringConstraints(max_length=255)] | None = None
+
+
 class FlavorCreate(Strict):
     name: Name
     ram: Annotated[int, Field(ge=1, le=MAX_INT)]

@@ -59,6 +59,17 @@ class Settings(BaseSettings):
         description="Base URL used in links (e.g. https://cloud.example/compute); default: the "
         "URL of the request.",
     )
+    auth: Literal["none", "token"] = Field(
+        default="none",
+        description="none: every caller is the configured project's admin (bind to loopback); "
+        "token: X-Auth-Token must be a token of tokens_file.",
+    )
+    tokens_file: Path | None = Field(
+        default=None, description="TOML file mapping tokens to user, project and roles."
+    )
+    policy_file: Path | None = Field(
+        default=None, description="TOML file overriding policy rules (see README)."
+    )
     project_id: str = Field(
         default="demo", description="Project id of requests while authentication is off."
     )

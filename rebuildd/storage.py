@@ -381,6 +381,28 @@ class Store:
                 )
             return _server(row)
 
+    async def set_lock(
+        self,
+        server_id: str,
+        *,
+        locked: bool,
+        reason: str | None,
+        by: str | None,
+        action: NewAction,
+    ) -> None:
+        """Lock or unlock (not a task_state change), recording the action with it."""
+        now = utcnow()
+        statement = (
+            update(ServerRow)
+            .where(col(ServerRow.id) == server_id, col(ServerRow.deleted) == False)  # noqa: E712
+            .values(locked=locked, locked_reason=reason, locked_by=by, updated_at=now)
+            .returning(col(ServerRow.id))
+        )
+        async with self._write() as session:
+            if (await session.execute(statement)).first() is None:
+                raise errors.ServerNotFound(server_id=server_id)
+            session.add(_action_row(server_id, action, now))
+
     # -- block devices ---------------------------------------------------------------------
 
     async def get_block_devices(self, server_id: str) -> list[BlockDevice]:

@@ -103,6 +103,7 @@ class ServerRow(SQLModel, table=True):
     auto_disk_config: bool = False
     locked: bool = False
     locked_reason: str | None = Field(default=None, max_length=255)
+    locked_by: str | None = Field(default=None, max_length=16)  # owner | admin, as Nova
     config_drive: bool = False
     progress: int = 0
     launched_at: dt.datetime | None = None

@@ -245,3 +245,177 @@ def image_view(image: Image) -> JSON:
         }
     )
     return view
+
+
+# -- JSON schemas of these views, for the OpenAPI document ---------------------------------------
+# Each lists the keys every microversion has (later ones add keys: objects stay open).
+
+_STR: JSON = {"type": "string"}
+_INT: JSON = {"type": "integer"}
+_BOOL: JSON = {"type": "boolean"}
+
+
+def _nullable(schema: JSON) -> JSON:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _array(items: JSON) -> JSON:
+    return {"type": "array", "items": items}
+
+
+def _object(required: JSON, optional: JSON | None = None) -> JSON:
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **(optional or {})},
+    }
+
+
+def envelope(key: str, schema: JSON, optional: JSON | None = None) -> JSON:
+    """``{key: schema}``, the way Nova wraps every body."""
+    return _object({key: schema}, optional)
+
+
+_LINKS = _array(_object({"rel": _STR, "href": _STR}))
+# Nova's statuses; rebuildd shows a subset of them today.
+_STATUSES = [
+    "ACTIVE", "BUILD", "DELETED", "ERROR", "HARD_REBOOT", "MIGRATING", "PASSWORD", "PAUSED",
+    "REBOOT", "REBUILD", "RESCUE", "RESIZE", "REVERT_RESIZE", "SHELVED", "SHELVED_OFFLOADED",
+    "SHUTOFF", "SOFT_DELETED", "SUSPENDED", "UNKNOWN", "VERIFY_RESIZE",
+]  # fmt: skip
+
+VERSION_SCHEMA = _object(
+    {"id": _STR, "status": _STR, "links": _LINKS},
+    {"version": _STR, "min_version": _STR, "updated": _STR},
+)
+SERVER_BRIEF_SCHEMA = _object({"id": _STR, "name": _STR, "links": _LINKS})
+SERVER_SCHEMA = _object(
+    {
+        "id": _STR,
+        "name": _STR,
+        "status": {"type": "string", "enum": _STATUSES},
+        "tenant_id": _STR,
+        "user_id": _STR,
+        "metadata": {"type": "object", "additionalProperties": _STR},
+        "hostId": _STR,
+        "image": _object({"id": _STR, "links": _LINKS}),
+        "flavor": {"type": "object"},
+        "created": _STR,
+        "updated": _STR,
+        "addresses": {"type": "object"},
+        "accessIPv4": _STR,
+        "accessIPv6": _STR,
+        "links": _LINKS,
+        "OS-DCF:diskConfig": {"type": "string", "enum": ["AUTO", "MANUAL"]},
+        "progress": _INT,
+    },
+    {
+        "fault": _object({"code": _INT, "message": _STR}),
+        "OS-EXT-STS:vm_state": _STR,
+        "OS-EXT-STS:task_state": _nullable(_STR),
+        "OS-EXT-STS:power_state": _INT,
+        "key_name": _nullable(_STR),
+        "description": _nullable(_STR),
+        "locked": _BOOL,
+    },
+)
+CREATED_SERVER_SCHEMA = _object(
+    {"id": _STR, "links": _LINKS, "OS-DCF:diskConfig": _STR, "adminPass": _STR},
+    {"security_groups": _array(_object({"name": _STR}))},
+)
+FLAVOR_BRIEF_SCHEMA = _object(
+    {"id": _STR, "name": _STR, "links": _LINKS}, {"description": _nullable(_STR)}
+)
+FLAVOR_SCHEMA = _object(
+    {
+        "id": _STR,
+        "name": _STR,
+        "links": _LINKS,
+        "ram": _INT,
+        "disk": _INT,
+        "vcpus": _INT,
+        "swap": {"anyOf": [_INT, {"const": ""}]},  # Nova shows no swap as ""
+        "rxtx_factor": {"type": "number"},
+        "OS-FLV-EXT-DATA:ephemeral": _INT,
+        "OS-FLV-DISABLED:disabled": _BOOL,
+        "os-flavor-access:is_public": _BOOL,
+    },
+    {"description": _nullable(_STR)},
+)
+KEYPAIR_SCHEMA = _object(
+    {"name": _STR, "public_key": _STR, "fingerprint": _STR},
+    {"type": {"type": "string", "enum": ["ssh", "x509"]}, "user_id": _STR},
+)
+ACTION_SCHEMA = _object(
+    {
+        "action": _STR,
+        "instance_uuid": _STR,
+        "request_id": _STR,
+        "user_id": _STR,
+        "project_id": _STR,
+        "start_time": _STR,
+        "message": _nullable(_STR),
+    },
+    {
+        "events": _array(
+            _object(
+                {
+                    "event": _STR,
+                    "start_time": _nullable(_STR),
+                    "finish_time": _nullable(_STR),
+                    "result": _nullable(_STR),
+                    "traceback": _nullable(_STR),
+                }
+            )
+        )
+    },
+)
+IMAGE_SCHEMA = _object(
+    {
+        "id": _STR,
+        "name": _nullable(_STR),
+        "status": {
+            "type": "string",
+            "enum": ["queued", "saving", "active", "killed", "deleted", "deactivated"],
+        },
+        "visibility": {"type": "string", "enum": ["public", "private", "shared", "community"]},
+        "protected": _BOOL,
+        "checksum": _nullable(_STR),
+        "size": _nullable(_INT),
+        "virtual_size": _nullable(_INT),
+        "min_ram": _INT,
+        "min_disk": _INT,
+        "disk_format": _nullable(_STR),
+        "container_format": _nullable(_STR),
+        "created_at": _STR,
+        "updated_at": _STR,
+        "tags": _array(_STR),
+        "self": _STR,
+        "file": _STR,
+        "schema": _STR,
+    }
+)
+
+# The bodies, as the routes answer them.
+VERSIONS_BODY = envelope("versions", _array(VERSION_SCHEMA))
+VERSION_BODY = envelope("version", VERSION_SCHEMA)
+SERVER_LIST_BODY = envelope("servers", _array(SERVER_BRIEF_SCHEMA), {"servers_links": _LINKS})
+SERVER_DETAIL_LIST_BODY = envelope("servers", _array(SERVER_SCHEMA), {"servers_links": _LINKS})
+SERVER_BODY = envelope("server", SERVER_SCHEMA)
+CREATED_SERVER_BODY = envelope("server", CREATED_SERVER_SCHEMA)
+ACTION_LIST_BODY = envelope("instanceActions", _array(ACTION_SCHEMA))
+ACTION_BODY = envelope("instanceAction", ACTION_SCHEMA)
+FLAVOR_LIST_BODY = envelope("flavors", _array(FLAVOR_BRIEF_SCHEMA))
+FLAVOR_DETAIL_LIST_BODY = envelope("flavors", _array(FLAVOR_SCHEMA))
+FLAVOR_BODY = envelope("flavor", FLAVOR_SCHEMA)
+KEYPAIR_LIST_BODY = envelope("keypairs", _array(envelope("keypair", KEYPAIR_SCHEMA)))
+KEYPAIR_BODY = envelope("keypair", KEYPAIR_SCHEMA)
+IMAGE_LIST_BODY = _object(
+    {"images": _array(IMAGE_SCHEMA), "first": _STR, "schema": _STR}, {"next": _STR}
+)
+IMAGE_BODY = IMAGE_SCHEMA
+
+
+def openapi_json(schema: JSON, status: int = 200) -> dict[int | str, JSON]:
+    """An OpenAPI ``responses`` entry: ``status`` with a JSON body of ``schema``."""
+    return {status: {"content": {"application/json": {"schema": schema}}}}

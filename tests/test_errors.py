@@ -26,6 +26,7 @@ def test_every_error_class_has_an_http_mapping(cls: type[errors.RebuilddError]) 
     assert 400 <= status <= 500
     assert name in {
         "badRequest",
+        "unauthorized",
         "forbidden",
         "itemNotFound",
         "notAcceptable",

@@ -1,0 +1,116 @@
+"""Who is calling, and what they may do: static tokens and Nova-style policy rules.
+
+Owns authentication (``REBUILDD_AUTH``: ``none`` — every caller is the configured project's
+admin, as with Nova's noauth2 — or ``token``: a tokens file maps each token to a user,
+project and roles) and authorisation (named rules, Nova's defaults, overridable in a policy
+file). It must not know HTTP: the API layer turns its errors into 401/403 faults.
+
+Tokens file (TOML)::
+
+    [tokens.s3cr3t-admin]
+    user_id = "alice"
+    project_id = "demo"
+    roles = ["admin", "member", "reader"]
+
+Policy file (TOML), each rule one of ``admin``, ``admin_or_owner``, ``member``, ``anyone``::
+
+    [rules]
+    "os_compute_api:servers:rebuild" = "admin"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from rebuildd import errors
+from rebuildd.models import RequestContext
+
+# Nova's defaults: PROJECT_MEMBER_OR_ADMIN for server actions, ADMIN for the rest.
+DEFAULT_RULES: Final[Mapping[str, str]] = {
+    "os_compute_api:servers:create": "admin_or_owner",
+    "os_compute_api:servers:delete": "admin_or_owner",
+    "os_compute_api:servers:rebuild": "admin_or_owner",
+    "os_compute_api:servers:rebuild:trusted_certs": "admin_or_owner",
+    "os_compute_api:servers:start": "admin_or_owner",
+    "os_compute_api:servers:stop": "admin_or_owner",
+    "os_compute_api:os-lock-server:lock": "admin_or_owner",
+    "os_compute_api:os-lock-server:unlock": "admin_or_owner",
+    "os_compute_api:os-lock-server:unlock:unlock_override": "admin",
+    "os_compute_api:os-flavor-manage:create": "admin",
+    "os_compute_api:os-instance-actions:events": "admin",
+    "os_compute_api:os-instance-actions:events:details": "admin",
+}
+RULE_KINDS: Final = frozenset({"admin", "admin_or_owner", "member", "anyone"})
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: str
+    project_id: str
+    roles: tuple[str, ...]
+
+
+class TokenTable:
+    """Static tokens read once from a TOML file."""
+
+    def __init__(self, tokens: Mapping[str, Identity]) -> None:
+        self._tokens = dict(tokens)
+
+    @classmethod
+    def load(cls, path: Path) -> TokenTable:
+        data = tomllib.loads(path.read_text())
+        tokens = {}
+        for token, entry in data.get("tokens", {}).items():
+            tokens[token] = Identity(
+                user_id=str(entry["user_id"]),
+                project_id=str(entry["project_id"]),
+                roles=tuple(str(r) for r in entry.get("roles", ["member", "reader"])),
+            )
+        return cls(tokens)
+
+    def authenticate(self, token: str | None) -> Identity:
+        identity = self._tokens.get(token or "")
+        if identity is None:
+            raise errors.Unauthorized()
+        return identity
+
+
+class Policy:
+    """Named rules, each evaluated against the caller and the target's project."""
+
+    def __init__(self, overrides: Mapping[str, str] | None = None) -> None:
+        rules = {**DEFAULT_RULES, **(overrides or {})}
+        bad = {name: kind for name, kind in rules.items() if kind not in RULE_KINDS}
+        if bad:
+            raise ValueError(f"unknown policy rule kinds: {bad}")
+        self.rules = rules
+
+    @classmethod
+    def load(cls, path: Path | None) -> Policy:
+        if path is None:
+            return cls()
+        return cls(
+            {str(k): str(v) for k, v in tomllib.loads(path.read_text()).get("rules", {}).items()}
+        )
+
+    def allows(self, rule: str, context: RequestContext, target_project: str | None = None) -> bool:
+        kind = self.rules.get(rule, "admin")
+        if kind == "anyone" or context.is_admin:
+            return True
+        if kind == "admin":
+            return False
+        is_member = "member" in context.roles
+        if kind == "member":
+            return is_member
+        return is_member and (target_project is None or target_project == context.project_id)
+
+    def authorize(
+        self, rule: str, context: RequestContext, target_project: str | None = None
+    ) -> None:
+        """Nova's ``context.can``: raise Forbidden (403) unless the rule allows the caller."""
+        if not self.allows(rule, context, target_project):
+            raise errors.Forbidden(action=rule)
