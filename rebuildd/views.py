@@ -364,8 +364,8 @@ ACTION_SCHEMA = _object(
                     "start_time": _nullable(_STR),
                     "finish_time": _nullable(_STR),
                     "result": _nullable(_STR),
-                    "traceback": _nullable(_STR),
-                }
+                },
+                {"traceback": _nullable(_STR)},  # not shown to non-admins from 2.51
             )
         )
     },
