@@ -181,7 +181,15 @@ def keypair_view(keypair: KeyPair, version: Version) -> JSON:
     return view
 
 
-def action_view(action: InstanceAction, version: Version, *, with_events: bool) -> JSON:
+def action_view(
+    action: InstanceAction,
+    version: Version,
+    *,
+    events: str = "none",
+    show_details: bool = False,
+) -> JSON:
+    """An instance action; ``events``: ``none``, ``public`` (no traceback, no host: what a
+    non-admin sees from 2.51) or ``full`` (admins)."""
     view: JSON = {
         "action": action.action,
         "instance_uuid": action.server_id,
@@ -193,25 +201,26 @@ def action_view(action: InstanceAction, version: Version, *, with_events: bool) 
     }
     if version.at_least("2.58"):
         view["updated_at"] = microtime(action.updated_at)
-    if with_events:
-        events = []
-        for event in action.events:
-            item: JSON = {
-                "event": event.event,
-                "start_time": microtime(event.start_time),
-                "finish_time": microtime(event.finish_time),
-                "result": event.result,
-                "traceback": event.traceback,
-            }
+    if events == "none":
+        return view
+    items = []
+    for event in action.events:
+        item: JSON = {
+            "event": event.event,
+            "start_time": microtime(event.start_time),
+            "finish_time": microtime(event.finish_time),
+            "result": event.result,
+        }
+        if events == "full":
+            item["traceback"] = event.traceback
             if version.at_least("2.62"):
                 item["host"] = event.host
-                item["hostId"] = hashlib.sha224(
-                    (action.project_id + event.host).encode()
-                ).hexdigest()
-            if version.at_least("2.84"):
-                item["details"] = event.details
-            events.append(item)
-        view["events"] = events
+        if version.at_least("2.62"):
+            item["hostId"] = hashlib.sha224((action.project_id + event.host).encode()).hexdigest()
+        if show_details and version.at_least("2.84"):
+            item["details"] = event.details
+        items.append(item)
+    view["events"] = items
     return view
 
 
