@@ -427,6 +427,7 @@ async def _rebuild(
         if "description" in fields
         else pipeline.UNSET,
         key_name=getattr(model, "key_name", None) if "key_name" in fields else pipeline.UNSET,
+        personality=tuple((p.path, p.contents) for p in model.personality or ()),
     )
     server, admin_pass = await pipeline.request_rebuild(
         services.deps, ctx, server_id, spec, idempotency_key=idempotency_key

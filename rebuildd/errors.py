@@ -98,6 +98,18 @@ class InvalidKeyName(Invalid):
     template = "Invalid key_name provided."
 
 
+class AutoDiskConfigDisabledByImage(Invalid):
+    template = "Requested image {image} has automatic disk resize disabled."
+
+
+class InvalidArchitectureName(Invalid):
+    template = "Architecture name '{arch}' is not recognised"
+
+
+class PersonalityUndecodable(Invalid):
+    template = "Personality content for {path} cannot be decoded"
+
+
 class ImageDataInvalid(Invalid):
     template = "Image data is not a valid {disk_format} image: {reason}"
 
@@ -108,6 +120,22 @@ class Unauthorized(RebuilddError):
 
 class Forbidden(RebuilddError):
     template = "Policy doesn't allow {action} to be performed."
+
+
+class MetadataLimitExceeded(Forbidden):
+    template = "Maximum number of metadata items exceeds {allowed}"
+
+
+class OnsetFileLimitExceeded(Forbidden):
+    template = "Personality file limit exceeded"
+
+
+class OnsetFilePathLimitExceeded(OnsetFileLimitExceeded):
+    template = "Personality file path exceeds maximum {allowed}"
+
+
+class OnsetFileContentLimitExceeded(OnsetFileLimitExceeded):
+    template = "Personality file content exceeds maximum {allowed}"
 
 
 class NotFound(RebuilddError):

@@ -15,6 +15,8 @@ This module imports no libvirt, lxml, httpx or SQL: only the ports.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import secrets
 import string
@@ -80,6 +82,7 @@ class RebuildSpec:
     access_ip_v6: str | None = None
     description: str | Unset | None = UNSET
     key_name: str | Unset | None = UNSET
+    personality: tuple[tuple[str, str], ...] = ()  # (path, base64 contents), up to 2.56
 
 
 @dataclass(slots=True)
@@ -158,6 +161,8 @@ async def request_rebuild(
     image = await deps.images.get(request, spec.image_ref)
     if image is None:
         raise errors.ImageNotFoundForRebuild()
+    check_image_properties(image, auto_disk_config=spec.auto_disk_config)
+    check_quotas(spec)
     check_image_fits(image, server.flavor)
     root = _root_device(await deps.store.get_block_devices(server.id))
     admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
@@ -222,6 +227,83 @@ def check_rebuildable(server: Server, request: RequestContext) -> None:
         raise errors.InstanceInvalidState(
             action="rebuild", server_id=server.id, attr="launched_at", state="None"
         )
+
+
+# Nova's canonical architecture names (nova.objects.fields.Architecture) and its aliases.
+ARCHITECTURES: Final = frozenset(
+    {
+        "alpha",
+        "armv6",
+        "armv7l",
+        "armv7b",
+        "aarch64",
+        "cris",
+        "i686",
+        "ia64",
+        "lm32",
+        "m68k",
+        "microblaze",
+        "microblazeel",
+        "mips",
+        "mipsel",
+        "mips64",
+        "mips64el",
+        "openrisc",
+        "parisc",
+        "parisc64",
+        "ppc",
+        "ppcle",
+        "ppc64",
+        "ppc64le",
+        "ppcemb",
+        "s390",
+        "s390x",
+        "sh4",
+        "sh4eb",
+        "sparc",
+        "sparc64",
+        "unicore32",
+        "x86_64",
+        "xtensa",
+        "xtensaeb",
+    }
+)
+_ARCH_ALIASES: Final = {"i386": "i686", "i486": "i686", "i586": "i686", "x86_32": "i686",
+                        "x86_32p": "i686", "amd64": "x86_64"}  # fmt: skip
+# Nova's default quotas for what a rebuild may carry.
+METADATA_ITEMS: Final = 128
+INJECTED_FILES: Final = 5
+INJECTED_FILE_PATH_LENGTH: Final = 255
+INJECTED_FILE_CONTENT_BYTES: Final = 10240
+
+
+def check_image_properties(image: Image, *, auto_disk_config: bool | None) -> None:
+    """Nova's _check_auto_disk_config and _check_image_arch (400)."""
+    disabled = str(image.properties.get("auto_disk_config", "")).strip().lower() == "disabled"
+    if auto_disk_config and disabled:
+        raise errors.AutoDiskConfigDisabledByImage(image=image.id)
+    arch = image.properties.get("architecture")
+    if arch is not None:
+        name = str(arch).lower()
+        if _ARCH_ALIASES.get(name, name) not in ARCHITECTURES:
+            raise errors.InvalidArchitectureName(arch=arch)
+
+
+def check_quotas(spec: RebuildSpec) -> None:
+    """Nova's metadata and injected-file quotas (403), and undecodable personality (400)."""
+    if spec.metadata is not None and len(spec.metadata) > METADATA_ITEMS:
+        raise errors.MetadataLimitExceeded(allowed=METADATA_ITEMS)
+    if len(spec.personality) > INJECTED_FILES:
+        raise errors.OnsetFileLimitExceeded()
+    for path, contents in spec.personality:
+        try:
+            decoded = base64.b64decode(contents, validate=True)
+        except (binascii.Error, ValueError):
+            raise errors.PersonalityUndecodable(path=path) from None
+        if len(path) > INJECTED_FILE_PATH_LENGTH:
+            raise errors.OnsetFilePathLimitExceeded(allowed=INJECTED_FILE_PATH_LENGTH)
+        if len(decoded) > INJECTED_FILE_CONTENT_BYTES:
+            raise errors.OnsetFileContentLimitExceeded(allowed=INJECTED_FILE_CONTENT_BYTES)
 
 
 def check_image_fits(image: Image, flavor: Flavor) -> None:
