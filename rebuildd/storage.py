@@ -28,9 +28,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import col
 
-from rebuildd import errors
+from rebuildd import errors, records
 from rebuildd.models import (
-    ActionEvent,
     BlockDevice,
     Fault,
     Flavor,
@@ -144,12 +143,12 @@ class Store:
             row = await session.get(FlavorRow, flavor_id)
         if row is None:
             raise errors.FlavorNotFound(flavor_id=flavor_id)
-        return _flavor(row)
+        return records.flavor_record(row)
 
     async def list_flavors(self) -> list[Flavor]:
         async with self._read() as session:
             rows = (await session.scalars(select(FlavorRow).order_by(col(FlavorRow.id)))).all()
-        return [_flavor(row) for row in rows]
+        return [records.flavor_record(row) for row in rows]
 
     # -- images (the local image store's records) ------------------------------------------
 
@@ -161,7 +160,7 @@ class Store:
     async def get_image(self, image_id: str) -> Image | None:
         async with self._read() as session:
             row = await session.get(ImageRow, image_id)
-        return None if row is None else _image(row)
+        return None if row is None else records.image_record(row)
 
     async def list_images(self, filters: ImageFilters) -> list[Image]:
         query = select(ImageRow)
@@ -183,7 +182,7 @@ class Store:
             if filters.limit is not None:
                 query = query.limit(filters.limit)
             rows = (await session.scalars(query)).all()
-        return [_image(row) for row in rows]
+        return [records.image_record(row) for row in rows]
 
     async def update_image(self, image_id: str, **changes: Any) -> Image:
         unknown = set(changes) - _IMAGE_COLUMNS
@@ -195,7 +194,7 @@ class Store:
                 raise errors.ImageNotFound(image_id=image_id)
             for key, value in {**changes, "updated_at": utcnow()}.items():
                 setattr(row, key, value)
-            return _image(row)
+            return records.image_record(row)
 
     async def delete_image(self, image_id: str) -> None:
         async with self._write() as session:
@@ -222,7 +221,7 @@ class Store:
         )
         async with self._read() as session:
             row = (await session.scalars(query)).first()
-        return None if row is None else _keypair(row)
+        return None if row is None else records.keypair_record(row)
 
     async def list_keypairs(self, user_id: str) -> list[KeyPair]:
         query = (
@@ -232,7 +231,7 @@ class Store:
         )
         async with self._read() as session:
             rows = (await session.scalars(query)).all()
-        return [_keypair(row) for row in rows]
+        return [records.keypair_record(row) for row in rows]
 
     async def delete_keypair(self, user_id: str, name: str) -> None:
         query = delete(KeyPairRow).where(
@@ -249,7 +248,7 @@ class Store:
         self, server: Server, block_devices: Sequence[BlockDevice], action: NewAction
     ) -> Server:
         """Insert a new server, its block devices and its ``create`` action atomically."""
-        values = _server_values(server)
+        values = records.server_values(server)
         async with self._write() as session:
             session.add(ServerRow(**values))
             await session.flush()
@@ -261,7 +260,7 @@ class Store:
                         updated_at=server.created_at,
                     )
                 )
-            session.add(_action_row(server.id, action, server.created_at))
+            session.add(records.action_row(server.id, action, server.created_at))
         return server
 
     async def get_server(
@@ -277,7 +276,7 @@ class Store:
             row = (await session.scalars(query)).first()
         if row is None:
             raise errors.ServerNotFound(server_id=server_id)
-        return _server(row)
+        return records.server_record(row)
 
     async def list_servers(self, filters: ServerFilters) -> list[Server]:
         query = select(ServerRow)
@@ -303,7 +302,7 @@ class Store:
             if filters.name is None and filters.limit is not None:
                 query = query.limit(filters.limit)
             rows = (await session.scalars(query)).all()
-        servers = [_server(row) for row in rows]
+        servers = [records.server_record(row) for row in rows]
         if filters.name is not None:
             pattern = _name_pattern(filters.name)
             servers = [s for s in servers if pattern.search(s.name)]
@@ -353,7 +352,7 @@ class Store:
                 current = await session.get(ServerRow, server_id)
                 raise _mismatch(server_id, action, current, expected_vm_state)
             if new_action is not None:
-                session.add(_action_row(server_id, new_action, now))
+                session.add(records.action_row(server_id, new_action, now))
             for bdm_id, bdm_values in (block_device_changes or {}).items():
                 await session.execute(
                     update(BlockDeviceRow)
@@ -379,7 +378,7 @@ class Store:
                         created_at=fault.created_at,
                     )
                 )
-            return _server(row)
+            return records.server_record(row)
 
     async def set_lock(
         self,
@@ -401,7 +400,7 @@ class Store:
         async with self._write() as session:
             if (await session.execute(statement)).first() is None:
                 raise errors.ServerNotFound(server_id=server_id)
-            session.add(_action_row(server_id, action, now))
+            session.add(records.action_row(server_id, action, now))
 
     # -- block devices ---------------------------------------------------------------------
 
@@ -409,7 +408,7 @@ class Store:
         query = select(BlockDeviceRow).where(col(BlockDeviceRow.server_id) == server_id)
         async with self._read() as session:
             rows = (await session.scalars(query.order_by(col(BlockDeviceRow.device_name)))).all()
-        return [_block_device(row) for row in rows]
+        return [records.block_device_record(row) for row in rows]
 
     async def paths_in_use(self) -> set[str]:
         """Every disk path a block device of a live server points to."""
@@ -447,7 +446,7 @@ class Store:
         )
         async with self._read() as session:
             rows = (await session.scalars(query)).all()
-        return [_action(row, ()) for row in rows]
+        return [records.action_record(row, ()) for row in rows]
 
     async def get_action(self, server_id: str, request_id: str) -> InstanceAction:
         query = select(InstanceActionRow).where(
@@ -465,13 +464,13 @@ class Store:
                     .order_by(col(InstanceActionEventRow.id))
                 )
             ).all()
-        return _action(row, tuple(_event(e) for e in events))
+        return records.action_record(row, tuple(records.event_record(e) for e in events))
 
     async def start_event(self, request_id: str, event_name: str, host: str) -> None:
         """Start an event; a no-op if that event is already started and unfinished (resume)."""
         now = utcnow()
         async with self._write() as session:
-            action = await self._action_row(session, request_id)
+            action = await self._find_action(session, request_id)
             action.updated_at = now
             assert action.id is not None
             open_event = await session.scalars(
@@ -504,7 +503,7 @@ class Store:
     ) -> None:
         now = utcnow()
         async with self._write() as session:
-            action = await self._action_row(session, request_id)
+            action = await self._find_action(session, request_id)
             action.updated_at = now
             if finish_action:
                 action.finish_time = now
@@ -544,7 +543,7 @@ class Store:
         )
         async with self._read() as session:
             rows = (await session.scalars(query)).all()
-        return [_action(row, ()) for row in rows]
+        return [records.action_record(row, ()) for row in rows]
 
     async def find_action_by_key(self, server_id: str, key: str) -> InstanceAction | None:
         query = select(InstanceActionRow).where(
@@ -553,13 +552,13 @@ class Store:
         )
         async with self._read() as session:
             row = (await session.scalars(query)).first()
-        return None if row is None else _action(row, ())
+        return None if row is None else records.action_record(row, ())
 
     async def save_response(self, request_id: str, response: dict[str, Any]) -> None:
         await self._update_action(request_id, response=response)
 
     @staticmethod
-    async def _action_row(session: AsyncSession, request_id: str) -> InstanceActionRow:
+    async def _find_action(session: AsyncSession, request_id: str) -> InstanceActionRow:
         query = select(InstanceActionRow).where(col(InstanceActionRow.request_id) == request_id)
         row = (await session.scalars(query)).first()
         if row is None:
@@ -669,114 +668,3 @@ def _mismatch(
     else:
         attr, state = "task_state", str(current.task_state)
     return errors.InstanceInvalidState(action=action, server_id=server_id, attr=attr, state=state)
-
-
-# -- helpers: rows <-> records ------------------------------------------------------------------
-
-
-def _action_row(server_id: str, action: NewAction, now: dt.datetime) -> InstanceActionRow:
-    return InstanceActionRow(
-        server_id=server_id,
-        action=action.action,
-        request_id=action.request_id,
-        user_id=action.user_id,
-        project_id=action.project_id,
-        message=action.message,
-        start_time=now,
-        updated_at=now,
-        job_state="running" if action.params is not None else None,
-        job_params=action.params,
-        journal={} if action.params is not None else None,
-        idempotency_key=action.idempotency_key,
-    )
-
-
-def _server_values(server: Server) -> dict[str, Any]:
-    values = {f.name: getattr(server, f.name) for f in dataclasses.fields(server)}
-    flavor: Flavor = values.pop("flavor")
-    values["flavor"] = dataclasses.asdict(flavor)
-    values["flavor_id"] = flavor.id
-    values["server_metadata"] = values.pop("metadata")
-    return values
-
-
-def _flavor(row: FlavorRow) -> Flavor:
-    return Flavor(
-        id=row.id,
-        name=row.name,
-        vcpus=row.vcpus,
-        ram=row.ram,
-        disk=row.disk,
-        ephemeral=row.ephemeral,
-        swap=row.swap,
-        rxtx_factor=row.rxtx_factor,
-        is_public=row.is_public,
-        disabled=row.disabled,
-        description=row.description,
-        extra_specs=dict(row.extra_specs),
-    )
-
-
-def _image(row: ImageRow) -> Image:
-    fields = {f.name for f in dataclasses.fields(Image)}
-    return Image(**{name: getattr(row, name) for name in fields})
-
-
-def _keypair(row: KeyPairRow) -> KeyPair:
-    return KeyPair(
-        name=row.name,
-        user_id=row.user_id,
-        public_key=row.public_key,
-        fingerprint=row.fingerprint,
-        type=row.type,
-        created_at=row.created_at,
-    )
-
-
-_SERVER_FIELDS = tuple(
-    f.name for f in dataclasses.fields(Server) if f.name not in {"flavor", "metadata"}
-)
-
-
-def _server(row: ServerRow) -> Server:
-    values = {name: getattr(row, name) for name in _SERVER_FIELDS}
-    return Server(**values, flavor=Flavor(**row.flavor), metadata=dict(row.server_metadata))
-
-
-def _block_device(row: BlockDeviceRow) -> BlockDevice:
-    fields = {f.name for f in dataclasses.fields(BlockDevice)}
-    return BlockDevice(**{name: getattr(row, name) for name in fields})
-
-
-def _action(row: InstanceActionRow, events: tuple[ActionEvent, ...]) -> InstanceAction:
-    assert row.id is not None
-    return InstanceAction(
-        id=row.id,
-        server_id=row.server_id,
-        action=row.action,
-        request_id=row.request_id,
-        user_id=row.user_id,
-        project_id=row.project_id,
-        start_time=row.start_time,
-        finish_time=row.finish_time,
-        message=row.message,
-        updated_at=row.updated_at,
-        events=events,
-        job_state=row.job_state,
-        job_params=row.job_params,
-        journal=row.journal,
-        idempotency_key=row.idempotency_key,
-        response=row.response,
-    )
-
-
-def _event(row: InstanceActionEventRow) -> ActionEvent:
-    return ActionEvent(
-        event=row.event,
-        start_time=row.start_time,
-        finish_time=row.finish_time,
-        result=row.result,
-        traceback=row.traceback,
-        details=row.details,
-        host=row.host,
-    )
