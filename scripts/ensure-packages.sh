@@ -2,7 +2,8 @@
 # ensure-packages.sh [run|test] — install the Debian 12 packages rebuildd needs, if missing.
 #   run:  build deps for libvirt-python (gcc, pkg-config, libvirt-dev, python3-dev),
 #         a working `python3 -m venv`, and qemu-img.
-#   test: run + a local libvirtd with the QEMU driver (TCG/KVM), virsh, tini, genisoimage.
+#   test: run + a local libvirtd with the QEMU driver (TCG/KVM), virsh, tini, genisoimage,
+#         ssh-keygen (the real-client tests make a key pair).
 # Idempotent: when everything is present this is a fast no-op (no apt-get update).
 set -euo pipefail
 
@@ -10,7 +11,7 @@ mode="${1:-run}"
 pkgs=(python3-dev gcc pkg-config libvirt-dev qemu-utils)
 case "$mode" in
   run) ;;
-  test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage) ;;
+  test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage openssh-client) ;;
   *) echo "usage: $0 [run|test]" >&2; exit 2 ;;
 esac
 # python3 may be a non-Debian build (e.g. pyenv) that already has venv/ensurepip.
