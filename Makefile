@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8774
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format venv system-run system-test libvirtd postgres clean
+.PHONY: run test bench lint format venv system-run system-test libvirtd postgres clean
 
 ## run: install what is missing, migrate, seed the demo data, serve on $(HOST):$(PORT)
 run: system-run $(VENV)/.installed
@@ -20,6 +20,12 @@ run: system-run $(VENV)/.installed
 ## test: install what is missing (libvirtd + QEMU, PostgreSQL if absent), lint, run every test
 test: system-test $(VENV)/.installed libvirtd postgres lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## bench: issue 5's benchmark against a live daemon (test driver); BENCH_ARGS='--postgres', see --help
+BENCH_ARGS ?=
+bench: $(VENV)/.installed
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 ## lint: ruff (lint + format check) and mypy --strict
 lint: $(VENV)/.installed

@@ -1,0 +1,1 @@
+"""Benchmark harness for rebuildd (issue 5): `python -m bench --help`."""

@@ -1,0 +1,576 @@
+"""rebuildd benchmark (issue 5): a live daemon in a separate process, plain async httpx clients.
+
+    python -m bench [--postgres] [--sequential N] [--servers M --clients C] [--scale K]
+
+Writes bench/results/<UTC timestamp>.json (raw numbers), .md (targets table) and *.png plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.daemon import Daemon
+
+RESULTS = Path(__file__).parent / "results"
+MV = {"OpenStack-API-Version": "compute 2.84"}
+PG_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "p50": pct(values, 50),
+        "p95": pct(values, 95),
+        "p99": pct(values, 99),
+        "mean": statistics.fmean(values) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+def ts(value: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+class Api:
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.c = client
+        self.images: dict[str, str] = {}
+
+    async def load_images(self) -> None:
+        r = await self.c.get("/image/v2/images")
+        r.raise_for_status()
+        self.images = {i["name"]: i["id"] for i in r.json()["images"]}
+
+    async def create(self, name: str) -> str:
+        r = await self.c.post(
+            "/v2.1/servers",
+            json={
+                "server": {"name": name, "imageRef": self.images["demo-image-a"], "flavorRef": "1"}
+            },
+        )
+        if r.status_code != 202:
+            raise RuntimeError(f"create: {r.status_code} {r.text[:300]}")
+        return str(r.json()["server"]["id"])
+
+    async def wait_active(self, server_id: str, interval: float = 0.005) -> None:
+        while True:
+            r = await self.c.get(f"/v2.1/servers/{server_id}")
+            s = r.json()["server"]
+            if s["status"] == "ACTIVE" and s.get("OS-EXT-STS:task_state") is None:
+                return
+            if s["status"] == "ERROR":
+                raise RuntimeError(f"server {server_id} in ERROR: {s.get('fault')}")
+            await asyncio.sleep(interval)
+
+    async def wait_no_build(self) -> None:
+        while True:
+            r = await self.c.get("/v2.1/servers", params={"status": "BUILD", "limit": 1})
+            if not r.json()["servers"]:
+                return
+            await asyncio.sleep(0.2)
+
+    async def rebuild(self, server_id: str, image: str) -> httpx.Response:
+        return await self.c.post(
+            f"/v2.1/servers/{server_id}/action", json={"rebuild": {"imageRef": image}}
+        )
+
+    async def action(self, server_id: str, request_id: str) -> dict[str, Any]:
+        r = await self.c.get(
+            f"/v2.1/servers/{server_id}/os-instance-actions/{request_id}", headers=MV
+        )
+        r.raise_for_status()
+        return dict(r.json()["instanceAction"])
+
+
+async def scenario_sequential(api: Api, daemon: Daemon, n: int) -> dict[str, Any]:
+    sid = await api.create("bench-seq")
+    await api.wait_active(sid, 0.05)
+    images = [api.images["demo-image-b"], api.images["demo-image-a"]]
+    accepted, e2e_poll, e2e_action, stage_api, stage_rebuild, stage_compute = [], [], [], [], [], []
+    request_ids = []
+    cpu0 = daemon.cpu_seconds()
+    wall0 = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        r = await api.rebuild(sid, images[i % 2])
+        t1 = time.perf_counter()
+        if r.status_code != 202:
+            raise RuntimeError(f"rebuild {i}: {r.status_code} {r.text[:300]}")
+        await api.wait_active(sid)
+        t2 = time.perf_counter()
+        accepted.append((t1 - t0) * 1000)
+        e2e_poll.append((t2 - t0) * 1000)
+        request_ids.append(r.headers["x-compute-request-id"])
+    wall = time.perf_counter() - wall0
+    cpu1 = daemon.cpu_seconds()
+    # Action timestamps, read after the timed loop so the reads do not load the daemon's CPU.
+    for req in request_ids:
+        a = await api.action(sid, req)
+        events = {e["event"]: e for e in a["events"]}
+        start = ts(a["start_time"])
+        comp = events["compute_rebuild_instance"]
+        e2e_action.append((ts(comp["finish_time"]) - start).total_seconds() * 1000)
+        if "rebuild_server" in events and events["rebuild_server"].get("finish_time"):
+            rs = events["rebuild_server"]
+            stage_rebuild.append(
+                (ts(rs["finish_time"]) - ts(rs["start_time"])).total_seconds() * 1000
+            )
+            stage_api.append((ts(rs["start_time"]) - start).total_seconds() * 1000)
+        stage_compute.append(
+            (ts(comp["finish_time"]) - ts(comp["start_time"])).total_seconds() * 1000
+        )
+    return {
+        "n": n,
+        "server_id": sid,
+        "wall_s": wall,
+        "daemon_cpu_s": cpu1 - cpu0,
+        "daemon_cpu_ms_per_rebuild": (cpu1 - cpu0) * 1000 / n,
+        "accepted_ms": summary(accepted),
+        "e2e_poll_ms": summary(e2e_poll),
+        "e2e_action_ms": summary(e2e_action),
+        "stages_ms": {
+            "action_start_to_rebuild_server_start": summary(stage_api),
+            "rebuild_server": summary(stage_rebuild),
+            "compute_rebuild_instance": summary(stage_compute),
+        },
+        "raw": {
+            "accepted_ms": accepted,
+            "e2e_poll_ms": e2e_poll,
+            "e2e_action_ms": e2e_action,
+            "rebuild_server_ms": stage_rebuild,
+            "compute_rebuild_instance_ms": stage_compute,
+        },
+    }
+
+
+async def create_many(
+    api: Api, count: int, prefix: str, concurrency: int = 32
+) -> tuple[list[str], float]:
+    ids: list[str] = []
+    sem = asyncio.Semaphore(concurrency)
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        async with sem:
+            ids.append(await api.create(f"{prefix}-{i}"))
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    await api.wait_no_build()
+    return ids, time.perf_counter() - t0
+
+
+async def scenario_concurrent(api: Api, daemon: Daemon, m: int, c: int) -> dict[str, Any]:
+    ids, create_s = await create_many(api, m, "bench-conc")
+    image = api.images["demo-image-b"]
+    sem = asyncio.Semaphore(c)
+    accepted: list[float] = []
+    errors: list[str] = []
+    cpu0 = daemon.cpu_seconds()
+    t0 = time.perf_counter()
+
+    async def one(sid: str) -> None:
+        async with sem:
+            a = time.perf_counter()
+            try:
+                r = await api.rebuild(sid, image)
+            except httpx.HTTPError as exc:
+                errors.append(f"{sid}: {exc!r}")
+                return
+            accepted.append((time.perf_counter() - a) * 1000)
+            if r.status_code != 202:
+                errors.append(f"{sid}: {r.status_code} {r.text[:200]}")
+
+    await asyncio.gather(*(one(s) for s in ids))
+    accepted_s = time.perf_counter() - t0
+    # Done when no server is left in REBUILD.
+    while True:
+        r = await api.c.get("/v2.1/servers", params={"status": "REBUILD", "limit": 1})
+        if not r.json()["servers"]:
+            break
+        await asyncio.sleep(0.01)
+    total = time.perf_counter() - t0
+    cpu1 = daemon.cpu_seconds()
+    r = await api.c.get("/v2.1/servers", params={"status": "ERROR"})
+    error_servers = len(r.json()["servers"])
+    ok = m - len(errors)
+    return {
+        "servers": m,
+        "clients": c,
+        "create_s": create_s,
+        "all_accepted_s": accepted_s,
+        "total_s": total,
+        "rebuilds_per_s": ok / total,
+        "accepted_ms": summary(accepted),
+        "errors": len(errors),
+        "error_samples": errors[:10],
+        "servers_in_error": error_servers,
+        "daemon_cpu_ms_per_rebuild": (cpu1 - cpu0) * 1000 / max(ok, 1),
+        "daemon_memory_kib": daemon.memory_kib(),
+        "raw": {"accepted_ms": accepted},
+    }
+
+
+async def scenario_scale(api: Api, daemon: Daemon, k: int, gets: int) -> dict[str, Any]:
+    r = await api.c.get("/v2.1/servers", params={"limit": 1000})
+    existing = len(r.json()["servers"])  # lower bound, only used to top up
+    ids, create_s = await create_many(api, max(k - existing, 0), "bench-scale")
+    # Page through /servers/detail.
+    pages: list[float] = []
+    marker = None
+    total_seen = 0
+    t0 = time.perf_counter()
+    while True:
+        params: dict[str, Any] = {"limit": 100}
+        if marker:
+            params["marker"] = marker
+        a = time.perf_counter()
+        r = await api.c.get("/v2.1/servers/detail", params=params)
+        pages.append((time.perf_counter() - a) * 1000)
+        r.raise_for_status()
+        servers = r.json()["servers"]
+        total_seen += len(servers)
+        if len(servers) < 100:
+            break
+        marker = servers[-1]["id"]
+    detail_total = time.perf_counter() - t0
+    shows: list[float] = []
+    sample = ids or [s["id"] for s in (await api.c.get("/v2.1/servers")).json()["servers"]]
+    for i in range(gets):
+        sid = sample[(i * 7919) % len(sample)]
+        a = time.perf_counter()
+        r = await api.c.get(f"/v2.1/servers/{sid}")
+        shows.append((time.perf_counter() - a) * 1000)
+        r.raise_for_status()
+    return {
+        "servers_target": k,
+        "servers_listed": total_seen,
+        "created": len(ids),
+        "create_s": create_s,
+        "create_per_s": len(ids) / create_s if create_s else None,
+        "detail_pages": len(pages),
+        "detail_total_s": detail_total,
+        "detail_page_ms": summary(pages),
+        "show_ms": summary(shows),
+        "daemon_memory_kib": daemon.memory_kib(),
+        "raw": {"detail_page_ms": pages, "show_ms": shows},
+    }
+
+
+async def pg_database(action: str, name: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            if action == "create":
+                await conn.execute(text(f'CREATE DATABASE "{name}"'))
+            else:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await engine.dispose()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "rebuildd"],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def fmt(v: float | None, unit: str = "ms") -> str:
+    return "n/a" if v is None else f"{v:.1f} {unit}".strip()
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    seq = result["scenarios"].get("sequential")
+    conc = result["scenarios"].get("concurrent")
+    scale = result["scenarios"].get("scale")
+
+    def row(name: str, target: str, value: float | None, ok: bool | None, unit: str = "ms") -> None:
+        rows.append(
+            (name, target, fmt(value, unit), "n/a" if ok is None else ("met" if ok else "not met"))
+        )
+
+    if seq:
+        v = seq["e2e_poll_ms"]["p50"]
+        row("end-to-end rebuild p50 (client polling, sequential)", "<= 15 ms", v, v <= 15)
+        v = seq["e2e_action_ms"]["p50"]
+        row("end-to-end rebuild p50 (action timestamps, sequential)", "<= 15 ms", v, v <= 15)
+        v = seq["daemon_cpu_ms_per_rebuild"]
+        row("daemon CPU per rebuild (sequential)", "<= 10 ms", v, v <= 10)
+    if conc:
+        v = conc["accepted_ms"]["p99"]
+        row(f"202 p99 with {conc['clients']} clients", "<= 20 ms", v, v is not None and v <= 20)
+        v = conc["rebuilds_per_s"]
+        row(f"throughput ({conc['servers']} concurrent rebuilds)", ">= 150 /s", v, v >= 150, "/s")
+        v = float(conc["errors"] + conc["servers_in_error"])
+        row("errors (concurrent)", "0", v, v == 0, "")
+    mem = [s["daemon_memory_kib"]["VmHWM"] for s in (conc, scale) if s]
+    if mem:
+        v = max(mem) / 1024
+        servers = scale["servers_listed"] if scale else None
+        row(
+            f"daemon peak RSS (VmHWM, {servers or '-'} servers in the Store)",
+            "<= 150 MiB",
+            v,
+            v <= 150,
+            "MiB",
+        )
+    if scale:
+        row(
+            "GET /servers/detail?limit=100 page p99",
+            "(no target)",
+            scale["detail_page_ms"]["p99"],
+            None,
+        )
+        row("GET /servers/{id} p99", "(no target)", scale["show_ms"]["p99"], None)
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    p = result["parameters"]
+    lines = [
+        f"rebuildd benchmark {result['timestamp']} — commit `{result['git_commit'][:12]}`, "
+        f"{p['database']}, libvirt test driver, {result['machine']['cpus']} CPUs",
+        "",
+        "| target (issue 5) | goal | measured | |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(result)]
+    seq = result["scenarios"].get("sequential")
+    if seq:
+        lines += [
+            "",
+            f"Sequential ({seq['n']} rebuilds of one server), ms:",
+            "",
+            "| measure | p50 | p95 | p99 |",
+            "|---|---|---|---|",
+        ]
+        for label, s in (
+            ("202 latency", seq["accepted_ms"]),
+            ("end-to-end, client polling every 5 ms", seq["e2e_poll_ms"]),
+            ("end-to-end, action start to compute_rebuild_instance finish", seq["e2e_action_ms"]),
+            (
+                "action start to rebuild_server event start",
+                seq["stages_ms"]["action_start_to_rebuild_server_start"],
+            ),
+            ("rebuild_server event (conductor)", seq["stages_ms"]["rebuild_server"]),
+            (
+                "compute_rebuild_instance event (compute)",
+                seq["stages_ms"]["compute_rebuild_instance"],
+            ),
+        ):
+            lines.append(
+                f"| {label} | {fmt(s['p50'], '')} | {fmt(s['p95'], '')} | {fmt(s['p99'], '')} |"
+            )
+    conc = result["scenarios"].get("concurrent")
+    if conc:
+        lines += [
+            "",
+            f"Concurrent: {conc['servers']} servers, {conc['clients']} clients: all 202s in "
+            f"{conc['all_accepted_s']:.2f} s, all ACTIVE in {conc['total_s']:.2f} s; 202 p50 "
+            f"{fmt(conc['accepted_ms']['p50'])}; daemon CPU {conc['daemon_cpu_ms_per_rebuild']:.1f} ms "
+            f"per rebuild; creating the servers took {conc['create_s']:.1f} s.",
+        ]
+    scale = result["scenarios"].get("scale")
+    if scale:
+        lines += [
+            "",
+            f"Scale: {scale['servers_listed']} servers listed in {scale['detail_pages']} pages "
+            f"({scale['detail_total_s']:.2f} s; page p50 {fmt(scale['detail_page_ms']['p50'])}); "
+            f"GET one server p50 {fmt(scale['show_ms']['p50'])}; creating {scale['created']} servers "
+            f"took {scale['create_s']:.1f} s ({fmt(scale['create_per_s'], '/s')}).",
+        ]
+    lines += ["", f"Reproduce: `{p['command']}`", ""]
+    return "\n".join(lines)
+
+
+def plots(result: dict[str, Any], stem: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plots", file=sys.stderr)
+        return []
+    written = []
+    series: list[tuple[str, list[float]]] = []
+    seq = result["scenarios"].get("sequential")
+    if seq:
+        series += [
+            ("sequential 202", seq["raw"]["accepted_ms"]),
+            ("sequential end-to-end (polling)", seq["raw"]["e2e_poll_ms"]),
+            ("sequential end-to-end (action)", seq["raw"]["e2e_action_ms"]),
+        ]
+    conc = result["scenarios"].get("concurrent")
+    if conc:
+        series.append((f"concurrent 202 ({conc['clients']} clients)", conc["raw"]["accepted_ms"]))
+    scale = result["scenarios"].get("scale")
+    if scale:
+        series += [
+            ("GET /servers/detail page", scale["raw"]["detail_page_ms"]),
+            ("GET /servers/{id}", scale["raw"]["show_ms"]),
+        ]
+    if not series:
+        return []
+    fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.4 * len(series)))
+    if len(series) == 1:
+        axes = [axes]
+    for ax, (label, values) in zip(axes, series, strict=True):
+        ax.hist(values, bins=50)
+        for q, style in ((50, "-"), (99, "--")):
+            v = pct(values, q)
+            if v is not None:
+                ax.axvline(v, color="k", linestyle=style, label=f"p{q} {v:.1f} ms")
+        ax.set_title(label)
+        ax.set_xlabel("ms")
+        ax.legend()
+    fig.tight_layout()
+    path = stem.with_suffix(".latency.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    written.append(path.name)
+    return written
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = dt.datetime.now(dt.UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    scenarios: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="rebuildd-bench-") as tmp:
+        db_url = None
+        pg_name = None
+        if args.postgres:
+            pg_name = f"rebuildd_bench_{uuid.uuid4().hex[:8]}"
+            await pg_database("create", pg_name)
+            db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{pg_name}"
+        daemon = Daemon(Path(tmp), db_url)
+        try:
+            daemon.prepare()
+            daemon.start()
+            print(f"daemon pid {daemon.pid} on {daemon.url}", file=sys.stderr)
+            limits = httpx.Limits(max_connections=max(args.clients, 32) + 8)
+            async with httpx.AsyncClient(base_url=daemon.url, timeout=120, limits=limits) as client:
+                api = Api(client)
+                await api.load_images()
+                if args.sequential:
+                    print(f"sequential: {args.sequential} rebuilds", file=sys.stderr)
+                    scenarios["sequential"] = await scenario_sequential(
+                        api, daemon, args.sequential
+                    )
+                if args.servers:
+                    print(
+                        f"concurrent: {args.servers} servers, {args.clients} clients",
+                        file=sys.stderr,
+                    )
+                    scenarios["concurrent"] = await scenario_concurrent(
+                        api, daemon, args.servers, args.clients
+                    )
+                if args.scale:
+                    print(f"scale: {args.scale} servers", file=sys.stderr)
+                    scenarios["scale"] = await scenario_scale(api, daemon, args.scale, args.gets)
+            memory = daemon.memory_kib()
+        finally:
+            daemon.stop()
+            if pg_name:
+                await pg_database("drop", pg_name)
+    return {
+        "timestamp": stamp,
+        "git_commit": git_commit(),
+        "machine": {
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "parameters": {
+            **vars(args),
+            "database": "postgresql" if args.postgres else "sqlite",
+            "command": "make bench"
+            + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),
+        },
+        "daemon_memory_kib_at_end": memory,
+        "scenarios": scenarios,
+        "duration_s": (dt.datetime.now(dt.UTC) - started).total_seconds(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--postgres", action="store_true", help="PostgreSQL (fresh database) instead of SQLite"
+    )
+    parser.add_argument(
+        "--sequential", type=int, default=100, metavar="N", help="rebuilds in sequence (0: skip)"
+    )
+    parser.add_argument(
+        "--servers", type=int, default=200, metavar="M", help="servers rebuilt at once (0: skip)"
+    )
+    parser.add_argument("--clients", type=int, default=64, metavar="C", help="concurrent clients")
+    parser.add_argument(
+        "--scale", type=int, default=2000, metavar="K", help="servers in the Store (0: skip)"
+    )
+    parser.add_argument(
+        "--gets", type=int, default=500, help="GET /servers/{id} samples in the scale scenario"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / (result["timestamp"] + ("-postgresql" if args.postgres else "-sqlite"))
+    result["plots"] = plots(result, stem)
+    result["parameters"]["out"] = str(args.out)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    md = markdown(result)
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {stem}.json, .md, {result['plots']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
