@@ -29,9 +29,10 @@ bench: $(VENV)/.installed
 
 ## lint: ruff (lint + format check) and mypy --strict
 lint: $(VENV)/.installed
-	$(BIN)/ruff check rebuildd tests alembic
-	$(BIN)/ruff format --check rebuildd tests alembic
+	$(BIN)/ruff check rebuildd tests alembic bench
+	$(BIN)/ruff format --check rebuildd tests alembic bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format rebuildd tests alembic

@@ -410,8 +410,9 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Concurrent: {conc['servers']} servers, {conc['clients']} clients: all 202s in "
             f"{conc['all_accepted_s']:.2f} s, all ACTIVE in {conc['total_s']:.2f} s; 202 p50 "
-            f"{fmt(conc['accepted_ms']['p50'])}; daemon CPU {conc['daemon_cpu_ms_per_rebuild']:.1f} ms "
-            f"per rebuild; creating the servers took {conc['create_s']:.1f} s.",
+            f"{fmt(conc['accepted_ms']['p50'])}; daemon CPU "
+            f"{conc['daemon_cpu_ms_per_rebuild']:.1f} ms per rebuild; "
+            f"creating the servers took {conc['create_s']:.1f} s.",
         ]
     scale = result["scenarios"].get("scale")
     if scale:
@@ -419,8 +420,9 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Scale: {scale['servers_listed']} servers listed in {scale['detail_pages']} pages "
             f"({scale['detail_total_s']:.2f} s; page p50 {fmt(scale['detail_page_ms']['p50'])}); "
-            f"GET one server p50 {fmt(scale['show_ms']['p50'])}; creating {scale['created']} servers "
-            f"took {scale['create_s']:.1f} s ({fmt(scale['create_per_s'], '/s')}).",
+            f"GET one server p50 {fmt(scale['show_ms']['p50'])}; "
+            f"creating {scale['created']} servers took {scale['create_s']:.1f} s "
+            f"({fmt(scale['create_per_s'], '/s')}).",
         ]
     lines += ["", f"Reproduce: `{p['command']}`", ""]
     return "\n".join(lines)
