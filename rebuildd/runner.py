@@ -208,12 +208,16 @@ class Runner:
                         task_state = step.task_state
                     if step.name not in journal.started:
                         journal.started.append(step.name)
-                        await self._save(job, journal)
+                        # Only an undo needs to know a step began before it finished.
+                        if step.undo is not None:
+                            await self._save(job, journal)
                     if step.run is not None:
                         bound.debug("step", step=step.name)
                         await step.run(job.context)
                     journal.done.append(step.name)
-                    await self._save(job, journal)
+                    # A transition-only step is recorded by its compare-and-swap already.
+                    if step.run is not None:
+                        await self._save(job, journal)
                     await self.observer.after_step(job.action, step.name, job.server_id)
                 if last:
                     outcome = await job.succeed(job.context)
