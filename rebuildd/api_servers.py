@@ -198,7 +198,7 @@ async def show_server(
     server = await services.store.get_server(server_id, project_id=project)
     latest = await services.store.latest_faults([server.id] if server.vm_state == "error" else [])
     return {
-        "server": views.server_detail(
+        "server": views.server_show(
             server, base, version, latest.get(server.id), is_admin=ctx.is_admin
         )
     }
@@ -391,10 +391,7 @@ async def _rebuild(
     server, admin_pass = await pipeline.request_rebuild(
         services.deps, ctx, server_id, spec, idempotency_key=idempotency_key
     )
-    if version.at_least("2.75"):
-        view = views.server_detail(server, base, version, None, is_admin=ctx.is_admin)
-    else:
-        view = views.server_base(server, base, version, None)
+    view = views.server_rebuilt(server, base, version, is_admin=ctx.is_admin)
     view["adminPass"] = admin_pass
     location = f"{base}/v2.1/servers/{server.id}"
     if idempotency_key is not None:
