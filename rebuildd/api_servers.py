@@ -302,7 +302,7 @@ _ACTIONS = ("rebuild", "os-stop", "os-start")
                             {
                                 "type": "object",
                                 "properties": {
-                                    "rebuild": schemas.request_schema(schemas.RebuildV254)
+                                    "rebuild": schemas.request_schema(schemas.RebuildV294)
                                 },
                                 "required": ["rebuild"],
                                 "additionalProperties": False,
@@ -387,6 +387,11 @@ async def _rebuild(
         if "description" in fields
         else pipeline.UNSET,
         key_name=getattr(model, "key_name", None) if "key_name" in fields else pipeline.UNSET,
+        user_data=getattr(model, "user_data", None) if "user_data" in fields else pipeline.UNSET,
+        hostname=getattr(model, "hostname", None),
+        # trusted_image_certificates (2.63+) is validated but stored nowhere: the servers
+        # table has no column for it and rebuildd verifies no image signatures, so the views
+        # show null, Nova's value for a server without trusted certificates.
     )
     server, admin_pass = await pipeline.request_rebuild(
         services.deps, ctx, server_id, spec, idempotency_key=idempotency_key

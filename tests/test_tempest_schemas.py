@@ -1,11 +1,17 @@
 """Server views checked against Tempest 47.0.0's own response schemas, the oracle for Nova's
-shapes, at every microversion where one of those schemas changes.
+shapes, at every microversion where one of those schemas changes; and Nova's published rebuild
+request samples (tests/data/nova_api_samples, from Nova's doc/api_samples/servers) accepted at
+their microversion.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib
+import json
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -16,6 +22,7 @@ from tempest.lib.common.rest_client import RestClient
 from tests.live import LiveDaemon, start_live_daemon
 
 SCHEMAS = "tempest.lib.api_schema.response.compute"
+SAMPLES = Path(__file__).parent / "data" / "nova_api_samples"
 
 # Every microversion at which Tempest's servers.py changes rebuild_server(_with_admin_pass),
 # get_server, list_servers_detail or list_servers (found by comparing consecutive modules).
@@ -117,3 +124,58 @@ class TestTempestSchemas:
         live.wait_for(server_id, "ACTIVE")
         shown = live.client.get(f"/v2.1/servers/{server_id}", headers=_headers(version))
         validate(schemas.get_server, shown)
+
+
+def _sample_versions() -> list[str]:
+    names = sorted(p.name.split("-")[0].removeprefix("v") for p in SAMPLES.glob("*.json"))
+    return sorted(names, key=_minor)
+
+
+def _public_key(tmp_path: Path) -> str:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "key")], check=True
+    )
+    return (tmp_path / "key.pub").read_text().strip()
+
+
+class TestNovaRequestSamples:
+    @pytest.mark.parametrize("version", _sample_versions())
+    def test_sample_is_accepted(self, live: LiveDaemon, version: str, tmp_path: Path) -> None:
+        """Nova's server-action-rebuild.json for this microversion is a 202, its fields kept."""
+        sample = json.loads((SAMPLES / f"v{version}-server-action-rebuild.json").read_text())
+        request = sample["rebuild"]
+        request["imageRef"] = live.image_ids[1]
+        if "key_name" in request:
+            key = {"keypair": {"name": f"key-{version}", "public_key": _public_key(tmp_path)}}
+            created = live.client.post("/v2.1/os-keypairs", json=key, headers=_headers(version))
+            assert created.status_code in (200, 201), created.text
+            request["key_name"] = f"key-{version}"
+        server_id = _create(live, version)
+        response = live.client.post(
+            f"/v2.1/servers/{server_id}/action", json=sample, headers=_headers(version)
+        )
+        assert response.status_code == 202, response.text
+        view = response.json()["server"]
+        assert view["name"] == request["name"]
+        assert view["metadata"] == request["metadata"]
+        if "user_data" in request:
+            assert view["user_data"] == request["user_data"]
+        live.wait_for(server_id, "ACTIVE")
+        shown = live.server(server_id, **_headers(version))
+        if "hostname" in request:
+            assert shown["OS-EXT-SRV-ATTR:hostname"] == request["hostname"]
+
+    def test_personality_is_refused_from_2_57(self, live: LiveDaemon) -> None:
+        """personality is a 2.1-2.56 field: at 2.57 it is an unknown field (400)."""
+        server_id = _create(live, "2.57")
+        body = {
+            "rebuild": {
+                "imageRef": live.image_ids[1],
+                "personality": [{"path": "/a", "contents": base64.b64encode(b"x").decode()}],
+            }
+        }
+        response = live.client.post(
+            f"/v2.1/servers/{server_id}/action", json=body, headers=_headers("2.57")
+        )
+        assert response.status_code == 400, response.text
+        assert "'personality' was unexpected" in response.text
