@@ -19,6 +19,7 @@ import httpx
 import pytest
 from tempest.lib.common.rest_client import RestClient
 
+from rebuildd import microversion, views
 from tests.live import LiveDaemon, start_live_daemon
 
 SCHEMAS = "tempest.lib.api_schema.response.compute"
@@ -124,6 +125,30 @@ class TestTempestSchemas:
         live.wait_for(server_id, "ACTIVE")
         shown = live.client.get(f"/v2.1/servers/{server_id}", headers=_headers(version))
         validate(schemas.get_server, shown)
+
+
+@pytest.mark.parametrize("version", CHANGES + ALSO)
+def test_non_admin_views_match_tempest(live: LiveDaemon, version: str) -> None:
+    """Without admin-only fields (and with the 2.90 hostname shown to everyone) the show,
+    detail and rebuild views still validate against Tempest's schemas."""
+    server_id = _create(live, version)
+    server = live.run(live.daemon.store.get_server(server_id, project_id=None))
+    parsed = microversion.parse(version)
+    shown = views.server_show(server, live.url, parsed, None, is_admin=False)
+    assert not any(
+        key.startswith("OS-EXT-SRV-ATTR:") and key != "OS-EXT-SRV-ATTR:hostname" for key in shown
+    )
+    assert ("OS-EXT-SRV-ATTR:hostname" in shown) == parsed.at_least("2.90")
+    detail = views.server_detail(server, live.url, parsed, None, is_admin=False)
+    rebuilt = views.server_rebuilt(server, live.url, parsed, is_admin=False)
+    schemas = tempest_servers(version)
+    for schema, body, status in (
+        (schemas.get_server, {"server": shown}, 200),
+        (schemas.list_servers_detail, {"servers": [detail]}, 200),
+        (schemas.rebuild_server, {"server": rebuilt}, 202),
+    ):
+        response = httpx.Response(status, json=body)
+        validate(schema, response)
 
 
 def _sample_versions() -> list[str]:
