@@ -86,7 +86,8 @@ class Fault(RootModel[dict[str, FaultDetail]]):
 
 _FAULT_DESCRIPTIONS: Final = {
     400: "badRequest: the request is malformed or invalid",
-    403: "forbidden",
+    401: "unauthorized: no valid X-Auth-Token (with REBUILDD_AUTH=token)",
+    403: "forbidden: the policy refuses the caller, or a quota is exceeded",
     404: "itemNotFound",
     406: "notAcceptable: the requested microversion is out of range",
     409: "conflictingRequest: the resource's state does not allow it",
@@ -297,13 +298,17 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
-    authenticated = [Depends(get_context)]  # everything but the version documents
+    # Everything but the version documents; any of it may be refused by the policy.
+    authenticated: dict[str, Any] = {
+        "dependencies": [Depends(get_context)],
+        "responses": faults(401, 403),
+    }
     app.include_router(api_servers.versions)
     app.include_router(api_images.versions, prefix="/image")
-    app.include_router(api_servers.router, prefix="/v2.1", dependencies=authenticated)
-    app.include_router(api_catalog.router, prefix="/v2.1", dependencies=authenticated)
-    app.include_router(api_images.router, prefix="/image", dependencies=authenticated)
-    app.include_router(api_images.compute_alias, prefix="/v2.1", dependencies=authenticated)
+    app.include_router(api_servers.router, prefix="/v2.1", **authenticated)
+    app.include_router(api_catalog.router, prefix="/v2.1", **authenticated)
+    app.include_router(api_images.router, prefix="/image", **authenticated)
+    app.include_router(api_images.compute_alias, prefix="/v2.1", **authenticated)
     app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

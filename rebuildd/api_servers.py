@@ -212,7 +212,7 @@ async def show_server(
     server = await services.store.get_server(server_id, project_id=project)
     latest = await services.store.latest_faults([server.id] if server.vm_state == "error" else [])
     return {
-        "server": views.server_detail(
+        "server": views.server_show(
             server, base, version, latest.get(server.id), is_admin=ctx.is_admin
         )
     }
@@ -317,7 +317,7 @@ _ACTIONS = ("rebuild", "os-stop", "os-start")
                             {
                                 "type": "object",
                                 "properties": {
-                                    "rebuild": schemas.request_schema(schemas.RebuildV254)
+                                    "rebuild": schemas.request_schema(schemas.RebuildV294)
                                 },
                                 "required": ["rebuild"],
                                 "additionalProperties": False,
@@ -427,15 +427,17 @@ async def _rebuild(
         if "description" in fields
         else pipeline.UNSET,
         key_name=getattr(model, "key_name", None) if "key_name" in fields else pipeline.UNSET,
-        personality=tuple((p.path, p.contents) for p in model.personality or ()),
+        personality=tuple((p.path, p.contents) for p in getattr(model, "personality", None) or ()),
+        user_data=getattr(model, "user_data", None) if "user_data" in fields else pipeline.UNSET,
+        hostname=getattr(model, "hostname", None),
+        # trusted_image_certificates (2.63+) is validated but stored nowhere: the servers
+        # table has no column for it and rebuildd verifies no image signatures, so the views
+        # show null, Nova's value for a server without trusted certificates.
     )
     server, admin_pass = await pipeline.request_rebuild(
         services.deps, ctx, server_id, spec, idempotency_key=idempotency_key
     )
-    if version.at_least("2.75"):
-        view = views.server_detail(server, base, version, None, is_admin=ctx.is_admin)
-    else:
-        view = views.server_base(server, base, version, None)
+    view = views.server_rebuilt(server, base, version, is_admin=ctx.is_admin)
     view["adminPass"] = admin_pass
     location = f"{base}/v2.1/servers/{server.id}"
     if idempotency_key is not None:

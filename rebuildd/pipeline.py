@@ -83,6 +83,8 @@ class RebuildSpec:
     description: str | Unset | None = UNSET
     key_name: str | Unset | None = UNSET
     personality: tuple[tuple[str, str], ...] = ()  # (path, base64 contents), up to 2.56
+    user_data: str | Unset | None = UNSET  # 2.57+: omitted keeps it, null clears it
+    hostname: str | None = None  # 2.90+
 
 
 @dataclass(slots=True)
@@ -114,6 +116,8 @@ RESTORED_FIELDS: Final = (
     "access_ip_v4",
     "access_ip_v6",
     "auto_disk_config",
+    "user_data",
+    "hostname",
 )
 
 
@@ -174,6 +178,10 @@ async def request_rebuild(
         changes["server_metadata"] = spec.metadata
     if not isinstance(spec.description, Unset):
         changes["description"] = spec.description
+    if not isinstance(spec.user_data, Unset):
+        changes["user_data"] = spec.user_data
+    if spec.hostname is not None:
+        changes["hostname"] = spec.hostname
     if spec.access_ip_v4 is not None:
         changes["access_ip_v4"] = spec.access_ip_v4
     if spec.access_ip_v6 is not None:

@@ -202,23 +202,7 @@ class Runner:
                 if stage.notify_start and fresh:
                     await self._notify(job, stage.notify_start)
                 for step in pending:
-                    await self.observer.before_step(job.action, step.name, job.server_id)
-                    if step.task_state is not None and step.task_state != task_state:
-                        await self._transition(job, task_state, step.task_state)
-                        task_state = step.task_state
-                    if step.name not in journal.started:
-                        journal.started.append(step.name)
-                        # Only an undo needs to know a step began before it finished.
-                        if step.undo is not None:
-                            await self._save(job, journal)
-                    if step.run is not None:
-                        bound.debug("step", step=step.name)
-                        await step.run(job.context)
-                    journal.done.append(step.name)
-                    # A transition-only step is recorded by its compare-and-swap already.
-                    if step.run is not None:
-                        await self._save(job, journal)
-                    await self.observer.after_step(job.action, step.name, job.server_id)
+                    task_state = await self._step(job, step, journal, task_state)
                 if last:
                     outcome = await job.succeed(job.context)
                     final = CLEANING if job.cleanup else DONE
@@ -239,6 +223,29 @@ class Runner:
             return
         bound.info("job finished", result="Success")
         await self._cleanup(job, bound)
+
+    async def _step(
+        self, job: Job[C], step: Step[C], journal: Journal, task_state: str | None
+    ) -> str | None:
+        """One step with its transition and journal entries; returns the task_state after it."""
+        await self.observer.before_step(job.action, step.name, job.server_id)
+        if step.task_state is not None and step.task_state != task_state:
+            await self._transition(job, task_state, step.task_state)
+            task_state = step.task_state
+        if step.name not in journal.started:
+            journal.started.append(step.name)
+            # Only an undo needs to know a step began before it finished.
+            if step.undo is not None:
+                await self._save(job, journal)
+        if step.run is not None:
+            log.debug("step", step=step.name, request_id=job.request.request_id)
+            await step.run(job.context)
+        journal.done.append(step.name)
+        # A transition-only step is recorded by its compare-and-swap already.
+        if step.run is not None:
+            await self._save(job, journal)
+        await self.observer.after_step(job.action, step.name, job.server_id)
+        return task_state
 
     async def _cleanup(self, job: Job[C], bound: Any) -> None:
         for step in job.cleanup:

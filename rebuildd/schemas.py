@@ -11,6 +11,8 @@ and a validation error located under a secret key shows ``***`` as its value.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import math
@@ -56,6 +58,21 @@ def _uuid(value: str) -> str:
         raise ValueError(f"'{value}' is not a 'uuid'") from None
 
 
+def _base64(value: str) -> str:
+    """Nova's ``base64`` format: what ``base64.decodebytes`` accepts."""
+    try:
+        base64.decodebytes(value.encode("ascii"))
+    except (ValueError, binascii.Error):
+        raise ValueError(f"{REDACTED} is not a 'base64'") from None
+    return value
+
+
+def _unique(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError(f"{value!r} has non-unique elements")
+    return value
+
+
 def _ipv4(value: str) -> str:
     ipaddress.IPv4Address(value)
     return value
@@ -79,6 +96,35 @@ Metadata = dict[MetadataKey, MetadataValue]
 Description = Annotated[str, StringConstraints(max_length=255)]
 IPv4 = Annotated[str, AfterValidator(_ipv4), WithJsonSchema({"type": "string", "format": "ipv4"})]
 IPv6 = Annotated[str, AfterValidator(_ipv6), WithJsonSchema({"type": "string", "format": "ipv6"})]
+UserData = Annotated[
+    str,
+    StringConstraints(max_length=65535),
+    AfterValidator(_base64),
+    WithJsonSchema({"type": "string", "format": "base64", "maxLength": 65535}),
+]
+# Nova's trusted_certs: 1-50 unique non-empty strings.
+TrustedCerts = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1)]],
+    Field(min_length=1, max_length=50),
+    AfterValidator(_unique),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 50,
+            "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1},
+        }
+    ),
+]
+# Nova's parameter_types.hostname (an RFC 1123 label) and fqdn (underscores allowed, as Nova).
+Hostname = Annotated[
+    str,
+    StringConstraints(
+        min_length=2, max_length=63, pattern=r"^[a-zA-Z0-9]+[a-zA-Z0-9-]*[a-zA-Z0-9]+$"
+    ),
+]
+Fqdn = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[a-zA-Z0-9-._]*$")]
 
 
 class Strict(BaseModel):
@@ -102,8 +148,8 @@ class Personality(Strict):
     contents: str
 
 
-class RebuildV21(Strict):
-    """``rebuild`` for 2.1-2.18."""
+class RebuildBase(Strict):
+    """The fields every ``rebuild`` range has."""
 
     imageRef: Uuid
     name: Name | None = None
@@ -113,6 +159,11 @@ class RebuildV21(Strict):
     diskConfig: Literal["AUTO", "MANUAL"] | None = Field(default=None, alias="OS-DCF:diskConfig")
     accessIPv4: IPv4 | None = None
     accessIPv6: IPv6 | None = None
+
+
+class RebuildV21(RebuildBase):
+    """``rebuild`` for 2.1-2.18."""
+
     personality: list[Personality] | None = None
 
 
@@ -124,18 +175,56 @@ class RebuildV219(RebuildV21):
 
 
 class RebuildV254(RebuildV219):
-    """2.54 and later (the later ranges are a later issue): ``key_name`` (nullable)."""
+    """2.54-2.56: ``key_name`` (nullable)."""
 
     nullable: ClassVar[frozenset[str]] = frozenset({"description", "key_name"})
     key_name: Name | None = None
 
 
-def rebuild_model(version: Version) -> type[RebuildV21]:
-    if version.at_least("2.54"):
-        return RebuildV254
-    if version.at_least("2.19"):
-        return RebuildV219
+class RebuildV257(RebuildBase):
+    """2.57-2.62: 2.54's fields without ``personality``, and ``user_data`` (base64, nullable:
+    null clears it, omitted keeps it)."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset({"description", "key_name", "user_data"})
+    description: Description | None = None
+    key_name: Name | None = None
+    user_data: UserData | None = None
+
+
+class RebuildV263(RebuildV257):
+    """2.63-2.89: ``trusted_image_certificates`` (nullable)."""
+
+    nullable: ClassVar[frozenset[str]] = RebuildV257.nullable | {"trusted_image_certificates"}
+    trusted_image_certificates: TrustedCerts | None = None
+
+
+class RebuildV290(RebuildV263):
+    """2.90-2.93: ``hostname``, an RFC 1123 label."""
+
+    hostname: Hostname | None = None
+
+
+class RebuildV294(RebuildV263):
+    """2.94 and later: ``hostname`` may be a fully qualified domain name."""
+
+    hostname: Fqdn | None = None
+
+
+def rebuild_model(version: Version) -> type[RebuildBase]:
+    for minimum, model in _REBUILD_MODELS:
+        if version.at_least(minimum):
+            return model
     return RebuildV21
+
+
+_REBUILD_MODELS: Final[tuple[tuple[str, type[RebuildBase]], ...]] = (
+    ("2.94", RebuildV294),
+    ("2.90", RebuildV290),
+    ("2.63", RebuildV263),
+    ("2.57", RebuildV257),
+    ("2.54", RebuildV254),
+    ("2.19", RebuildV219),
+)
 
 
 class CreateServerV21(Strict):

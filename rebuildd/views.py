@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 from rebuildd.microversion import Version
@@ -62,8 +63,38 @@ def _flavor_ref(flavor: Flavor, base: str, version: Version) -> JSON:
     }
 
 
-def server_base(server: Server, base: str, version: Version, fault: Fault | None) -> JSON:
-    """The base view: what Nova's rebuild response has below 2.75."""
+_PROGRESS_STATUSES = frozenset(
+    {"ACTIVE", "BUILD", "REBUILD", "RESIZE", "VERIFY_RESIZE", "MIGRATING"}
+)
+_FAULT_STATUSES = frozenset({"ERROR", "DELETED"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Show:
+    """Which parts of Nova's server view a response carries (Nova's ``show(..., show_X=)``)."""
+
+    full: bool  # the GET view's extended parts: AZ, config drive, usage, status, volumes, ...
+    key_name: bool
+    server_groups: bool
+    ext_user_data: bool  # OS-EXT-SRV-ATTR:user_data (the rebuild response has user_data instead)
+
+
+def _image_ref(server: Server, base: str, version: Version) -> JSON:
+    view: JSON = {
+        "id": server.image_ref,
+        "links": [{"rel": "bookmark", "href": f"{base}/images/{server.image_ref}"}],
+    }
+    if version.at_least("2.98"):
+        # The Server record keeps no copy of the image's properties (Nova's instance
+        # image_meta); {} is Nova's value for an image without properties.
+        view["properties"] = {}
+    return view
+
+
+def _server_view(
+    server: Server, base: str, version: Version, fault: Fault | None, *, is_admin: bool, show: _Show
+) -> JSON:
+    """Nova's ``ViewBuilder.show`` for one server, as ``show`` selects its parts."""
     status = status_from_state(server.vm_state, server.task_state)
     view: JSON = {
         "id": server.id,
@@ -73,10 +104,7 @@ def server_base(server: Server, base: str, version: Version, fault: Fault | None
         "user_id": server.user_id,
         "metadata": dict(server.metadata),
         "hostId": host_id(server),
-        "image": {
-            "id": server.image_ref,
-            "links": [{"rel": "bookmark", "href": f"{base}/images/{server.image_ref}"}],
-        },
+        "image": _image_ref(server, base, version),
         "flavor": _flavor_ref(server.flavor, base, version),
         "created": isotime(server.created_at),
         "updated": isotime(server.updated_at),
@@ -85,62 +113,121 @@ def server_base(server: Server, base: str, version: Version, fault: Fault | None
         "accessIPv6": server.access_ip_v6,
         "links": _links(base, "servers", server.id),
         "OS-DCF:diskConfig": "AUTO" if server.auto_disk_config else "MANUAL",
-        "progress": server.progress,
     }
-    if fault is not None and status in {"ERROR", "DELETED"}:
+    if fault is not None and status in _FAULT_STATUSES:
         view["fault"] = {
             "code": fault.code,
             "created": isotime(fault.created_at),
             "message": fault.message,
         }
+    if status in _PROGRESS_STATUSES:
+        view["progress"] = server.progress
+    if show.full:
+        view.update(_extended(server))
+    if show.key_name:
+        view["key_name"] = server.key_name
+    if show.full and is_admin:
+        view.update(_admin_attributes(server, version, user_data=show.ext_user_data))
+    view.update(_microversion_fields(server, version, is_admin=is_admin, show=show))
+    return view
+
+
+def _microversion_fields(server: Server, version: Version, *, is_admin: bool, show: _Show) -> JSON:
+    """What microversions 2.9 and later add to the server view."""
+    view: JSON = {}
     if version.at_least("2.9"):
         view["locked"] = server.locked
+    if show.full and is_admin and version.at_least("2.16"):
+        # rebuildd is the host's compute service and it is up while it answers.
+        view["host_status"] = "UP" if server.host else ""
     if version.at_least("2.19"):
         view["description"] = server.description
     if version.at_least("2.26"):
-        view["tags"] = []
-    if version.at_least("2.54"):
-        view["key_name"] = server.key_name
-    if version.at_least("2.57"):
-        view["user_data"] = server.user_data
+        view["tags"] = []  # rebuildd has no server tags: Nova's value for an untagged server
     if version.at_least("2.63"):
+        # Trusted certificates are not stored (no column): Nova's value for a server without.
         view["trusted_image_certificates"] = None
+    if show.server_groups:
+        view["server_groups"] = []  # rebuildd has no server groups: Nova's value for none
     if version.at_least("2.73"):
         view["locked_reason"] = server.locked_reason
+    if version.at_least("2.90") and not (show.full and is_admin):
+        view["OS-EXT-SRV-ATTR:hostname"] = server.hostname
+    if show.full and version.at_least("2.96"):
+        # No availability zone is requested at boot in rebuildd: Nova's value for an unpinned one.
+        view["pinned_availability_zone"] = None
+    if version.at_least("2.100"):
+        view["scheduler_hints"] = {}  # scheduler hints are not stored: Nova's value for none
     return view
+
+
+def _extended(server: Server) -> JSON:
+    return {
+        "config_drive": "True" if server.config_drive else "",
+        "security_groups": [{"name": "default"}],
+        "OS-EXT-AZ:availability_zone": "nova",
+        "OS-EXT-STS:vm_state": server.vm_state,
+        "OS-EXT-STS:task_state": server.task_state,
+        "OS-EXT-STS:power_state": server.power_state,
+        "OS-SRV-USG:launched_at": microtime(server.launched_at),
+        "OS-SRV-USG:terminated_at": microtime(server.terminated_at),
+        "os-extended-volumes:volumes_attached": [],
+    }
+
+
+def _admin_attributes(server: Server, version: Version, *, user_data: bool) -> JSON:
+    """Nova's extended server attributes (policy: admin)."""
+    view: JSON = {
+        "OS-EXT-SRV-ATTR:host": server.host,
+        "OS-EXT-SRV-ATTR:hypervisor_hostname": server.node,
+        "OS-EXT-SRV-ATTR:instance_name": server.domain_name,
+    }
+    if version.at_least("2.3"):
+        view.update(
+            {
+                "OS-EXT-SRV-ATTR:hostname": server.hostname,
+                "OS-EXT-SRV-ATTR:reservation_id": "",
+                "OS-EXT-SRV-ATTR:launch_index": 0,
+                "OS-EXT-SRV-ATTR:kernel_id": "",
+                "OS-EXT-SRV-ATTR:ramdisk_id": "",
+                "OS-EXT-SRV-ATTR:root_device_name": "/dev/vda",
+            }
+        )
+        if user_data:
+            view["OS-EXT-SRV-ATTR:user_data"] = server.user_data
+    return view
+
+
+def server_show(
+    server: Server, base: str, version: Version, fault: Fault | None, *, is_admin: bool
+) -> JSON:
+    """GET /servers/{id}."""
+    show = _Show(
+        full=True, key_name=True, server_groups=version.at_least("2.71"), ext_user_data=True
+    )
+    return _server_view(server, base, version, fault, is_admin=is_admin, show=show)
 
 
 def server_detail(
     server: Server, base: str, version: Version, fault: Fault | None, *, is_admin: bool
 ) -> JSON:
-    """The GET /servers/{id} and /servers/detail view (base view plus the extended fields)."""
-    view = server_base(server, base, version, fault)
-    view.update(
-        {
-            "key_name": server.key_name,
-            "config_drive": "True" if server.config_drive else "",
-            "security_groups": [{"name": "default"}],
-            "OS-EXT-AZ:availability_zone": "nova",
-            "OS-EXT-STS:vm_state": server.vm_state,
-            "OS-EXT-STS:task_state": server.task_state,
-            "OS-EXT-STS:power_state": server.power_state,
-            "OS-SRV-USG:launched_at": microtime(server.launched_at),
-            "OS-SRV-USG:terminated_at": microtime(server.terminated_at),
-            "os-extended-volumes:volumes_attached": [],
-        }
+    """One server of GET /servers/detail (no server groups, unlike the single GET)."""
+    show = _Show(full=True, key_name=True, server_groups=False, ext_user_data=True)
+    return _server_view(server, base, version, fault, is_admin=is_admin, show=show)
+
+
+def server_rebuilt(server: Server, base: str, version: Version, *, is_admin: bool) -> JSON:
+    """The rebuild 202's server (without adminPass): the base view below 2.75, the GET view
+    from 2.75, and user_data (not OS-EXT-SRV-ATTR:user_data) from 2.57."""
+    show = _Show(
+        full=version.at_least("2.75"),
+        key_name=version.at_least("2.54"),
+        server_groups=version.at_least("2.71"),
+        ext_user_data=False,
     )
-    if is_admin:
-        view["OS-EXT-SRV-ATTR:host"] = server.host
-        view["OS-EXT-SRV-ATTR:hypervisor_hostname"] = server.node
-        view["OS-EXT-SRV-ATTR:instance_name"] = server.domain_name
-        if version.at_least("2.3"):
-            view["OS-EXT-SRV-ATTR:hostname"] = server.hostname
-            view["OS-EXT-SRV-ATTR:reservation_id"] = ""
-            view["OS-EXT-SRV-ATTR:launch_index"] = 0
-            view["OS-EXT-SRV-ATTR:kernel_id"] = ""
-            view["OS-EXT-SRV-ATTR:ramdisk_id"] = ""
-            view["OS-EXT-SRV-ATTR:root_device_name"] = "/dev/vda"
-            view["OS-EXT-SRV-ATTR:user_data"] = server.user_data
+    view = _server_view(server, base, version, None, is_admin=is_admin, show=show)
+    if version.at_least("2.57"):
+        view["user_data"] = server.user_data
     return view
 
 

@@ -220,7 +220,6 @@ def test_nova_rebuild(clients: Clients, version: str | None) -> None:
     _check_rebuilt(clients, server_id, name=f"nova-{label}-rebuilt")
 
 
-@pytest.mark.xfail(reason="rebuild's user_data (2.57+) is not accepted yet: 400", strict=False)
 def test_openstack_rebuild_user_data(clients: Clients) -> None:
     server_id = clients.live.create_server("osc-user-data")
     user_data = clients.home / "user-data.txt"

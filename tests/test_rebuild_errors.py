@@ -93,6 +93,16 @@ def test_error_case(
     _untouched(daemon, server_id)
 
 
+def test_personality_is_refused_from_2_57(daemon: LiveDaemon) -> None:
+    """personality exists only up to 2.56."""
+    server_id = daemon.create_server()
+    body = {"rebuild": {"imageRef": daemon.image_ids[1], "personality": []}}
+    headers = {"OpenStack-API-Version": "compute 2.57"}
+    response = daemon.client.post(f"/v2.1/servers/{server_id}/action", json=body, headers=headers)
+    assert response.status_code == 400
+    assert "personality" in response.json()["badRequest"]["message"]
+
+
 @pytest.fixture
 def failed_build(tmp_path: Path) -> Iterator[tuple[LiveDaemon, str]]:
     gate = Gate("start_domain", job="create")
