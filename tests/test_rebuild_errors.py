@@ -4,6 +4,7 @@ the server untouched afterwards."""
 from __future__ import annotations
 
 import base64
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,31 @@ def test_personality_is_refused_from_2_57(daemon: LiveDaemon) -> None:
     response = daemon.client.post(f"/v2.1/servers/{server_id}/action", json=body, headers=headers)
     assert response.status_code == 400
     assert "personality" in response.json()["badRequest"]["message"]
+
+
+def test_image_bigger_than_the_flavor_disk_is_400(daemon: LiveDaemon, tmp_path: Path) -> None:
+    """An image whose virtual size exceeds the flavor's root disk is Nova's 400."""
+    big = tmp_path / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "2G"], check=True)
+    image_id = daemon.client.post(
+        "/image/v2/images", json={"name": "big", "disk_format": "qcow2", "container_format": "bare"}
+    ).json()["id"]
+    upload = daemon.client.put(
+        f"/image/v2/images/{image_id}/file",
+        content=big.read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert upload.status_code == 204, upload.text
+    server_id = daemon.create_server()
+    response = daemon.client.post(
+        f"/v2.1/servers/{server_id}/action", json={"rebuild": {"imageRef": image_id}}
+    )
+    assert response.status_code == 400
+    assert response.json()["badRequest"]["message"] == (
+        "Flavor's disk is too small for requested image. Flavor disk is 1073741824 bytes, "
+        "image is 2147483648 bytes."
+    )
+    _untouched(daemon, server_id)
 
 
 @pytest.fixture
