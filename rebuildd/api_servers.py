@@ -560,7 +560,7 @@ def _page_actions(
         actions = actions[ids.index(marker) + 1 :]
     limit = None
     if (raw_limit := params.get("limit")) is not None:
-        if not raw_limit.isdigit():
+        if not re.fullmatch(r"[0-9]+", raw_limit):
             raise errors.Invalid("Invalid input for query parameters limit.")
         limit = min(int(raw_limit), MAX_LIMIT)
         actions = actions[:limit]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import re
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -305,7 +306,8 @@ def check_quotas(spec: RebuildSpec) -> None:
         raise errors.OnsetFileLimitExceeded()
     for path, contents in spec.personality:
         try:
-            decoded = base64.b64decode(contents, validate=True)
+            # Nova's _decode_base64 ignores whitespace (its own samples contain some).
+            decoded = base64.b64decode(re.sub(r"\s", "", contents), validate=True)
         except (binascii.Error, ValueError):
             raise errors.PersonalityUndecodable(path=path) from None
         if len(path) > INJECTED_FILE_PATH_LENGTH:

@@ -57,7 +57,8 @@ from rebuildd.tables import (
 def create_engine(url: str) -> AsyncEngine:
     """An async engine; SQLite gets WAL, NORMAL sync, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # hide_parameters: statement values (user data, ...) never reach a log or an error.
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -72,7 +73,9 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=10, max_overflow=20, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 @dataclass(frozen=True, slots=True)
