@@ -30,7 +30,7 @@ class Daemon:
         self.env = {
             **os.environ,
             "REBUILDD_STATE_DIR": str(state_dir),
-            "REBUILDD_LOG_LEVEL": "warning",
+            "REBUILDD_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
             "REBUILDD_LOG_FORMAT": "json",
             "REBUILDD_SHUTDOWN_TIMEOUT": "0",
         }

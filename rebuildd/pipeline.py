@@ -364,7 +364,7 @@ def _root_device(devices: list[BlockDevice]) -> BlockDevice:
 def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
     conductor = Stage(
         event="rebuild_server",
-        steps=(Step("check_host", run=_check_host),),
+        steps=(Step("check_host", run=_check_host, read_only=True),),
         notify_end="instance.rebuild_scheduled",
         notify_error="instance.rebuild.error",
     )

@@ -1,5 +1,6 @@
-"""Rows <-> records: the SQLModel rows of tables.py turned into the frozen records of
-models.py, and back. Pure functions; storage.py is their only user."""
+"""Rows <-> records: the rows of tables.py turned into the frozen records of models.py, and
+back. Pure functions; storage.py is their only user. A row read is either a SQLModel row or a
+Core row whose columns carry the row class's attribute names (storage.py selects them so)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,10 @@ from rebuildd.models import (
     NewAction,
     Server,
 )
-from rebuildd.tables import (
-    BlockDeviceRow,
-    FlavorRow,
-    ImageRow,
-    InstanceActionEventRow,
-    InstanceActionRow,
-    KeyPairRow,
-    ServerRow,
-)
+from rebuildd.tables import InstanceActionRow
+
+# A SQLModel row, or a Core row with the same attribute names.
+RowLike = Any
 
 
 def action_row(server_id: str, action: NewAction, now: dt.datetime) -> InstanceActionRow:
@@ -54,7 +50,7 @@ def server_values(server: Server) -> dict[str, Any]:
     return values
 
 
-def flavor_record(row: FlavorRow) -> Flavor:
+def flavor_record(row: RowLike) -> Flavor:
     return Flavor(
         id=row.id,
         name=row.name,
@@ -71,12 +67,12 @@ def flavor_record(row: FlavorRow) -> Flavor:
     )
 
 
-def image_record(row: ImageRow) -> Image:
+def image_record(row: RowLike) -> Image:
     fields = {f.name for f in dataclasses.fields(Image)}
     return Image(**{name: getattr(row, name) for name in fields})
 
 
-def keypair_record(row: KeyPairRow) -> KeyPair:
+def keypair_record(row: RowLike) -> KeyPair:
     return KeyPair(
         name=row.name,
         user_id=row.user_id,
@@ -92,17 +88,17 @@ _SERVER_FIELDS = tuple(
 )
 
 
-def server_record(row: ServerRow) -> Server:
+def server_record(row: RowLike) -> Server:
     values = {name: getattr(row, name) for name in _SERVER_FIELDS}
     return Server(**values, flavor=Flavor(**row.flavor), metadata=dict(row.server_metadata))
 
 
-def block_device_record(row: BlockDeviceRow) -> BlockDevice:
+def block_device_record(row: RowLike) -> BlockDevice:
     fields = {f.name for f in dataclasses.fields(BlockDevice)}
     return BlockDevice(**{name: getattr(row, name) for name in fields})
 
 
-def action_record(row: InstanceActionRow, events: tuple[ActionEvent, ...]) -> InstanceAction:
+def action_record(row: RowLike, events: tuple[ActionEvent, ...]) -> InstanceAction:
     assert row.id is not None
     return InstanceAction(
         id=row.id,
@@ -124,7 +120,7 @@ def action_record(row: InstanceActionRow, events: tuple[ActionEvent, ...]) -> In
     )
 
 
-def event_record(row: InstanceActionEventRow) -> ActionEvent:
+def event_record(row: RowLike) -> ActionEvent:
     return ActionEvent(
         event=row.event,
         start_time=row.start_time,

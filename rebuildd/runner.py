@@ -56,6 +56,9 @@ class Step(Generic[C]):
     run: StepFn[C] | None = None  # None: only the task_state transition
     undo: StepFn[C] | None = None
     task_state: str | None = None  # moved to (compare-and-swap) before ``run``
+    # A check with no side effect and no facts: after a crash it just runs again, so its end
+    # needs no journal write.
+    read_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +204,8 @@ class Runner:
                 await self.store.start_event(job.request.request_id, stage.event, self.host)
                 if stage.notify_start and fresh:
                     await self._notify(job, stage.notify_start)
-                for step in pending:
-                    task_state = await self._step(job, step, journal, task_state)
+                for step, after in zip(pending, [*pending[1:], None], strict=True):
+                    task_state = await self._step(job, step, after, journal, task_state)
                 if last:
                     outcome = await job.succeed(job.context)
                     final = CLEANING if job.cleanup else DONE
@@ -225,9 +228,19 @@ class Runner:
         await self._cleanup(job, bound)
 
     async def _step(
-        self, job: Job[C], step: Step[C], journal: Journal, task_state: str | None
+        self,
+        job: Job[C],
+        step: Step[C],
+        after: Step[C] | None,
+        journal: Journal,
+        task_state: str | None,
     ) -> str | None:
-        """One step with its transition and journal entries; returns the task_state after it."""
+        """One step with its transition and journal entries; returns the task_state after it.
+
+        One journal write per step at most: the write that records a step done also records
+        the next step (``after``) started when that one has an undo — nothing happens between
+        the two, and an undo already copes with a step that never ran.
+        """
         await self.observer.before_step(job.action, step.name, job.server_id)
         if step.task_state is not None and step.task_state != task_state:
             await self._transition(job, task_state, step.task_state)
@@ -241,8 +254,14 @@ class Runner:
             log.debug("step", step=step.name, request_id=job.request.request_id)
             await step.run(job.context)
         journal.done.append(step.name)
+        announce = (
+            after is not None and after.undo is not None and after.name not in journal.started
+        )
+        if announce:
+            assert after is not None
+            journal.started.append(after.name)
         # A transition-only step is recorded by its compare-and-swap already.
-        if step.run is not None:
+        if announce or (step.run is not None and not step.read_only):
             await self._save(job, journal)
         await self.observer.after_step(job.action, step.name, job.server_id)
         return task_state

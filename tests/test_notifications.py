@@ -4,6 +4,7 @@ with the fields of Nova's published notification samples, inside the oslo.messag
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ def test_a_failed_rebuild_sends_error_with_an_exception_payload(tmp_path: Path) 
             f"/v2.1/servers/{server_id}/action", json={"rebuild": {"imageRef": live.image_ids[1]}}
         )
         live.wait_for(server_id, "ACTIVE")
+        # The error notification follows the final state; wait for it, not for the state.
+        deadline = time.monotonic() + 30
+        while _messages(live, server_id)[-1]["event_type"] != "instance.rebuild.error":
+            assert time.monotonic() < deadline, "no instance.rebuild.error within 30 s"
+            time.sleep(0.02)
         error = _messages(live, server_id)[-1]
         assert (error["event_type"], error["priority"]) == ("instance.rebuild.error", "ERROR")
         fault = _check_rebuild_payload(error)["fault"]

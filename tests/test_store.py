@@ -175,6 +175,26 @@ class TestTransition:
         assert (await store.latest_faults([server.id]))[server.id].message == "boom"
         assert (await store.get_block_devices(server.id))[0].path == "/new/root.qcow2"
 
+    async def test_a_cancelled_caller_sees_the_swap_it_started_finish(self, store: Store) -> None:
+        """Cancelling a caller mid-swap raises CancelledError only after the transaction
+        ended, so the caller never mistakes a committed swap for one that did not happen."""
+        server = await _add(store)
+        task = asyncio.create_task(
+            store.transition(
+                server.id,
+                action="rebuild",
+                expected_task_state=(None,),
+                task_state=TaskState.REBUILDING,
+                new_action=_action("rebuild"),
+            )
+        )
+        await asyncio.sleep(0)  # the swap has been handed to the database
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (await store.get_server(server.id)).task_state == TaskState.REBUILDING
+        assert len(await store.list_actions(server.id)) == 2
+
     async def test_task_state_cannot_be_smuggled_in_changes(self, store: Store) -> None:
         """task_state is written only as the swap's target, never through ``changes``."""
         server = await _add(store)
