@@ -9,13 +9,14 @@ SQL directly: routes call the pipeline and the Store's records.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
@@ -36,6 +37,7 @@ from rebuildd.pipeline import Deps
 from rebuildd.storage import Store
 
 log = structlog.get_logger("rebuildd.api")
+T = TypeVar("T")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -216,25 +218,31 @@ async def _send_fault(
 
 
 # -- dependencies ----------------------------------------------------------------------------
+# All ``async def``: FastAPI runs a plain ``def`` dependency in a worker thread, a hand-off
+# that cost more CPU than the rest of a GET /servers/{id} (bench/, see the README).
 
 
-def get_services(request: Request) -> Services:
+def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_version(request: Request) -> Version:
+async def get_services(request: Request) -> Services:
+    return _services(request)
+
+
+async def get_version(request: Request) -> Version:
     version: Version = getattr(request.state, "microversion", microversion.MIN_VERSION)
     return version
 
 
-def get_context(request: Request) -> RequestContext:
+async def get_context(request: Request) -> RequestContext:
     """The caller: from ``X-Auth-Token`` with token auth (401 if unknown), else — auth off,
     as with Nova's noauth2 — the configured project's admin (the token is then ignored)."""
     cached: RequestContext | None = getattr(request.state, "context", None)
     if cached is not None:
         return cached
-    services = get_services(request)
+    services = _services(request)
     if services.tokens is None:
         user_id, project_id = services.user_id, services.project_id
         roles: tuple[str, ...] = ("admin", "member", "reader")
@@ -248,8 +256,8 @@ def get_context(request: Request) -> RequestContext:
     return context
 
 
-def get_base_url(request: Request) -> str:
-    services = get_services(request)
+async def get_base_url(request: Request) -> str:
+    services = _services(request)
     if services.public_url:
         return services.public_url.rstrip("/")
     return str(request.base_url).rstrip("/")
@@ -263,6 +271,19 @@ def _digits(value: Any) -> Any:
 
 
 LimitQuery = Annotated[int | None, Query(ge=0), BeforeValidator(_digits)]
+
+
+def query_model(cls: type[T]) -> Callable[..., Awaitable[T]]:
+    """An ``async def`` dependency that builds ``cls`` (a dataclass of query parameters) from
+    its fields; ``Depends(cls)`` itself would build it in a worker thread."""
+
+    async def build(**params: Any) -> T:
+        return cls(**params)
+
+    build.__signature__ = inspect.signature(cls, eval_str=True)  # type: ignore[attr-defined]
+    return build
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 VersionDep = Annotated[Version, Depends(get_version)]
 ContextDep = Annotated[RequestContext, Depends(get_context)]

@@ -14,7 +14,15 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rebuildd import errors, schemas, views
-from rebuildd.api import BaseUrlDep, ContextDep, LimitQuery, ServicesDep, faults, read_json
+from rebuildd.api import (
+    BaseUrlDep,
+    ContextDep,
+    LimitQuery,
+    ServicesDep,
+    faults,
+    query_model,
+    read_json,
+)
 from rebuildd.storage import ImageFilters
 
 versions = APIRouter(tags=["images"])  # no authentication: clients discover with it
@@ -51,7 +59,7 @@ class ImageQuery:
     marker: Annotated[str | None, Query()] = None
 
 
-ImageQueryDep = Annotated[ImageQuery, Depends()]
+ImageQueryDep = Annotated[ImageQuery, Depends(query_model(ImageQuery))]
 
 
 def _image_filters(query: ImageQuery) -> ImageFilters:

@@ -26,6 +26,7 @@ from rebuildd.api import (
     ServicesDep,
     VersionDep,
     faults,
+    query_model,
     read_json,
 )
 from rebuildd.microversion import Version
@@ -92,7 +93,7 @@ class ServerQuery:
     all_tenants: Annotated[str | None, Query()] = None
 
 
-ServerQueryDep = Annotated[ServerQuery, Depends()]
+ServerQueryDep = Annotated[ServerQuery, Depends(query_model(ServerQuery))]
 
 
 def _filters(query: ServerQuery, *, is_admin: bool, project_id: str) -> ServerFilters:
