@@ -186,3 +186,14 @@ class NewAction:
     message: str | None = None
     params: dict[str, Any] | None = None
     idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One versioned notification, as kept in the Store's outbox."""
+
+    event_type: str
+    priority: str
+    publisher_id: str
+    server_id: str | None
+    payload: dict[str, Any]

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import structlog
 
-from rebuildd.models import Flavor, RequestContext, Server, utcnow
+from rebuildd.models import Flavor, Notification, RequestContext, Server, utcnow
 from rebuildd.ports import Store
 from rebuildd.states import PowerState
 
@@ -136,11 +136,32 @@ def oslo_envelope(message: Mapping[str, Any]) -> dict[str, str]:
 
 
 class Notifier:
-    """Writes each notification to the structured log and to the Store's outbox."""
+    """Builds notifications; the runner writes each in the transaction of the bookkeeping it
+    goes with (an event starting or finishing), or alone through :meth:`notify`."""
 
     def __init__(self, store: Store, *, host: str) -> None:
         self.store = store
         self.publisher_id = f"nova-compute:{host}"
+
+    def build(
+        self,
+        event_type: str,
+        server: Server,
+        *,
+        context: RequestContext,
+        priority: str = "INFO",
+        extra: Mapping[str, Any] | None = None,
+    ) -> Notification:
+        fault = (extra or {}).get("fault")
+        message = {
+            "message_id": str(uuid.uuid4()),
+            "publisher_id": self.publisher_id,
+            "event_type": event_type,
+            "priority": priority,
+            "timestamp": f"{utcnow():%Y-%m-%d %H:%M:%S.%f}",
+            "payload": action_payload(event_type, server, context, fault),
+        }
+        return Notification(event_type, priority, self.publisher_id, server.id, message)
 
     async def notify(
         self,
@@ -151,20 +172,19 @@ class Notifier:
         priority: str = "INFO",
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        fault = (extra or {}).get("fault")
-        message = {
-            "message_id": str(uuid.uuid4()),
-            "publisher_id": self.publisher_id,
-            "event_type": event_type,
-            "priority": priority,
-            "timestamp": f"{utcnow():%Y-%m-%d %H:%M:%S.%f}",
-            "payload": action_payload(event_type, server, context, fault),
-        }
-        await self.store.add_notification(
-            event_type=event_type,
-            priority=priority,
-            publisher_id=self.publisher_id,
-            server_id=server.id,
-            payload=message,
+        notification = self.build(
+            event_type, server, context=context, priority=priority, extra=extra
         )
-        log.info("notification", event_type=event_type, priority=priority, server_id=server.id)
+        await self.store.add_notification(notification)
+        sent(notification)
+
+
+def sent(notification: Notification | None) -> None:
+    """Log a notification once it is in the outbox."""
+    if notification is not None:
+        log.info(
+            "notification",
+            event_type=notification.event_type,
+            priority=notification.priority,
+            server_id=notification.server_id,
+        )

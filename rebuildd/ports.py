@@ -19,6 +19,7 @@ from rebuildd.models import (
     InstanceAction,
     KeyPair,
     NewAction,
+    Notification,
     RequestContext,
     Server,
 )
@@ -70,7 +71,14 @@ class Store(Protocol):
 
     async def get_keypair(self, user_id: str, name: str) -> KeyPair | None: ...
 
-    async def start_event(self, request_id: str, event_name: str, host: str) -> None: ...
+    async def start_event(
+        self,
+        request_id: str,
+        event_name: str,
+        host: str,
+        *,
+        notification: Notification | None = None,
+    ) -> None: ...
 
     async def finish_event(
         self,
@@ -81,17 +89,10 @@ class Store(Protocol):
         traceback: str | None = None,
         details: str | None = None,
         finish_action: bool = False,
+        notification: Notification | None = None,
     ) -> None: ...
 
-    async def add_notification(
-        self,
-        *,
-        event_type: str,
-        priority: str,
-        publisher_id: str,
-        server_id: str | None,
-        payload: dict[str, Any],
-    ) -> None: ...
+    async def add_notification(self, notification: Notification) -> None: ...
 
 
 class Hypervisor(Protocol):
@@ -136,6 +137,16 @@ class Disks(Protocol):
 
 
 class Notifier(Protocol):
+    def build(
+        self,
+        event_type: str,
+        server: Server,
+        *,
+        context: RequestContext,
+        priority: str = "INFO",
+        extra: Mapping[str, Any] | None = None,
+    ) -> Notification: ...
+
     async def notify(
         self,
         event_type: str,

@@ -22,8 +22,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from rebuildd import errors, ports
-from rebuildd.models import Fault, RequestContext, Server, utcnow
+from rebuildd import errors, notifications, ports
+from rebuildd.models import Fault, Notification, RequestContext, Server, utcnow
 
 log = structlog.get_logger("rebuildd.runner")
 C = TypeVar("C")
@@ -201,9 +201,13 @@ class Runner:
                     )
                     continue
                 fresh = not any(s.name in journal.started for s in stage.steps)
-                await self.store.start_event(job.request.request_id, stage.event, self.host)
+                starting = None
                 if stage.notify_start and fresh:
-                    await self._notify(job, stage.notify_start)
+                    starting = await self._notification(job, stage.notify_start)
+                await self.store.start_event(
+                    job.request.request_id, stage.event, self.host, notification=starting
+                )
+                notifications.sent(starting)
                 for step, after in zip(pending, [*pending[1:], None], strict=True):
                     task_state = await self._step(job, step, after, journal, task_state)
                 if last:
@@ -211,11 +215,17 @@ class Runner:
                     final = CLEANING if job.cleanup else DONE
                     server = await self._transition(job, task_state, None, outcome, job_state=final)
                     task_state = None
-                await self.store.finish_event(
-                    job.request.request_id, stage.event, result="Success", finish_action=last
-                )
+                ending = None
                 if stage.notify_end:
-                    await self._notify(job, stage.notify_end, server if last else None)
+                    ending = await self._notification(job, stage.notify_end, server)
+                await self.store.finish_event(
+                    job.request.request_id,
+                    stage.event,
+                    result="Success",
+                    finish_action=last,
+                    notification=ending,
+                )
+                notifications.sent(ending)
         except BaseException as exc:
             if task_state is None:  # the final state is written; only bookkeeping failed
                 bound.exception("job bookkeeping after success failed")
@@ -237,9 +247,11 @@ class Runner:
     ) -> str | None:
         """One step with its transition and journal entries; returns the task_state after it.
 
-        One journal write per step at most: the write that records a step done also records
-        the next step (``after``) started when that one has an undo — nothing happens between
-        the two, and an undo already copes with a step that never ran.
+        The journal is written only where recovery would otherwise act differently: before a
+        step with an undo starts (folded into the write after the step before it, as nothing
+        happens in between and an undo copes with a step that never ran), when a step
+        recorded facts, and when finishing it changes whether recovery rolls forward. A step
+        whose end is not written is simply re-run or undone after a crash, as each must allow.
         """
         await self.observer.before_step(job.action, step.name, job.server_id)
         if step.task_state is not None and step.task_state != task_state:
@@ -247,21 +259,23 @@ class Runner:
             task_state = step.task_state
         if step.name not in journal.started:
             journal.started.append(step.name)
-            # Only an undo needs to know a step began before it finished.
             if step.undo is not None:
                 await self._save(job, journal)
+        facts = job.facts.to_dict()
         if step.run is not None:
             log.debug("step", step=step.name, request_id=job.request.request_id)
             await step.run(job.context)
+        before = frozenset(journal.done)
         journal.done.append(step.name)
-        announce = (
-            after is not None and after.undo is not None and after.name not in journal.started
-        )
-        if announce:
-            assert after is not None
+        announce = False
+        if after is not None and after.undo is not None and after.name not in journal.started:
             journal.started.append(after.name)
-        # A transition-only step is recorded by its compare-and-swap already.
-        if announce or (step.run is not None and not step.read_only):
+            announce = True
+        if (
+            announce
+            or job.facts.to_dict() != facts
+            or job.resume_forward(before) != job.resume_forward(frozenset(journal.done))
+        ):
             await self._save(job, journal)
         await self.observer.after_step(job.action, step.name, job.server_id)
         return task_state
@@ -301,24 +315,28 @@ class Runner:
             fault=fault,
             job_state=ROLLED_BACK if rolled_back else FAILED,
         )
-        # Every event still open fails with it (after a crash that may be a later stage's).
-        for each in job.stages:
-            await self.store.finish_event(
-                job.request.request_id,
-                each.event,
-                result="Error",
-                traceback=details,
-                details=message,
-                finish_action=each is job.stages[-1],
-            )
+        error = None
         if stage.notify_error:
-            await self._notify(
+            error = await self._notification(
                 job,
                 stage.notify_error,
                 server,
                 priority="ERROR",
                 extra={"fault": _exception_payload(exc, message, details)},
             )
+        # Every event still open fails with it (after a crash that may be a later stage's).
+        for each in job.stages:
+            final = each is job.stages[-1]
+            await self.store.finish_event(
+                job.request.request_id,
+                each.event,
+                result="Error",
+                traceback=details,
+                details=message,
+                finish_action=final,
+                notification=error if final else None,
+            )
+        notifications.sent(error)
 
     async def _undo(self, job: Job[C], journal: Journal, bound: Any) -> bool:
         """Undo every started step, newest first; True when every undo succeeded."""
@@ -384,7 +402,7 @@ class Runner:
             job=(job.request.request_id, job_state) if job_state else None,
         )
 
-    async def _notify(
+    async def _notification(
         self,
         job: Job[C],
         event_type: str,
@@ -392,10 +410,10 @@ class Runner:
         *,
         priority: str = "INFO",
         extra: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> Notification:
         if server is None:
             server = await self.store.get_server(job.server_id, include_deleted=True)
-        await self.notifier.notify(
+        return self.notifier.build(
             event_type, server, context=job.request, priority=priority, extra=extra
         )
 

@@ -49,6 +49,7 @@ from rebuildd.models import (
     InstanceAction,
     KeyPair,
     NewAction,
+    Notification,
     Server,
     utcnow,
 )
@@ -176,50 +177,48 @@ class Store:
     """All persistence. One instance per process, shared by the API and the pipeline.
 
     Every method is one transaction, written as a plain function over a SQLAlchemy Core
-    :class:`Connection` and run by :meth:`_run`: on SQLite in one thread that owns the
-    connection (one hand-off per transaction), on PostgreSQL through asyncpg with
-    :meth:`AsyncConnection.run_sync`. Core, not the ORM session, and one hand-off per
-    transaction rather than aiosqlite's one per statement: together about a tenth of the CPU
-    per transaction (bench/, see the README). A started transaction always runs to its end: a
-    caller cancelled meanwhile sees the cancellation only after the commit or rollback.
+    :class:`Connection` and run by :meth:`_run`. On SQLite, reads run right on the event loop
+    (a WAL reader never waits for a lock, and a hand-off to a thread cost more CPU than the
+    read) and writes in one writer thread, which also serialises them; on PostgreSQL both go
+    through asyncpg with :meth:`AsyncConnection.run_sync`. Core, not the ORM session, and no
+    more than one hand-off per transaction rather than aiosqlite's one per statement: together
+    about a tenth of the CPU per transaction (bench/, see the README). A started write always
+    runs to its end: a caller cancelled meanwhile sees the cancellation only after the commit
+    or rollback.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sync_engine: Engine | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
         if engine.dialect.name == "sqlite":
             self._sync_engine = _sqlite_sync_engine(engine.url)
-            # One thread owns SQLite's connection; it also serialises the writers.
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="rebuildd-sqlite")
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="rebuildd-sqlite")
 
     async def close(self) -> None:
-        if self._thread is not None and self._sync_engine is not None:
-            self._thread.shutdown(wait=True)
+        if self._writer is not None and self._sync_engine is not None:
+            self._writer.shutdown(wait=True)
             self._sync_engine.dispose()
         await self.engine.dispose()
 
     async def _read(self, work: Callable[[Connection], T]) -> T:
-        return await self._run(work, write=False)
+        if self._sync_engine is not None:
+            with self._sync_engine.connect() as conn:
+                return work(conn)
+        return await _uncancelled(asyncio.ensure_future(self._async_transaction(work, False)))
 
     async def _write(self, work: Callable[[Connection], T]) -> T:
-        return await self._run(work, write=True)
-
-    async def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
-        if self._thread is not None:
+        if self._writer is not None:
             future = asyncio.get_running_loop().run_in_executor(
-                self._thread, self._sqlite_transaction, work, write
+                self._writer, self._sqlite_write, work
             )
         else:
-            future = asyncio.ensure_future(self._async_transaction(work, write))
+            future = asyncio.ensure_future(self._async_transaction(work, True))
         return await _uncancelled(future)
 
-    def _sqlite_transaction(self, work: Callable[[Connection], T], write: bool) -> T:
+    def _sqlite_write(self, work: Callable[[Connection], T]) -> T:
         assert self._sync_engine is not None
-        if write:
-            with self._sync_engine.begin() as conn:
-                return work(conn)
-        with self._sync_engine.connect() as conn:
+        with self._sync_engine.begin() as conn:
             return work(conn)
 
     async def _async_transaction(self, work: Callable[[Connection], T], write: bool) -> T:
@@ -588,13 +587,22 @@ class Store:
 
         return await self._read(work)
 
-    async def start_event(self, request_id: str, event_name: str, host: str) -> None:
-        """Start an event; a no-op if that event is already started and unfinished (resume)."""
+    async def start_event(
+        self,
+        request_id: str,
+        event_name: str,
+        host: str,
+        *,
+        notification: Notification | None = None,
+    ) -> None:
+        """Start an event; a no-op if that event is already started and unfinished (resume).
+        ``notification`` goes to the outbox in the same transaction."""
         now = utcnow()
 
         def work(conn: Connection) -> None:
             action_id = _action_id(conn, request_id)
             conn.execute(_UPDATE_ACTION_BY_REQUEST, {"rid": request_id, "now": now})
+            _add_notification(conn, notification, now)
             if conn.execute(_OPEN_EVENT, {"aid": action_id, "event": event_name}).first():
                 return
             conn.execute(
@@ -614,7 +622,10 @@ class Store:
         traceback: str | None = None,
         details: str | None = None,
         finish_action: bool = False,
+        notification: Notification | None = None,
     ) -> None:
+        """Finish an open event (and the action with ``finish_action``); ``notification`` goes
+        to the outbox in the same transaction."""
         now = utcnow()
         finish = _UPDATE_ACTION_BY_REQUEST
         if finish_action:
@@ -632,6 +643,7 @@ class Store:
                 )
                 .values(finish_time=now, result=result, traceback=traceback, details=details)
             )
+            _add_notification(conn, notification, now)
 
         await self._write(work)
 
@@ -675,24 +687,9 @@ class Store:
 
     # -- notifications outbox ----------------------------------------------------------------
 
-    async def add_notification(
-        self,
-        *,
-        event_type: str,
-        priority: str,
-        publisher_id: str,
-        server_id: str | None,
-        payload: dict[str, Any],
-    ) -> None:
-        statement = insert(NOTIFICATIONS.table).values(
-            event_type=event_type,
-            priority=priority,
-            publisher_id=publisher_id,
-            server_id=server_id,
-            payload=payload,
-            created_at=utcnow(),
-        )
-        await self._write(lambda conn: conn.execute(statement))
+    async def add_notification(self, notification: Notification) -> None:
+        now = utcnow()
+        await self._write(lambda conn: _add_notification(conn, notification, now))
 
     async def list_notifications(self, server_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         query = (
@@ -739,6 +736,22 @@ async def _uncancelled(future: asyncio.Future[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+def _add_notification(
+    conn: Connection, notification: Notification | None, now: dt.datetime
+) -> None:
+    if notification is not None:
+        conn.execute(
+            insert(NOTIFICATIONS.table).values(
+                event_type=notification.event_type,
+                priority=notification.priority,
+                publisher_id=notification.publisher_id,
+                server_id=notification.server_id,
+                payload=notification.payload,
+                created_at=now,
+            )
+        )
 
 
 def _action_id(conn: Connection, request_id: str) -> int:
