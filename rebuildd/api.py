@@ -22,7 +22,7 @@ import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator, ConfigDict, RootModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +31,7 @@ from rebuildd import errors, microversion
 from rebuildd.auth import Policy, TokenTable
 from rebuildd.images import LocalImageService
 from rebuildd.lifecycle import DomainSettings
+from rebuildd.metrics import CONTENT_TYPE
 from rebuildd.microversion import Version
 from rebuildd.models import RequestContext
 from rebuildd.pipeline import Deps
@@ -330,9 +331,16 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     app.include_router(api_catalog.router, prefix="/v2.1", **authenticated)
     app.include_router(api_images.router, prefix="/image", **authenticated)
     app.include_router(api_images.compute_alias, prefix="/v2.1", **authenticated)
+    app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+async def _metrics(services: ServicesDep) -> Response:
+    """Prometheus metrics (unauthenticated, as exporters are; listen on loopback or filter)."""
+    metrics = services.deps.runner.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from rebuildd.disks import DiskManager
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
 from rebuildd.lifecycle import DomainSettings
+from rebuildd.metrics import Metrics
 from rebuildd.notifications import Notifier
 from rebuildd.pipeline import Deps
 from rebuildd.ports import Hypervisor, StepObserver
@@ -68,7 +69,8 @@ async def open_daemon(
     state = settings.state_dir
     for sub in ("images", "_base", "instances"):
         (state / sub).mkdir(parents=True, exist_ok=True)
-    store = Store(create_engine(settings.effective_database_url))
+    metrics = Metrics()
+    store = Store(create_engine(settings.effective_database_url), metrics=metrics)
     hypervisor = LibvirtHypervisor(settings.libvirt_uri, threads=settings.libvirt_threads)
     await hypervisor.open()
     host = settings.effective_host
@@ -82,7 +84,12 @@ async def open_daemon(
     if settings.test_kill_at:
         observer = KillAt(settings.test_kill_at)
     runner = Runner(
-        store, notifier, host=host, limit=settings.max_concurrent_operations, observer=observer
+        store,
+        notifier,
+        host=host,
+        limit=settings.max_concurrent_operations,
+        observer=observer,
+        metrics=metrics,
     )
     policy = Policy.load(settings.policy_file)
     if settings.auth == "token" and settings.tokens_file is None:

@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import structlog
 
 from rebuildd import errors, notifications, ports
+from rebuildd.metrics import Metrics
 from rebuildd.models import Fault, Notification, RequestContext, Server, utcnow
 
 log = structlog.get_logger("rebuildd.runner")
@@ -129,8 +130,10 @@ class Runner:
         host: str,
         limit: int,
         observer: ports.StepObserver | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.notifier = notifier
         self.host = host
         self.limit = limit
@@ -171,6 +174,7 @@ class Runner:
         async with self._slots:
             self.active += 1
             self.peak = max(self.peak, self.active)
+            self.metrics.jobs_running.inc()
             try:
                 await self._execute(job, journal or Journal())
             except asyncio.CancelledError:
@@ -180,6 +184,7 @@ class Runner:
                 log.exception("job bookkeeping failed", action=job.action, server_id=job.server_id)
             finally:
                 self.active -= 1
+                self.metrics.jobs_running.dec()
 
     async def _save(self, job: Job[C], journal: Journal) -> None:
         await self.store.save_journal(job.request.request_id, journal.dump(job.facts))
@@ -235,6 +240,7 @@ class Runner:
                 raise
             return
         bound.info("job finished", result="Success")
+        self.metrics.jobs.labels(action=job.action, result="success").inc()
         await self._cleanup(job, bound)
 
     async def _step(
@@ -264,7 +270,8 @@ class Runner:
         facts = job.facts.to_dict()
         if step.run is not None:
             log.debug("step", step=step.name, request_id=job.request.request_id)
-            await step.run(job.context)
+            with self.metrics.step_seconds.labels(action=job.action, step=step.name).time():
+                await step.run(job.context)
         before = frozenset(journal.done)
         journal.done.append(step.name)
         announce = False
@@ -315,6 +322,9 @@ class Runner:
             fault=fault,
             job_state=ROLLED_BACK if rolled_back else FAILED,
         )
+        self.metrics.jobs.labels(
+            action=job.action, result=ROLLED_BACK if rolled_back else FAILED
+        ).inc()
         error = None
         if stage.notify_error:
             error = await self._notification(
