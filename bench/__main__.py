@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from bench import metrics
 from bench.daemon import Daemon
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,6 +114,7 @@ async def scenario_sequential(api: Api, daemon: Daemon, n: int) -> dict[str, Any
     images = [api.images["demo-image-b"], api.images["demo-image-a"]]
     accepted, e2e_poll, e2e_action, stage_api, stage_rebuild, stage_compute = [], [], [], [], [], []
     request_ids = []
+    metrics0 = await metrics.scrape(api.c)
     cpu0 = daemon.cpu_seconds()
     wall0 = time.perf_counter()
     for i in range(n):
@@ -128,6 +130,8 @@ async def scenario_sequential(api: Api, daemon: Daemon, n: int) -> dict[str, Any
         request_ids.append(r.headers["x-compute-request-id"])
     wall = time.perf_counter() - wall0
     cpu1 = daemon.cpu_seconds()
+    metrics1 = await metrics.scrape(api.c)
+    quiet_cpu_ms = await _cpu_without_polling(api, daemon, sid, images, n, pct(e2e_poll, 95))
     # Action timestamps, read after the timed loop so the reads do not load the daemon's CPU.
     for req in request_ids:
         a = await api.action(sid, req)
@@ -150,6 +154,8 @@ async def scenario_sequential(api: Api, daemon: Daemon, n: int) -> dict[str, Any
         "wall_s": wall,
         "daemon_cpu_s": cpu1 - cpu0,
         "daemon_cpu_ms_per_rebuild": (cpu1 - cpu0) * 1000 / n,
+        "daemon_cpu_ms_per_rebuild_one_poll": quiet_cpu_ms,
+        "breakdown": metrics.breakdown(metrics0, metrics1, action="rebuild", jobs=n),
         "accepted_ms": summary(accepted),
         "e2e_poll_ms": summary(e2e_poll),
         "e2e_action_ms": summary(e2e_action),
@@ -166,6 +172,22 @@ async def scenario_sequential(api: Api, daemon: Daemon, n: int) -> dict[str, Any
             "compute_rebuild_instance_ms": stage_compute,
         },
     }
+
+
+async def _cpu_without_polling(
+    api: Api, daemon: Daemon, sid: str, images: list[str], n: int, settle_ms: float | None
+) -> float:
+    """Daemon CPU per rebuild when the client does not poll: each POST is followed by a sleep
+    of the polled run's p95 end-to-end time, then (usually) one GET that finds it ACTIVE."""
+    pause = (settle_ms or 100) / 1000
+    cpu0 = daemon.cpu_seconds()
+    for i in range(n):
+        r = await api.rebuild(sid, images[i % 2])
+        if r.status_code != 202:
+            raise RuntimeError(f"rebuild {i}: {r.status_code} {r.text[:300]}")
+        await asyncio.sleep(pause)
+        await api.wait_active(sid, interval=pause / 4)
+    return (daemon.cpu_seconds() - cpu0) * 1000 / n
 
 
 async def create_many(
@@ -338,7 +360,10 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         v = seq["e2e_action_ms"]["p50"]
         row("end-to-end rebuild p50 (action timestamps, sequential)", "<= 15 ms", v, v <= 15)
         v = seq["daemon_cpu_ms_per_rebuild"]
-        row("daemon CPU per rebuild (sequential)", "<= 10 ms", v, v <= 10)
+        row("daemon CPU per rebuild (sequential, polling every 5 ms)", "<= 10 ms", v, v <= 10)
+        v = seq.get("daemon_cpu_ms_per_rebuild_one_poll")
+        if v is not None:
+            row("daemon CPU per rebuild (sequential, ~1 status GET)", "<= 10 ms", v, v <= 10)
     if conc:
         v = conc["accepted_ms"]["p99"]
         row(f"202 p99 with {conc['clients']} clients", "<= 20 ms", v, v is not None and v <= 20)
@@ -403,6 +428,23 @@ def markdown(result: dict[str, Any]) -> str:
         ):
             lines.append(
                 f"| {label} | {fmt(s['p50'], '')} | {fmt(s['p95'], '')} | {fmt(s['p99'], '')} |"
+            )
+    if seq and seq.get("breakdown"):
+        b = seq["breakdown"]
+        lines += [
+            "",
+            "Where a sequential rebuild's time goes (means per rebuild, from `GET /metrics`):",
+            "",
+            "| part | ms |",
+            "|---|---|",
+        ]
+        lines += [f"| step `{k}` | {v:.2f} |" for k, v in b["steps_ms"].items()]
+        for kind in ("read", "write"):
+            db = b["db"][kind]
+            note = ", with the polling GETs'" if kind == "read" else ""
+            lines.append(
+                f"| Store {kind}s ({db['per_job']:.1f} transactions{note}) "
+                f"| {db['ms_per_job']:.2f} |"
             )
     conc = result["scenarios"].get("concurrent")
     if conc:
