@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -179,6 +180,20 @@ _IMAGE = IMAGES.select().where(IMAGES.c.id == bindparam("id"))
 _FLAVOR = FLAVORS.select().where(FLAVORS.c.id == bindparam("id"))
 _DEVICES = (
     DEVICES.select().where(DEVICES.c.server_id == bindparam("id")).order_by(DEVICES.c.device_name)
+)
+_FINISH_EVENT = (
+    update(EVENTS.table)
+    .where(
+        EVENTS.c.action_id == bindparam("aid"),
+        EVENTS.c.event == bindparam("ev"),
+        EVENTS.c.finish_time.is_(None),
+    )
+    .values(
+        finish_time=bindparam("at"),
+        result=bindparam("res"),
+        traceback=bindparam("tb"),
+        details=bindparam("why"),
+    )
 )
 _ACTION_ID = select(ACTIONS.c.id).where(ACTIONS.c.request_id == bindparam("rid"))
 _OPEN_EVENT = select(EVENTS.c.id).where(
@@ -454,22 +469,16 @@ class Store:
             raise ValueError(f"bad server changes: {sorted(values)}")
         now = utcnow()
         values.update(task_state=task_state, updated_at=now)
-        conditions = [
-            SERVERS.c.id == server_id,
-            SERVERS.c.deleted == False,  # noqa: E712
-            _task_state_clause(expected_task_state),
-        ]
-        if expected_vm_state is not None:
-            conditions.append(SERVERS.c.vm_state.in_(list(expected_vm_state)))
-        statement = (
-            update(SERVERS.table)
-            .where(*conditions)
-            .values(SERVERS.values(values))
-            .returning(*SERVERS.selected)
+        statement = _swap_statement(
+            tuple(sorted(values)),
+            tuple(sorted(expected_task_state, key=str)),
+            None if expected_vm_state is None else tuple(sorted(expected_vm_state)),
         )
+        params = {f"v_{key}": value for key, value in SERVERS.values(values).items()}
+        params["server_id"] = server_id
 
         def work(conn: Connection) -> Server:
-            row = conn.execute(statement).first()
+            row = conn.execute(statement, params).first()
             if row is None:
                 current = conn.execute(
                     select(SERVERS.c.deleted, SERVERS.c.vm_state, SERVERS.c.task_state).where(
@@ -637,13 +646,15 @@ class Store:
             action_id = _action_id(conn, request_id)
             conn.execute(finish, {"rid": request_id, "now": now})
             conn.execute(
-                update(EVENTS.table)
-                .where(
-                    EVENTS.c.action_id == action_id,
-                    EVENTS.c.event == event_name,
-                    EVENTS.c.finish_time.is_(None),
-                )
-                .values(finish_time=now, result=result, traceback=traceback, details=details)
+                _FINISH_EVENT,
+                {
+                    "aid": action_id,
+                    "ev": event_name,
+                    "at": now,
+                    "res": result,
+                    "tb": traceback,
+                    "why": details,
+                },
             )
             _add_notification(conn, notification, now)
 
@@ -770,6 +781,29 @@ def _action_values(server_id: str, action: NewAction, now: dt.datetime) -> dict[
 
 
 # -- helpers: clauses ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _swap_statement(
+    columns: tuple[str, ...],
+    expected_task_state: tuple[str | None, ...],
+    expected_vm_state: tuple[str, ...] | None,
+) -> Any:
+    """The compare-and-swap UPDATE for one shape of transition, built once: the shapes come
+    from the code's fixed vocabulary of states and columns, never from a request."""
+    conditions = [
+        SERVERS.c.id == bindparam("server_id"),
+        SERVERS.c.deleted == False,  # noqa: E712
+        _task_state_clause(expected_task_state),
+    ]
+    if expected_vm_state is not None:
+        conditions.append(SERVERS.c.vm_state.in_(list(expected_vm_state)))
+    return (
+        update(SERVERS.table)
+        .where(*conditions)
+        .values({SERVERS.keys[name]: bindparam(f"v_{SERVERS.keys[name]}") for name in columns})
+        .returning(*SERVERS.selected)
+    )
 
 
 def _task_state_clause(expected: Collection[str | None]) -> Any:
