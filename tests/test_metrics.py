@@ -22,11 +22,12 @@ def _samples(live: LiveDaemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 
 def _settled(live: LiveDaemon, result: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The samples once a rebuild job has been counted with ``result`` (the count follows the
-    server's final state by a moment)."""
+    """The samples once a rebuild job has been counted with ``result`` and no job runs (both
+    follow the server's final state by a moment)."""
     key = ("rebuildd_jobs_total", (("action", "rebuild"), ("result", result)))
     deadline = time.monotonic() + 30
-    while (samples := _samples(live)).get(key) != 1:
+    idle = ("rebuildd_jobs_running", ())
+    while (samples := _samples(live)).get(key) != 1 or samples.get(idle) != 0:
         assert time.monotonic() < deadline, f"no rebuild counted as {result}"
         time.sleep(0.01)
     return samples
