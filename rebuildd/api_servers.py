@@ -231,7 +231,7 @@ async def show_server(
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "properties": {"server": schemas.request_schema(schemas.CreateServerV219)},
+                        "properties": {"server": schemas.request_schema(schemas.CreateServerV294)},
                         "required": ["server"],
                     }
                 }
@@ -270,6 +270,8 @@ async def create_server(
         access_ip_v6=model.accessIPv6 or "",
         auto_disk_config=model.diskConfig == "AUTO",
         config_drive=bool(model.config_drive),
+        trusted_certs=_trusted_certs(model),
+        hostname=getattr(model, "hostname", None),
     )
     server, admin_pass = await lifecycle.request_create(services.deps, services.domain, ctx, spec)
     view = {
@@ -431,9 +433,9 @@ async def _rebuild(
         personality=tuple((p.path, p.contents) for p in getattr(model, "personality", None) or ()),
         user_data=getattr(model, "user_data", None) if "user_data" in fields else pipeline.UNSET,
         hostname=getattr(model, "hostname", None),
-        # trusted_image_certificates (2.63+) is validated but stored nowhere: the servers
-        # table has no column for it and rebuildd verifies no image signatures, so the views
-        # show null, Nova's value for a server without trusted certificates.
+        trusted_certs=_trusted_certs(model)
+        if "trusted_image_certificates" in fields
+        else (pipeline.UNSET),
     )
     server, admin_pass = await pipeline.request_rebuild(
         services.deps, ctx, server_id, spec, idempotency_key=idempotency_key
@@ -445,6 +447,11 @@ async def _rebuild(
         answer = {"body": {"server": view}, "location": location}
         await services.store.save_response(ctx.request_id, answer)
     return JSONResponse({"server": view}, status_code=202, headers={"Location": location})
+
+
+def _trusted_certs(model: Any) -> tuple[str, ...] | None:
+    certs = getattr(model, "trusted_image_certificates", None)
+    return None if certs is None else tuple(certs)
 
 
 def _lock_reason(action: str, value: Any, version: Version) -> str | None:

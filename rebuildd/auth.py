@@ -32,6 +32,7 @@ from rebuildd.models import RequestContext
 # Nova's defaults: PROJECT_MEMBER_OR_ADMIN for server actions, ADMIN for the rest.
 DEFAULT_RULES: Final[Mapping[str, str]] = {
     "os_compute_api:servers:create": "admin_or_owner",
+    "os_compute_api:servers:create:trusted_certs": "admin_or_owner",
     "os_compute_api:servers:delete": "admin_or_owner",
     "os_compute_api:servers:rebuild": "admin_or_owner",
     "os_compute_api:servers:rebuild:trusted_certs": "admin_or_owner",

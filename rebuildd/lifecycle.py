@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from rebuildd import domxml, errors
+from rebuildd import domxml, errors, imageprops
 from rebuildd.models import (
     BlockDevice,
     Flavor,
@@ -65,6 +65,8 @@ class CreateSpec:
     access_ip_v6: str = ""
     auto_disk_config: bool = False
     config_drive: bool = False
+    trusted_certs: tuple[str, ...] | None = None  # 2.63+
+    hostname: str | None = None  # 2.90+; else derived from the name, as Nova does
 
 
 class NoFacts:
@@ -96,6 +98,10 @@ async def request_create(
     """Nova's ``API.create`` for one server booted from an image on this host."""
     deps.runner.check_accepting()
     deps.policy.authorize("os_compute_api:servers:create", request, request.project_id)
+    if spec.trusted_certs is not None:
+        deps.policy.authorize(
+            "os_compute_api:servers:create:trusted_certs", request, request.project_id
+        )
     try:
         flavor = await deps.store.get_flavor(spec.flavor_ref)
     except errors.FlavorNotFound:
@@ -163,7 +169,7 @@ def _new_server(
         host=deps.host,
         node=deps.host,
         domain_name=f"{domain.name_prefix}{server_id}",
-        hostname=_hostname(spec.name, server_id),
+        hostname=spec.hostname or _hostname(spec.name, server_id),
         metadata=dict(spec.metadata),
         key_name=key_name,
         key_data=key_data,
@@ -180,6 +186,8 @@ def _new_server(
         terminated_at=None,
         created_at=now,
         updated_at=now,
+        image_properties=imageprops.kept(image.properties),
+        trusted_certs=spec.trusted_certs,
     )
 
 

@@ -124,6 +124,8 @@ class Server:
     updated_at: dt.datetime
     deleted: bool = False
     locked_by: str | None = None  # owner | admin
+    image_properties: dict[str, str] = field(default_factory=dict)  # imageprops.kept(...)
+    trusted_certs: tuple[str, ...] | None = None  # 2.63+ trusted_image_certificates
 
 
 @dataclass(frozen=True, slots=True)

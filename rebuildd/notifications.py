@@ -125,7 +125,8 @@ def action_payload(
     data = instance_data(server, context)
     data["fault"] = None if fault is None else _object("ExceptionPayload", "1.1", dict(fault))
     if event_type.startswith("instance.rebuild"):
-        data["trusted_image_certificates"] = None
+        certs = server.trusted_certs
+        data["trusted_image_certificates"] = None if certs is None else list(certs)
         return _object("InstanceActionRebuildPayload", "1.10", data)
     return _object("InstanceActionPayload", "1.9", data)
 

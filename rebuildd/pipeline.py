@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from rebuildd import domxml, errors, ports
+from rebuildd import domxml, errors, imageprops, ports
 from rebuildd.models import (
     BlockDevice,
     Flavor,
@@ -86,6 +86,8 @@ class RebuildSpec:
     personality: tuple[tuple[str, str], ...] = ()  # (path, base64 contents), up to 2.56
     user_data: str | Unset | None = UNSET  # 2.57+: omitted keeps it, null clears it
     hostname: str | None = None  # 2.90+
+    # 2.63+: omitted keeps them, null clears them (stored and shown; see README on signatures)
+    trusted_certs: tuple[str, ...] | Unset | None = UNSET
 
 
 @dataclass(slots=True)
@@ -119,6 +121,8 @@ RESTORED_FIELDS: Final = (
     "auto_disk_config",
     "user_data",
     "hostname",
+    "image_properties",
+    "trusted_certs",
 )
 
 
@@ -161,6 +165,10 @@ async def request_rebuild(
     project = None if request.is_admin else request.project_id
     server = await deps.store.get_server(server_id, project_id=project)
     deps.policy.authorize("os_compute_api:servers:rebuild", request, server.project_id)
+    if not isinstance(spec.trusted_certs, Unset):
+        deps.policy.authorize(
+            "os_compute_api:servers:rebuild:trusted_certs", request, server.project_id
+        )
     check_rebuildable(server, request)
     key_changes = await _key_changes(deps, request, spec)
     image = await deps.images.get(request, spec.image_ref)
@@ -172,7 +180,15 @@ async def request_rebuild(
     root = _root_device(await deps.store.get_block_devices(server.id))
     admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
 
-    changes: dict[str, Any] = {"image_ref": image.id, "progress": 0, **key_changes}
+    changes: dict[str, Any] = {
+        "image_ref": image.id,
+        "progress": 0,
+        # Nova's _reset_image_metadata: the old image's properties go, the new one's come.
+        "image_properties": imageprops.kept(image.properties),
+        **key_changes,
+    }
+    if not isinstance(spec.trusted_certs, Unset):
+        changes["trusted_certs"] = None if spec.trusted_certs is None else list(spec.trusted_certs)
     if spec.name is not None:
         changes["name"] = spec.name
     if spec.metadata is not None:
@@ -408,6 +424,8 @@ async def rebuild_job_from_action(
     """The job of a rebuild a previous process left in flight, from its saved params."""
     params = action.job_params or {}
     before = dataclasses.replace(server, **params.get("before", {}))
+    if before.trusted_certs is not None:  # a JSON list in the saved params
+        before = dataclasses.replace(before, trusted_certs=tuple(before.trusted_certs))
     root = next(
         d for d in await deps.store.get_block_devices(server.id) if d.id == params["root_bdm_id"]
     )

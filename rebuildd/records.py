@@ -47,6 +47,8 @@ def server_values(server: Server) -> dict[str, Any]:
     values["flavor"] = dataclasses.asdict(flavor)
     values["flavor_id"] = flavor.id
     values["server_metadata"] = values.pop("metadata")
+    certs = values.pop("trusted_certs")
+    values["trusted_certs"] = None if certs is None else list(certs)
     return values
 
 
@@ -84,13 +86,22 @@ def keypair_record(row: RowLike) -> KeyPair:
 
 
 _SERVER_FIELDS = tuple(
-    f.name for f in dataclasses.fields(Server) if f.name not in {"flavor", "metadata"}
+    f.name
+    for f in dataclasses.fields(Server)
+    if f.name not in {"flavor", "metadata", "image_properties", "trusted_certs"}
 )
 
 
 def server_record(row: RowLike) -> Server:
     values = {name: getattr(row, name) for name in _SERVER_FIELDS}
-    return Server(**values, flavor=Flavor(**row.flavor), metadata=dict(row.server_metadata))
+    certs = row.trusted_certs
+    return Server(
+        **values,
+        flavor=Flavor(**row.flavor),
+        metadata=dict(row.server_metadata),
+        image_properties=dict(row.image_properties or {}),
+        trusted_certs=None if certs is None else tuple(certs),
+    )
 
 
 def block_device_record(row: RowLike) -> BlockDevice:

@@ -251,12 +251,44 @@ class CreateServerV21(Strict):
 
 
 class CreateServerV219(CreateServerV21):
+    """2.19-2.62: ``description`` (nullable)."""
+
     nullable: ClassVar[frozenset[str]] = frozenset({"description"})
     description: Description | None = None
 
 
+class CreateServerV263(CreateServerV219):
+    """2.63-2.89: ``trusted_image_certificates`` (nullable)."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset({"description", "trusted_image_certificates"})
+    trusted_image_certificates: TrustedCerts | None = None
+
+
+class CreateServerV290(CreateServerV263):
+    """2.90-2.93: ``hostname``, an RFC 1123 label."""
+
+    hostname: Hostname | None = None
+
+
+class CreateServerV294(CreateServerV263):
+    """2.94 and later: ``hostname`` may be a fully qualified domain name."""
+
+    hostname: Fqdn | None = None
+
+
 def create_model(version: Version) -> type[CreateServerV21]:
-    return CreateServerV219 if version.at_least("2.19") else CreateServerV21
+    for minimum, model in _CREATE_MODELS:
+        if version.at_least(minimum):
+            return model
+    return CreateServerV21
+
+
+_CREATE_MODELS: Final[tuple[tuple[str, type[CreateServerV21]], ...]] = (
+    ("2.94", CreateServerV294),
+    ("2.90", CreateServerV290),
+    ("2.63", CreateServerV263),
+    ("2.19", CreateServerV219),
+)
 
 
 MAX_INT: Final = 2147483647  # Nova's db.MAX_INT: the columns are 32-bit integers

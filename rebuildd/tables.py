@@ -112,6 +112,12 @@ class ServerRow(SQLModel, table=True):
     updated_at: dt.datetime
     deleted: bool = False
     deleted_at: dt.datetime | None = None
+    # Nova's image_* system metadata: the image's properties at boot or at the last rebuild.
+    image_properties: dict[str, str] | None = Field(
+        default=None, sa_column=Column("image_properties", JSON)
+    )
+    # Trusted image certificate IDs (2.63+); None when the server has none.
+    trusted_certs: list[str] | None = Field(default=None, sa_column=Column("trusted_certs", JSON))
 
 
 class BlockDeviceRow(SQLModel, table=True):

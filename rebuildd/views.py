@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from rebuildd import imageprops
 from rebuildd.microversion import Version
 from rebuildd.models import Fault, Flavor, Image, InstanceAction, KeyPair, Server
 from rebuildd.states import status_from_state
@@ -85,9 +86,7 @@ def _image_ref(server: Server, base: str, version: Version) -> JSON:
         "links": [{"rel": "bookmark", "href": f"{base}/images/{server.image_ref}"}],
     }
     if version.at_least("2.98"):
-        # The Server record keeps no copy of the image's properties (Nova's instance
-        # image_meta); {} is Nova's value for an image without properties.
-        view["properties"] = {}
+        view["properties"] = imageprops.shown(server.image_properties)
     return view
 
 
@@ -145,8 +144,8 @@ def _microversion_fields(server: Server, version: Version, *, is_admin: bool, sh
     if version.at_least("2.26"):
         view["tags"] = []  # rebuildd has no server tags: Nova's value for an untagged server
     if version.at_least("2.63"):
-        # Trusted certificates are not stored (no column): Nova's value for a server without.
-        view["trusted_image_certificates"] = None
+        certs = server.trusted_certs
+        view["trusted_image_certificates"] = None if certs is None else list(certs)
     if show.server_groups:
         view["server_groups"] = []  # rebuildd has no server groups: Nova's value for none
     if version.at_least("2.73"):

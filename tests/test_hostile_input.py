@@ -367,14 +367,18 @@ def _tree(root: Path) -> set[Path]:
 
 
 def _assert_only_uuid_paths(state_dir: Path, new: set[Path], server_id: str) -> None:
-    """New files are the database's, cached images (named by uuid), or this server's root
-    disks under instances/<uuid>/root-*.qcow2; nothing else, anywhere."""
+    """New files are the database's, cached images (named by uuid), overlay templates (named
+    by a digest), or this server's root disks under instances/<uuid>/root-*.qcow2; nothing
+    else, anywhere."""
     for path in new:
         parts = path.parts
         if parts[0].startswith("rebuildd.db"):
             continue
         if parts[0] == "_base":
             assert len(parts) == 2 and UUID_RE.match(parts[1]), path
+            continue
+        if parts[:2] == ("instances", "_templates"):  # overlay templates, named by a digest
+            assert len(parts) == 2 or re.fullmatch(r"[0-9a-f]{32}\.qcow2", parts[2]), path
             continue
         assert parts[:2] == ("instances", server_id), path
         if len(parts) == 3:
