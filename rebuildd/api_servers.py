@@ -101,7 +101,7 @@ def _filters(query: ServerQuery, *, is_admin: bool, project_id: str) -> ServerFi
     since = _changes_since(query.changes_since) if query.changes_since is not None else None
     return ServerFilters(
         project_id=None if (is_admin and all_tenants) else project_id,
-        name=_name_regex(query.name) if query.name else None,
+        name=query.name or None,
         image=query.image or None,
         flavor=query.flavor or None,
         states=states_for_status(query.status.upper()) if query.status else None,
@@ -121,18 +121,6 @@ def _changes_since(value: str) -> dt.datetime:
             f"Invalid input for query parameters changes-since. Value: {value!r}. "
             "It is not an ISO 8601 date-time in range."
         ) from None
-
-
-def _name_regex(name: str) -> str:
-    """The name filter is a regular expression; one Python cannot compile (a repetition
-    count beyond its limits, say) is matched literally, as an invalid pattern already is."""
-    try:
-        re.compile(name)
-    except re.error:
-        return name
-    except (OverflowError, RecursionError, ValueError):
-        return re.escape(name)
-    return name
 
 
 def _next_links(

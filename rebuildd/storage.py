@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import functools
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,6 +54,7 @@ from rebuildd.models import (
     Server,
     utcnow,
 )
+from rebuildd.namefilter import NameFilter
 from rebuildd.states import explicit_task_states
 from rebuildd.tables import (
     BlockDeviceRow,
@@ -419,7 +419,12 @@ class Store:
         if filters.states is not None:
             query = query.where(_states_clause(filters.states))
 
-        def work(conn: Connection) -> Sequence[Row[Any]]:
+        names = NameFilter(filters.name) if filters.name is not None else None
+        if names is not None and names.literal is not None:
+            # A superset (LIKE ignores ASCII case on SQLite); matches() below is exact.
+            query = query.where(SERVERS.c.name.contains(names.literal, autoescape=True))
+
+        def work(conn: Connection) -> list[Row[Any]]:
             paged = query
             if filters.marker is not None:
                 marker = conn.execute(
@@ -429,17 +434,21 @@ class Store:
                     raise errors.Invalid(f"marker [{filters.marker}] not found")
                 paged = paged.where(_before(SERVERS.c, marker.created_at, marker.id))
             paged = paged.order_by(SERVERS.c.created_at.desc(), SERVERS.c.id.desc())
-            if filters.name is None and filters.limit is not None:
-                paged = paged.limit(filters.limit)
-            return conn.execute(paged).all()
+            if names is None:
+                if filters.limit is not None:
+                    paged = paged.limit(filters.limit)
+                return list(conn.execute(paged))
+            # Rows are read as they match, so a limit stops the scan early.
+            names.start()
+            found: list[Row[Any]] = []
+            for row in conn.execute(paged):
+                if names.matches(row.name):
+                    found.append(row)
+                    if filters.limit is not None and len(found) >= filters.limit:
+                        break
+            return found
 
-        servers = [records.server_record(row) for row in await self._read(work)]
-        if filters.name is not None:
-            pattern = _name_pattern(filters.name)
-            servers = [s for s in servers if pattern.search(s.name)]
-            if filters.limit is not None:
-                servers = servers[: filters.limit]
-        return servers
+        return [records.server_record(row) for row in await self._read(work)]
 
     async def transition(
         self,
@@ -850,13 +859,6 @@ def _before(columns: Any, created_at: dt.datetime, row_id: str) -> Any:
         columns.created_at < created_at,
         and_(columns.created_at == created_at, columns.id < row_id),
     )
-
-
-def _name_pattern(name: str) -> re.Pattern[str]:
-    try:
-        return re.compile(name)
-    except re.error:
-        return re.compile(re.escape(name))
 
 
 def _mismatch(

@@ -283,6 +283,15 @@ class TestNever422:
         response = daemon.client.get("/v2.1/servers", params={"name": "a{99999999999}"})
         assert response.status_code == 200 and response.json()["servers"] == []
 
+    def test_catastrophic_name_filter_is_a_400(self, daemon: LiveDaemon) -> None:
+        """A name regex that backtracks without end over a server's name is Nova's 400 with
+        a message, and the daemon answers the next request at once."""
+        daemon.create_server("a" * 40 + "!")
+        response = daemon.client.get("/v2.1/servers", params={"name": "(a|aa)+$"})
+        assert response.status_code == 400
+        assert "took too long" in response.json()["badRequest"]["message"]
+        assert daemon.client.get("/v2.1/servers").status_code == 200
+
     def test_nul_in_path_is_404(self, daemon: LiveDaemon) -> None:
         """A NUL in a path names no resource."""
         response = daemon.client.get("/v2.1/flavors/a%00b")

@@ -225,6 +225,35 @@ class TestQueries:
         rest = await store.list_servers(ServerFilters(limit=2, marker=first[-1].id))
         assert [s.id for s in first + rest] == [c.id, b.id, a.id]
 
+    async def test_name_filter_is_a_case_sensitive_regex_with_literal_fallback(
+        self, store: Store
+    ) -> None:
+        """``name`` is a regular expression (case-sensitive, as on Nova's PostgreSQL), plain
+        text is a substring, an invalid pattern is matched literally, and ``limit`` counts
+        matches only (newest first)."""
+        names = ["Web-1", "web-2", "web-3", "db[1]", "100% web_"]
+        for name in names:
+            await _add(store, name=name)
+
+        async def listed(pattern: str, limit: int | None = None) -> list[str]:
+            found = await store.list_servers(ServerFilters(name=pattern, limit=limit))
+            return [s.name for s in found]
+
+        assert await listed("web") == ["100% web_", "web-3", "web-2"]
+        assert await listed("^web-[0-9]$") == ["web-3", "web-2"]
+        assert await listed("^web-[0-9]$", limit=1) == ["web-3"]
+        assert await listed("db[1") == ["db[1]"]  # invalid: taken literally, as text
+        assert await listed("db[1]") == []  # valid: a class, "db1" matches, "db[1]" does not
+        assert await listed("% web_") == ["100% web_"]  # LIKE's wildcards stay literal
+        assert await listed("(?i)^WEB-1$") == ["Web-1"]
+
+    async def test_a_catastrophic_name_regex_is_refused_not_run_forever(self, store: Store) -> None:
+        """A pattern that backtracks exponentially over a long name exhausts the filter's
+        time budget and is refused with Invalid (400) rather than blocking the daemon."""
+        await _add(store, name="a" * 40 + "!")
+        with pytest.raises(errors.Invalid, match="took too long"):
+            await store.list_servers(ServerFilters(name="(a|aa)+$"))
+
     async def test_round_trips_a_server_record(self, store: Store) -> None:
         """What goes in comes out: every field of the record, the flavor snapshot included."""
         server = await _add(store, metadata={"k": "v"}, description="d")
