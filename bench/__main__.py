@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from bench import metrics
+from bench import metrics, qemu
 from bench.daemon import Daemon
 
 RESULTS = Path(__file__).parent / "results"
@@ -408,6 +408,19 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             v <= 150,
             "MiB",
         )
+    q = result["scenarios"].get("qemu")
+    if q and "skipped" not in q:
+        ours, bare = pct(q["rebuildd_ms"], 50), pct(q["bare_ms"], 50)
+        if ours is not None and bare is not None:
+            ok = ours <= bare * 1.10 or ours - bare <= 100
+            rows.append(
+                (
+                    "real QEMU rebuild p50, rebuildd vs bare libvirt script",
+                    "within 10% or 100 ms",
+                    f"{ours:.1f} vs {bare:.1f} ms (x{ours / bare:.2f}, +{ours - bare:.1f} ms)",
+                    "met" if ok else "not met",
+                )
+            )
     if scale:
         row(
             "GET /servers/detail?limit=100 page p99",
@@ -491,6 +504,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"GET one server p50 {fmt(scale['show_ms']['p50'])}; "
             f"creating {scale['created']} servers took {scale['create_s']:.1f} s "
             f"({fmt(scale['create_per_s'], '/s')}).",
+        ]
+    q = result["scenarios"].get("qemu")
+    if q and "skipped" in q:
+        lines += ["", f"Real QEMU comparison skipped: {q['skipped']}"]
+    elif q:
+        ours, bare = summary(q["rebuildd_ms"]), summary(q["bare_ms"])
+        lines += [
+            "",
+            f"Real libvirtd + QEMU, an OS-less guest (shutdown timeout 0), {q['n']} rebuilds "
+            "each way, client-measured POST to ACTIVE vs the bare script's wall time, ms:",
+            "",
+            "| | p50 | p95 | max |",
+            "|---|---|---|---|",
+            f"| rebuildd | {fmt(ours['p50'], '')} | {fmt(ours['p95'], '')} "
+            f"| {fmt(ours['max'], '')} |",
+            f"| bare libvirt script | {fmt(bare['p50'], '')} | {fmt(bare['p95'], '')} "
+            f"| {fmt(bare['max'], '')} |",
         ]
     lines += ["", f"Reproduce: `{p['command']}`", ""]
     return "\n".join(lines)
@@ -586,6 +616,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             daemon.stop()
             if pg_name:
                 await pg_database("drop", pg_name)
+    if args.qemu:
+        print(f"qemu: {args.qemu} rebuilds through rebuildd and by a bare script", file=sys.stderr)
+        scenarios["qemu"] = await qemu.run(args.qemu)
     return {
         "timestamp": stamp,
         "git_commit": git_commit(),
@@ -616,17 +649,25 @@ def main() -> None:
         "--postgres", action="store_true", help="PostgreSQL (fresh database) instead of SQLite"
     )
     parser.add_argument(
-        "--sequential", type=int, default=100, metavar="N", help="rebuilds in sequence (0: skip)"
+        "--sequential", type=int, default=200, metavar="N", help="rebuilds in sequence (0: skip)"
     )
     parser.add_argument(
-        "--servers", type=int, default=200, metavar="M", help="servers rebuilt at once (0: skip)"
+        "--servers", type=int, default=1000, metavar="M", help="servers rebuilt at once (0: skip)"
     )
     parser.add_argument("--clients", type=int, default=64, metavar="C", help="concurrent clients")
     parser.add_argument(
-        "--scale", type=int, default=2000, metavar="K", help="servers in the Store (0: skip)"
+        "--scale", type=int, default=10000, metavar="K", help="servers in the Store (0: skip)"
     )
     parser.add_argument(
         "--gets", type=int, default=500, help="GET /servers/{id} samples in the scale scenario"
+    )
+    parser.add_argument(
+        "--qemu",
+        type=int,
+        default=20,
+        metavar="Q",
+        help="rebuilds of an OS-less guest on qemu:///system, through rebuildd and by a bare "
+        "libvirt script (0: skip)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
