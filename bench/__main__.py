@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -597,9 +600,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await api.load_images()
                 if args.sequential:
                     print(f"sequential: {args.sequential} rebuilds", file=sys.stderr)
-                    scenarios["sequential"] = await scenario_sequential(
-                        api, daemon, args.sequential
-                    )
+                    with _profiled(daemon, args.profile):
+                        scenarios["sequential"] = await scenario_sequential(
+                            api, daemon, args.sequential
+                        )
                 if args.servers:
                     print(
                         f"concurrent: {args.servers} servers, {args.clients} clients",
@@ -639,6 +643,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _profiled(daemon: Daemon, out: Path | None) -> Iterator[None]:
+    """With ``--profile FILE.svg``: py-spy samples the daemon (threads holding the GIL) while
+    the block runs and writes a flame graph."""
+    if out is None:
+        yield
+        return
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(daemon.pid),
+            "--output",
+            str(out),
+            "--format",
+            "flamegraph",
+            "--rate",
+            "250",
+            "--gil",
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -668,6 +705,13 @@ def main() -> None:
         metavar="Q",
         help="rebuilds of an OS-less guest on qemu:///system, through rebuildd and by a bare "
         "libvirt script (0: skip)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="SVG",
+        help="py-spy flame graph of the daemon during the sequential scenario",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()

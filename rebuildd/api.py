@@ -3,8 +3,8 @@
 Owns the FastAPI application: the middleware for microversions, request ids and body size;
 the one translation of errors into Nova fault bodies (FastAPI's own 422 never reaches a
 client, nor the OpenAPI document); version documents; and the dependencies routes share.
-Routes live in api_servers.py, api_catalog.py and api_images.py. It must not call libvirt or
-SQL directly: routes call the pipeline and the Store's records.
+Routes live in api_servers.py, api_actions.py, api_catalog.py and api_images.py. It must not
+call libvirt or SQL directly: routes call the pipeline and the Store's records.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def _operation_id(route: APIRoute) -> str:
 
 
 def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
-    from rebuildd import api_catalog, api_images, api_servers
+    from rebuildd import api_actions, api_catalog, api_images, api_servers
 
     app = FastAPI(
         title="rebuildd",
@@ -328,6 +328,7 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     app.include_router(api_servers.versions)
     app.include_router(api_images.versions, prefix="/image")
     app.include_router(api_servers.router, prefix="/v2.1", **authenticated)
+    app.include_router(api_actions.router, prefix="/v2.1", **authenticated)
     app.include_router(api_catalog.router, prefix="/v2.1", **authenticated)
     app.include_router(api_images.router, prefix="/image", **authenticated)
     app.include_router(api_images.compute_alias, prefix="/v2.1", **authenticated)
