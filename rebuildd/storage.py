@@ -195,7 +195,11 @@ _FINISH_EVENT = (
         details=bindparam("why"),
     )
 )
-_ACTION_ID = select(ACTIONS.c.id).where(ACTIONS.c.request_id == bindparam("rid"))
+# An action's updated_at (and finish_time) moved, and its id returned, in one statement.
+_TOUCH_ACTION = _UPDATE_ACTION_BY_REQUEST.returning(ACTIONS.c.id)
+_FINISH_ACTION = _UPDATE_ACTION_BY_REQUEST.values(finish_time=bindparam("now")).returning(
+    ACTIONS.c.id
+)
 _OPEN_EVENT = select(EVENTS.c.id).where(
     EVENTS.c.action_id == bindparam("aid"),
     EVENTS.c.event == bindparam("event"),
@@ -620,8 +624,7 @@ class Store:
         now = utcnow()
 
         def work(conn: Connection) -> None:
-            action_id = _action_id(conn, request_id)
-            conn.execute(_UPDATE_ACTION_BY_REQUEST, {"rid": request_id, "now": now})
+            action_id = _touch_action(conn, _TOUCH_ACTION, request_id, now)
             _add_notification(conn, notification, now)
             if conn.execute(_OPEN_EVENT, {"aid": action_id, "event": event_name}).first():
                 return
@@ -647,13 +650,10 @@ class Store:
         """Finish an open event (and the action with ``finish_action``); ``notification`` goes
         to the outbox in the same transaction."""
         now = utcnow()
-        finish = _UPDATE_ACTION_BY_REQUEST
-        if finish_action:
-            finish = finish.values(finish_time=now)
+        finish = _FINISH_ACTION if finish_action else _TOUCH_ACTION
 
         def work(conn: Connection) -> None:
-            action_id = _action_id(conn, request_id)
-            conn.execute(finish, {"rid": request_id, "now": now})
+            action_id = _touch_action(conn, finish, request_id, now)
             conn.execute(
                 _FINISH_EVENT,
                 {
@@ -776,8 +776,8 @@ def _add_notification(
         )
 
 
-def _action_id(conn: Connection, request_id: str) -> int:
-    action_id = conn.execute(_ACTION_ID, {"rid": request_id}).scalar()
+def _touch_action(conn: Connection, statement: Any, request_id: str, now: dt.datetime) -> int:
+    action_id = conn.execute(statement, {"rid": request_id, "now": now}).scalar()
     if action_id is None:
         raise LookupError(f"no instance action {request_id}")
     return int(action_id)
