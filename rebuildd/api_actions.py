@@ -15,13 +15,23 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 
 from rebuildd import errors, views
-from rebuildd.api import BaseUrlDep, ContextDep, ServicesDep, VersionDep, faults
+from rebuildd.api import BaseUrlDep, ContextDep, Services, ServicesDep, VersionDep, faults
 from rebuildd.microversion import Version
-from rebuildd.models import InstanceAction
+from rebuildd.models import InstanceAction, RequestContext, Server
 
 router = APIRouter(tags=["servers"], responses=faults(406))
 
 MAX_LIMIT = 1000
+
+
+async def _server(
+    services: Services, ctx: RequestContext, version: Version, server_id: str
+) -> Server:
+    """The caller's server (any project's for an admin); from 2.21 a deleted one too."""
+    project = None if ctx.is_admin else ctx.project_id
+    return await services.store.get_server(
+        server_id, project_id=project, include_deleted=version.at_least("2.21")
+    )
 
 
 @router.get(
@@ -38,10 +48,7 @@ async def list_instance_actions(
     base: BaseUrlDep,
 ) -> dict[str, Any]:
     """Newest first; deleted servers' actions from 2.21; paging and time filters from 2.58."""
-    project = None if ctx.is_admin else ctx.project_id
-    server = await services.store.get_server(
-        server_id, project_id=project, include_deleted=version.at_least("2.21")
-    )
+    server = await _server(services, ctx, version, server_id)
     actions = await services.store.list_actions(server.id)
     limit = None
     if version.at_least("2.58"):
@@ -103,10 +110,7 @@ async def show_instance_action(
     ctx: ContextDep,
     version: VersionDep,
 ) -> dict[str, Any]:
-    project = None if ctx.is_admin else ctx.project_id
-    server = await services.store.get_server(
-        server_id, project_id=project, include_deleted=version.at_least("2.21")
-    )
+    server = await _server(services, ctx, version, server_id)
     action = await services.store.get_action(server.id, request_id)
     # Events: all of them for whom the events rule allows; from 2.51 everyone else sees them
     # without traceback and host (Nova's rules).
