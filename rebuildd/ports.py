@@ -77,7 +77,8 @@ class Store(Protocol):
         event_name: str,
         host: str,
         *,
-        notification: Notification | None = None,
+        notifications: Sequence[Notification] = (),
+        after: str | None = None,
     ) -> None: ...
 
     async def finish_event(

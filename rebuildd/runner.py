@@ -196,6 +196,8 @@ class Runner:
         task_state = task_state or job.task_state
         stage = job.stages[0]
         server: Server | None = None
+        # A stage that ended, to be recorded with the next stage's start (one transaction).
+        ended: tuple[str, Notification | None] | None = None
         try:
             for index, stage in enumerate(job.stages):
                 last = index == len(job.stages) - 1
@@ -209,10 +211,17 @@ class Runner:
                 starting = None
                 if stage.notify_start and fresh:
                     starting = await self._notification(job, stage.notify_start)
+                sent = [n for n in (ended[1] if ended else None, starting) if n is not None]
                 await self.store.start_event(
-                    job.request.request_id, stage.event, self.host, notification=starting
+                    job.request.request_id,
+                    stage.event,
+                    self.host,
+                    notifications=sent,
+                    after=ended[0] if ended else None,
                 )
-                notifications.sent(starting)
+                ended = None
+                for notification in sent:
+                    notifications.sent(notification)
                 for step, after in zip(pending, [*pending[1:], None], strict=True):
                     task_state = await self._step(job, step, after, journal, task_state)
                 if last:
@@ -223,11 +232,14 @@ class Runner:
                 ending = None
                 if stage.notify_end:
                     ending = await self._notification(job, stage.notify_end, server)
+                if not last:
+                    ended = (stage.event, ending)
+                    continue
                 await self.store.finish_event(
                     job.request.request_id,
                     stage.event,
                     result="Success",
-                    finish_action=last,
+                    finish_action=True,
                     notification=ending,
                 )
                 notifications.sent(ending)
@@ -235,6 +247,8 @@ class Runner:
             if task_state is None:  # the final state is written; only bookkeeping failed
                 bound.exception("job bookkeeping after success failed")
                 raise
+            if ended is not None:  # a stage that succeeded stays a success
+                await asyncio.shield(self._finish_ended(job, ended, bound))
             await asyncio.shield(self._fail(job, stage, journal, task_state, exc, bound))
             if not isinstance(exc, Exception):
                 raise
@@ -242,6 +256,18 @@ class Runner:
         bound.info("job finished", result="Success")
         self.metrics.jobs.labels(action=job.action, result="success").inc()
         await self._cleanup(job, bound)
+
+    async def _finish_ended(
+        self, job: Job[C], ended: tuple[str, Notification | None], bound: Any
+    ) -> None:
+        try:
+            await self.store.finish_event(
+                job.request.request_id, ended[0], result="Success", notification=ended[1]
+            )
+        except Exception:
+            bound.exception("recording a finished stage failed", event=ended[0])
+            return
+        notifications.sent(ended[1])
 
     async def _step(
         self,

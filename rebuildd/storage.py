@@ -617,15 +617,20 @@ class Store:
         event_name: str,
         host: str,
         *,
-        notification: Notification | None = None,
+        notifications: Sequence[Notification] = (),
+        after: str | None = None,
     ) -> None:
         """Start an event; a no-op if that event is already started and unfinished (resume).
-        ``notification`` goes to the outbox in the same transaction."""
+        In the same transaction: ``after``, the event of the stage before, is finished as a
+        success, and ``notifications`` go to the outbox in order."""
         now = utcnow()
 
         def work(conn: Connection) -> None:
             action_id = _touch_action(conn, _TOUCH_ACTION, request_id, now)
-            _add_notification(conn, notification, now)
+            if after is not None:
+                conn.execute(_FINISH_EVENT, _finished(action_id, after, now, "Success"))
+            for notification in notifications:
+                _add_notification(conn, notification, now)
             if conn.execute(_OPEN_EVENT, {"aid": action_id, "event": event_name}).first():
                 return
             conn.execute(
@@ -655,15 +660,7 @@ class Store:
         def work(conn: Connection) -> None:
             action_id = _touch_action(conn, finish, request_id, now)
             conn.execute(
-                _FINISH_EVENT,
-                {
-                    "aid": action_id,
-                    "ev": event_name,
-                    "at": now,
-                    "res": result,
-                    "tb": traceback,
-                    "why": details,
-                },
+                _FINISH_EVENT, _finished(action_id, event_name, now, result, traceback, details)
             )
             _add_notification(conn, notification, now)
 
@@ -774,6 +771,25 @@ def _add_notification(
                 created_at=now,
             )
         )
+
+
+def _finished(
+    action_id: int,
+    event: str,
+    now: dt.datetime,
+    result: str,
+    traceback: str | None = None,
+    details: str | None = None,
+) -> dict[str, Any]:
+    """The parameters of _FINISH_EVENT."""
+    return {
+        "aid": action_id,
+        "ev": event,
+        "at": now,
+        "res": result,
+        "tb": traceback,
+        "why": details,
+    }
 
 
 def _touch_action(conn: Connection, statement: Any, request_id: str, now: dt.datetime) -> int:
