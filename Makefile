@@ -21,9 +21,10 @@ run: system-run $(VENV)/.installed
 test: system-test $(VENV)/.installed libvirtd postgres lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## bench: issue 5's benchmark against a live daemon (test driver); BENCH_ARGS='--postgres', see --help
+## bench: issue 5's benchmark against a live daemon (test driver, then real QEMU for --qemu);
+## BENCH_ARGS='--postgres', see --help
 BENCH_ARGS ?=
-bench: $(VENV)/.installed
+bench: system-test $(VENV)/.installed libvirtd postgres
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
