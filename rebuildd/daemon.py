@@ -80,7 +80,7 @@ async def open_daemon(
         retention_seconds=settings.old_root_disk_retention,
     )
     images = LocalImageService(store, state / "images", disks)
-    notifier = Notifier(store, host=host)
+    notifier = Notifier(host=host)
     if settings.test_kill_at:
         observer = KillAt(settings.test_kill_at)
     runner = Runner(

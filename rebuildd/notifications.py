@@ -18,7 +18,6 @@ from typing import Any, Final
 import structlog
 
 from rebuildd.models import Flavor, Notification, RequestContext, Server, utcnow
-from rebuildd.ports import Store
 from rebuildd.states import PowerState
 
 log = structlog.get_logger("rebuildd.notifications")
@@ -138,10 +137,9 @@ def oslo_envelope(message: Mapping[str, Any]) -> dict[str, str]:
 
 class Notifier:
     """Builds notifications; the runner writes each in the transaction of the bookkeeping it
-    goes with (an event starting or finishing), or alone through :meth:`notify`."""
+    goes with (an event starting or finishing) and then calls :func:`sent`."""
 
-    def __init__(self, store: Store, *, host: str) -> None:
-        self.store = store
+    def __init__(self, *, host: str) -> None:
         self.publisher_id = f"nova-compute:{host}"
 
     def build(
@@ -163,21 +161,6 @@ class Notifier:
             "payload": action_payload(event_type, server, context, fault),
         }
         return Notification(event_type, priority, self.publisher_id, server.id, message)
-
-    async def notify(
-        self,
-        event_type: str,
-        server: Server,
-        *,
-        context: RequestContext,
-        priority: str = "INFO",
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        notification = self.build(
-            event_type, server, context=context, priority=priority, extra=extra
-        )
-        await self.store.add_notification(notification)
-        sent(notification)
 
 
 def sent(notification: Notification | None) -> None:

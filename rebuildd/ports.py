@@ -93,8 +93,6 @@ class Store(Protocol):
         notification: Notification | None = None,
     ) -> None: ...
 
-    async def add_notification(self, notification: Notification) -> None: ...
-
 
 class Hypervisor(Protocol):
     async def exists(self, name: str) -> bool: ...
@@ -147,16 +145,6 @@ class Notifier(Protocol):
         priority: str = "INFO",
         extra: Mapping[str, Any] | None = None,
     ) -> Notification: ...
-
-    async def notify(
-        self,
-        event_type: str,
-        server: Server,
-        *,
-        context: RequestContext,
-        priority: str = "INFO",
-        extra: Mapping[str, Any] | None = None,
-    ) -> None: ...
 
 
 class StepObserver(Protocol):

@@ -706,10 +706,6 @@ class Store:
 
     # -- notifications outbox ----------------------------------------------------------------
 
-    async def add_notification(self, notification: Notification) -> None:
-        now = utcnow()
-        await self._write(lambda conn: _add_notification(conn, notification, now))
-
     async def list_notifications(self, server_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         query = (
             select(NOTIFICATIONS.c.event_type, NOTIFICATIONS.c.priority, NOTIFICATIONS.c.payload)
