@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import structlog
 from sqlalchemy import (
     URL,
     Connection,
@@ -35,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import SQLModel, col
@@ -68,6 +69,7 @@ from rebuildd.tables import (
     ServerRow,
 )
 
+log = structlog.get_logger("rebuildd.storage")
 _SQLITE_PRAGMAS = (
     "journal_mode=WAL",
     "synchronous=NORMAL",
@@ -85,9 +87,7 @@ def create_engine(url: str) -> AsyncEngine:
 
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
-        url, pool_size=10, max_overflow=20, pool_pre_ping=True, hide_parameters=True
-    )
+    return create_async_engine(url, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,11 +250,25 @@ class Store:
             return await _uncancelled(asyncio.ensure_future(self._async_transaction(work, True)))
 
     async def _async_transaction(self, work: Callable[[Connection], T], write: bool) -> T:
-        if write:
-            async with self.engine.begin() as conn:
-                return await conn.run_sync(work)
-        async with self.engine.connect() as conn:
-            return await conn.run_sync(work)
+        """One transaction through asyncpg. A pooled connection the server dropped (after a
+        PostgreSQL restart, say) fails its first use; as nothing of the transaction can have
+        been committed then, it runs once more on a fresh connection. This replaces the pool's
+        pre-ping, which cost a round trip per transaction (bench/, see the README). A failure
+        of the COMMIT itself is not retried: whether it took is unknown."""
+        for attempt in (1, 2):
+            async with self.engine.connect() as conn:
+                try:
+                    await conn.begin()
+                    result = await conn.run_sync(work)
+                except DBAPIError as exc:
+                    if attempt == 1 and exc.connection_invalidated:
+                        log.warning("database connection lost; retrying the transaction")
+                        continue
+                    raise
+                if write:
+                    await conn.commit()
+                return result
+        raise AssertionError("unreachable")
 
     # -- flavors ---------------------------------------------------------------------------
 

@@ -8,11 +8,14 @@ import dataclasses
 import uuid
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from rebuildd import errors
+from rebuildd import errors, migrations
 from rebuildd.models import BlockDevice, Fault, Flavor, NewAction, Server, utcnow
 from rebuildd.states import PowerState, TaskState, VmState
-from rebuildd.storage import ServerFilters, Store
+from rebuildd.storage import ServerFilters, Store, create_engine
+from tests.conftest import POSTGRES_ADMIN_URL
 
 FLAVOR = Flavor(id="1", name="m1.tiny", vcpus=1, ram=512, disk=1)
 
@@ -259,3 +262,36 @@ class TestQueries:
         server = await _add(store, metadata={"k": "v"}, description="d")
         loaded = await store.get_server(server.id)
         assert dataclasses.replace(loaded, updated_at=server.updated_at) == server
+
+
+class TestPostgresConnections:
+    async def test_a_connection_the_server_dropped_is_replaced(self, postgres_url: str) -> None:
+        """After PostgreSQL drops every connection (as a restart does), the next read and
+        write succeed on fresh connections: a transaction that failed on first use of a dead
+        connection runs again."""
+        await asyncio.to_thread(migrations.upgrade, postgres_url)
+        store = Store(create_engine(postgres_url))
+        admin = create_async_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        try:
+            server = await _add(store)
+            async with admin.connect() as conn:
+                killed = await conn.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": postgres_url.rsplit("/", 1)[1]},
+                )
+                assert killed.scalar_one() >= 1
+            assert (await store.get_server(server.id)).id == server.id
+            await store.transition(
+                server.id,
+                action="rebuild",
+                expected_task_state=(None,),
+                task_state=TaskState.REBUILDING,
+                new_action=_action("rebuild"),
+            )
+            assert (await store.get_server(server.id)).task_state == TaskState.REBUILDING
+        finally:
+            await admin.dispose()
+            await store.close()
