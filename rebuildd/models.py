@@ -88,7 +88,12 @@ class BlockDevice:
     volume_id: str | None
     path: str | None  # file backing a local disk
     disk_bus: str
-    device_type: str
+    device_type: str  # disk | cdrom
+    # Nova's guest_format: "swap" for the swap disk, a filesystem (e.g. "ext4") or None for
+    # an ephemeral disk, "iso9660" for the config drive; None for root and volumes.
+    guest_format: str | None = None
+    size_mib: int | None = None  # local blank disks (ephemeral, swap): their size
+    owned: bool = True  # False: a disk rebuildd found on an adopted domain and leaves alone
 
 
 @dataclass(frozen=True, slots=True)

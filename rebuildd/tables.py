@@ -134,6 +134,9 @@ class BlockDeviceRow(SQLModel, table=True):
     path: str | None = Field(default=None, max_length=4096)
     disk_bus: str = Field(default="virtio", max_length=32)
     device_type: str = Field(default="disk", max_length=32)
+    guest_format: str | None = Field(default=None, max_length=32)
+    size_mib: int | None = None
+    owned: bool = True
     created_at: dt.datetime
     updated_at: dt.datetime
 
