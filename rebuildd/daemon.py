@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from rebuildd import recovery
 from rebuildd.api import Services, create_app
 from rebuildd.auth import Policy, TokenTable
-from rebuildd.disks import DiskManager
+from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
 from rebuildd.lifecycle import DomainSettings
@@ -45,6 +45,7 @@ class Daemon:
     store: Store
     hypervisor: LibvirtHypervisor
     services: Services
+    cache: ImageCache
     closed: bool = False
 
     async def close(self, *, drain_timeout: float) -> None:
@@ -76,6 +77,7 @@ async def open_daemon(
     host = settings.effective_host
     disks = DiskManager(
         state / "instances",
+        base_dir=state / "_base",
         qemu_img=settings.qemu_img,
         retention_seconds=settings.old_root_disk_retention,
     )
@@ -94,11 +96,12 @@ async def open_daemon(
     policy = Policy.load(settings.policy_file)
     if settings.auth == "token" and settings.tokens_file is None:
         raise ValueError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
+    cache = ImageCache(state / "_base", images, disks, metrics=metrics)
     deps = Deps(
         store=store,
         hypervisor=hypervisor_port(hypervisor) if hypervisor_port else hypervisor,
         images=images,
-        cache=ImageCache(state / "_base", images),
+        cache=cache,
         disks=disks,
         runner=runner,
         host=host,
@@ -110,6 +113,8 @@ async def open_daemon(
         name_prefix=settings.domain_name_prefix,
         interface=settings.interface_type,
         network=settings.interface_network,
+        ephemeral_format=settings.ephemeral_format,
+        force_config_drive=settings.force_config_drive,
     )
     services = Services(
         deps=deps,
@@ -133,15 +138,21 @@ async def open_daemon(
         state_dir=str(state),
         host=host,
     )
-    return Daemon(settings=settings, store=store, hypervisor=hypervisor, services=services)
+    return Daemon(
+        settings=settings, store=store, hypervisor=hypervisor, services=services, cache=cache
+    )
 
 
 def build_app(daemon: Daemon) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(_sweep_retired_disks(daemon))
+        periodic = [
+            asyncio.create_task(_sweep_retired_disks(daemon)),
+            asyncio.create_task(_clean_image_cache(daemon)),
+        ]
         yield
-        sweeper.cancel()
+        for task in periodic:
+            task.cancel()
         sd_notify("STOPPING=1")
         # Close here, not after serve() returns: uvicorn re-raises SIGTERM once it has
         # stopped, so code after serve() never runs on a signal.
@@ -176,6 +187,29 @@ async def _sweep_retired_disks(daemon: Daemon) -> None:
         except OSError:
             log.exception("sweeping retired disks failed")
         await asyncio.sleep(min(60.0, retention))
+
+
+async def clean_image_cache_once(daemon: Daemon) -> list[str]:
+    """One pass of the image cache cleanup: bases no live server (or job in flight) uses."""
+    images, blanks = await daemon.store.cache_users()
+    in_use = images | {blank_base_name(size, fmt) for size, fmt in blanks}
+    removed = await daemon.cache.cleanup(in_use, min_age=daemon.settings.image_cache_min_age)
+    if removed:
+        daemon.cache.metrics.image_cache_removed.inc(len(removed))
+        log.info("unused image cache bases removed", bases=removed)
+    return removed
+
+
+async def _clean_image_cache(daemon: Daemon) -> None:
+    interval = daemon.settings.image_cache_interval
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await clean_image_cache_once(daemon)
+        except Exception:
+            log.exception("image cache cleanup failed")
 
 
 class KillAt:

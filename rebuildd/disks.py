@@ -1,13 +1,19 @@
 """Disk files on this host: qcow2 overlays and image inspection through ``qemu-img``.
 
-Owns the instance directory layout and every ``qemu-img`` call (async subprocesses, never
-through a shell). Paths are built from server uuids and generation tokens that rebuildd made
-itself, never from names a client sent. It must not touch the Store or libvirt.
+Owns the instance directory layout, the blank bases of ephemeral and swap disks, and every
+``qemu-img``, ``mkfs`` and ``mkswap`` call (async subprocesses, never through a shell). Paths
+are built from server uuids and generation tokens that rebuildd made itself, never from names a
+client sent. It must not touch the Store or libvirt.
 
 An empty overlay depends only on its backing file, that file's format and the virtual size, so
 ``qemu-img create`` runs once per (base, size) into a template under ``_templates`` and each
 root disk is a copy of it: ~15 ms of process start-up per rebuild become a file copy of a few
-hundred KiB (measured in bench/, see the README).
+hundred KiB (measured in bench/, see the README). Templates are named after their base, so the
+image cache's cleanup can remove a base's templates with it.
+
+Ephemeral and swap disks are made as Nova's libvirt driver makes them: one raw base per (size,
+format) under ``_base`` — ``ephemeral_<MiB>_<fs>`` formatted with ``mkfs`` (label
+``ephemeral0``), ``swap_<MiB>`` with ``mkswap`` — and a qcow2 overlay on it per server.
 """
 
 from __future__ import annotations
@@ -15,16 +21,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import anyio
 
+from rebuildd import configdrive
 from rebuildd.errors import DiskError
+
+MiB: Final = 1024**2
+# Filesystems an ephemeral disk may be formatted with ("none": left blank), and how.
+EPHEMERAL_FORMATS: Final = {
+    "ext4": ("mkfs.ext4", "-F", "-q", "-L", "ephemeral0"),
+    "ext3": ("mkfs.ext3", "-F", "-q", "-L", "ephemeral0"),
+    "ext2": ("mkfs.ext2", "-F", "-q", "-L", "ephemeral0"),
+    "none": (),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,18 +55,73 @@ class DiskManager:
     """Creates and removes the disk files of servers under ``<state_dir>/instances``."""
 
     def __init__(
-        self, instances_dir: Path, *, qemu_img: str = "qemu-img", retention_seconds: float = 0
+        self,
+        instances_dir: Path,
+        *,
+        base_dir: Path | None = None,
+        qemu_img: str = "qemu-img",
+        retention_seconds: float = 0,
     ) -> None:
         self.instances_dir = instances_dir
+        self.base_dir = base_dir or instances_dir.parent / "_base"
         self.qemu_img = qemu_img
         self.retention_seconds = retention_seconds
 
     def instance_dir(self, server_id: str) -> Path:
         return self.instances_dir / str(uuid.UUID(server_id))
 
-    def new_root_path(self, server_id: str) -> Path:
-        """A fresh file name for a root disk, so a rebuild never overwrites the old one."""
-        return self.instance_dir(server_id) / f"root-{uuid.uuid4().hex[:12]}.qcow2"
+    def new_disk_path(self, server_id: str, kind: str) -> Path:
+        """A fresh file name for one of a server's disks (``kind``: root, ephemeral0, swap,
+        config), so a rebuild never overwrites the disk it replaces."""
+        suffix = ".iso" if kind == "config" else ".qcow2"
+        return self.instance_dir(server_id) / f"{kind}-{uuid.uuid4().hex[:12]}{suffix}"
+
+    async def create_blank(self, *, path: Path, size_mib: int, guest_format: str) -> None:
+        """An ephemeral (``guest_format`` a filesystem or "none") or swap disk: a qcow2
+        overlay on the shared base of that size and format, made first if missing."""
+        base = await self.blank_base(size_mib, guest_format)
+        await self.create_overlay(base=base, base_format="raw", path=path, size_bytes=None)
+
+    async def blank_base(self, size_mib: int, guest_format: str) -> Path:
+        if guest_format == "swap":
+            command: tuple[str, ...] = ("mkswap", "-q")
+        elif guest_format in EPHEMERAL_FORMATS:
+            command = EPHEMERAL_FORMATS[guest_format]
+        else:
+            raise DiskError(command="mkfs", reason=f"unsupported format {guest_format!r}")
+        name = blank_base_name(size_mib, guest_format)
+        base = self.base_dir / name
+        if await anyio.Path(base).exists():
+            await anyio.to_thread.run_sync(os.utime, base)  # in use: keep it from the cleanup
+            return base
+        await anyio.Path(self.base_dir).mkdir(parents=True, exist_ok=True)
+        partial = base.with_name(f".{name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            await anyio.to_thread.run_sync(_sparse_file, partial, size_mib * MiB)
+            if command:
+                await _run(command[0], *command[1:], str(partial))
+            await anyio.Path(partial).rename(base)
+        except OSError as exc:
+            raise DiskError(command=f"create {name}", reason=str(exc)) from exc
+        finally:
+            await anyio.Path(partial).unlink(missing_ok=True)
+        return base
+
+    async def create_config_drive(self, path: Path, data: configdrive.ConfigDriveData) -> None:
+        """The config drive ISO (a new file; see configdrive.py)."""
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            await anyio.to_thread.run_sync(configdrive.build_iso, data, path)
+        except OSError as exc:
+            raise DiskError(command="build config drive", reason=str(exc)) from exc
+
+    async def remove_templates(self, base: Path) -> None:
+        """Remove the overlay templates made from ``base`` (when the cache drops it)."""
+        templates = anyio.Path(self.instances_dir / "_templates")
+        if not await templates.exists():
+            return
+        async for template in templates.glob(f"{base.name}-*.qcow2"):
+            await template.unlink(missing_ok=True)
 
     async def create_overlay(
         self, *, base: Path, base_format: str, path: Path, size_bytes: int | None
@@ -65,7 +137,7 @@ class DiskManager:
 
     async def _template(self, base: Path, base_format: str, size_bytes: int | None) -> Path:
         key = hashlib.sha256(f"{base}\0{base_format}\0{size_bytes}".encode())
-        template = self.instances_dir / "_templates" / f"{key.hexdigest()[:32]}.qcow2"
+        template = self.instances_dir / "_templates" / f"{base.name}-{key.hexdigest()[:24]}.qcow2"
         if await anyio.Path(template).exists():
             return template
         await anyio.Path(template.parent).mkdir(parents=True, exist_ok=True)
@@ -127,22 +199,39 @@ class DiskManager:
         await directory.rmdir()
 
     async def _run(self, *args: str) -> str:
-        """One ``qemu-img`` call; its failure is a DiskError with qemu-img's own message."""
-        try:
-            process = await asyncio.create_subprocess_exec(
-                self.qemu_img,
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except OSError as exc:
-            raise DiskError(command=f"{self.qemu_img} {args[0]}", reason=str(exc)) from exc
-        stdout, stderr = await process.communicate()
-        if process.returncode != 0:
-            reason = stderr.decode(errors="replace").strip() or f"exit {process.returncode}"
-            raise DiskError(command=f"{self.qemu_img} {args[0]}", reason=reason)
-        return stdout.decode()
+        return await _run(self.qemu_img, *args)
+
+
+async def _run(program: str, *args: str) -> str:
+    """One tool call; its failure is a DiskError with the tool's own message."""
+    command = f"{program} {args[0]}"
+    try:
+        process = await asyncio.create_subprocess_exec(
+            program,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise DiskError(command=command, reason=str(exc)) from exc
+    stdout, stderr = await process.communicate()
+    if process.returncode != 0:
+        reason = stderr.decode(errors="replace").strip() or f"exit {process.returncode}"
+        raise DiskError(command=command, reason=reason)
+    return stdout.decode()
+
+
+def blank_base_name(size_mib: int, guest_format: str) -> str:
+    """The base file of blank disks of this size and format (Nova: ``swap_512``, ...)."""
+    if guest_format == "swap":
+        return f"swap_{size_mib}"
+    return f"ephemeral_{size_mib}_{guest_format}"
+
+
+def _sparse_file(path: Path, size: int) -> None:
+    with path.open("xb") as f:
+        f.truncate(size)
 
 
 def _copy_new(source: Path, dest: Path) -> None:

@@ -17,6 +17,14 @@ Element = etree._Element
 
 
 @dataclass(frozen=True, slots=True)
+class Metadata:
+    """What rebuildd writes into a domain's ``<metadata>``: its own element (key, value
+    pairs) and Nova's ``nova:instance``, so the domain describes itself."""
+
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DiskSpec:
     """A file-backed disk as rebuildd attaches it."""
 
@@ -40,7 +48,8 @@ class DomainSpec:
     disks: tuple[DiskSpec, ...]
     interface: Literal["none", "user", "network"] = "user"
     network: str = "default"
-    metadata: tuple[tuple[str, str], ...] = ()  # rebuildd:<key>value</rebuildd:key>
+    mac: str | None = None  # None: libvirt picks one
+    metadata: Metadata = Metadata(items=())
 
 
 def parse(xml: str | bytes) -> Element:
@@ -65,7 +74,7 @@ def build_domain(spec: DomainSpec) -> Element:
     root = etree.Element("domain", type=spec.domain_type)
     _sub(root, "name", spec.name)
     _sub(root, "uuid", spec.uuid)
-    set_metadata(root, spec.metadata)
+    write_metadata(root, spec.metadata)
     _sub(root, "memory", str(spec.memory_mib), unit="MiB")
     _sub(root, "vcpu", str(spec.vcpus))
     os_el = _sub(root, "os")
@@ -79,12 +88,12 @@ def build_domain(spec: DomainSpec) -> Element:
     devices = _sub(root, "devices")
     for disk in spec.disks:
         add_disk(root, disk)
-    if spec.interface == "user":
-        iface = _sub(devices, "interface", type="user")
-        _sub(iface, "model", type="virtio")
-    elif spec.interface == "network":
-        iface = _sub(devices, "interface", type="network")
-        _sub(iface, "source", network=spec.network)
+    if spec.interface != "none":
+        iface = _sub(devices, "interface", type=spec.interface)
+        if spec.mac:
+            _sub(iface, "mac", address=spec.mac)
+        if spec.interface == "network":
+            _sub(iface, "source", network=spec.network)
         _sub(iface, "model", type="virtio")
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "target", port="0")
@@ -109,6 +118,19 @@ def set_metadata(root: Element, items: tuple[tuple[str, str], ...]) -> None:
     ours = etree.SubElement(metadata, f"{{{REBUILDD_NS}}}instance", nsmap={"rebuildd": REBUILDD_NS})
     for key, value in items:
         etree.SubElement(ours, f"{{{REBUILDD_NS}}}{key}").text = value
+
+
+def write_metadata(root: Element, metadata: Metadata) -> None:
+    set_metadata(root, metadata.items)
+
+
+def interfaces(root: Element) -> list[tuple[str, str]]:
+    """(MAC address, type) of each ``<interface>`` (libvirt fills in a MAC at define)."""
+    found = []
+    for iface in root.iterfind("devices/interface"):
+        mac = iface.find("mac")
+        found.append((mac.get("address", "") if mac is not None else "", iface.get("type", "")))
+    return found
 
 
 def get_metadata(root: Element) -> dict[str, str]:

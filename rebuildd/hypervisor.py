@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -122,10 +122,11 @@ class LibvirtHypervisor:
 
         await self._call("destroy", destroy)
 
-    async def power_off(self, name: str, *, timeout: float) -> None:
+    async def power_off(self, name: str, *, timeout: float) -> bool:
         """Clean shutdown, wait up to ``timeout`` seconds, then destroy (Nova's _clean_shutdown).
 
-        A guest without an OS ignores ACPI, so the destroy is never optional.
+        A guest without an OS ignores ACPI, so the destroy is never optional. Returns True when
+        the guest shut down by itself (or was already off), False when it was destroyed.
         """
 
         def shutdown() -> bool:
@@ -140,13 +141,14 @@ class LibvirtHypervisor:
             return True
 
         if not await self._call("shutdown", shutdown):
-            return
+            return True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if await self.power_state(name) != PowerState.RUNNING:
-                break
+            if not await self._call("isActive", lambda: bool(self._lookup(name).isActive())):
+                return True
             await asyncio.sleep(_POLL_INTERVAL)
         await self.destroy(name)
+        return False
 
     async def undefine(self, name: str) -> None:
         def undefine() -> None:
@@ -164,51 +166,61 @@ class LibvirtHypervisor:
 
     # -- disks (edit the persistent XML, then re-define) ---------------------------------------
 
-    async def disk_xml(self, name: str, target: str) -> str | None:
-        """The persistent ``<disk>`` element on ``target``, as XML, or None."""
+    async def disks_xml(self, name: str, targets: Sequence[str]) -> dict[str, str]:
+        """The persistent ``<disk>`` elements on ``targets``, as XML (targets with none are
+        left out)."""
 
-        def read() -> str | None:
+        def read() -> dict[str, str]:
             root = domxml.parse(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            disk = domxml.find_disk(root, target)
-            if disk is None:
-                return None
-            disk.tail = None
-            return domxml.to_string(disk)
+            found = {}
+            for target in targets:
+                disk = domxml.find_disk(root, target)
+                if disk is not None:
+                    disk.tail = None
+                    found[target] = domxml.to_string(disk)
+            return found
 
-        return await self._call("disk_xml", read)
+        return await self._call("disks_xml", read)
 
-    async def detach_disk(self, name: str, target: str) -> str | None:
-        """Remove the disk on ``target`` from the persistent definition.
+    async def nics(self, name: str) -> list[tuple[str, str]]:
+        """(MAC address, interface type) of the domain's network interfaces."""
 
-        Returns the removed ``<disk>`` element as XML (to put back on undo), or None when no
-        disk was on that target (so a repeated detach is a no-op).
-        """
-
-        def detach() -> str | None:
+        def read() -> list[tuple[str, str]]:
             root = domxml.parse(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            removed = domxml.remove_disk(root, target)
-            if removed is None:
-                return None
-            self._conn.defineXML(domxml.to_string(root))
-            return domxml.to_string(removed)
+            return domxml.interfaces(root)
 
-        return await self._call("detach_disk", detach)
+        return await self._call("nics", read)
 
-    async def attach_disk(self, name: str, disk: domxml.DiskSpec | str) -> None:
-        """Put a disk on its target in the persistent definition (replacing what is there)."""
+    async def detach_disks(self, name: str, targets: Sequence[str]) -> None:
+        """Remove the disks on ``targets`` from the persistent definition, in one define (a
+        repeated detach is a no-op)."""
+
+        def detach() -> None:
+            root = domxml.parse(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            removed = [domxml.remove_disk(root, target) for target in targets]
+            if any(r is not None for r in removed):
+                self._conn.defineXML(domxml.to_string(root))
+
+        await self._call("detach_disks", detach)
+
+    async def attach_disks(
+        self,
+        name: str,
+        disks: Sequence[domxml.DiskSpec | str],
+        *,
+        metadata: domxml.Metadata | None = None,
+    ) -> None:
+        """Put disks on their targets in the persistent definition (replacing what is there)
+        and, with ``metadata``, write the domain's metadata too — all in one define."""
 
         def attach() -> None:
             root = domxml.parse(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            element = disk if isinstance(disk, domxml.DiskSpec) else domxml.parse(disk)
-            domxml.add_disk(root, element)
+            for disk in disks:
+                domxml.add_disk(
+                    root, disk if isinstance(disk, domxml.DiskSpec) else domxml.parse(disk)
+                )
+            if metadata is not None:
+                domxml.write_metadata(root, metadata)
             self._conn.defineXML(domxml.to_string(root))
 
-        await self._call("attach_disk", attach)
-
-    async def set_metadata(self, name: str, items: tuple[tuple[str, str], ...]) -> None:
-        def write() -> None:
-            root = domxml.parse(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            domxml.set_metadata(root, items)
-            self._conn.defineXML(domxml.to_string(root))
-
-        await self._call("set_metadata", write)
+        await self._call("attach_disks", attach)

@@ -1,8 +1,9 @@
 """Images: the local, Glance-compatible image store and the per-host image cache.
 
 Owns image files under ``<state_dir>/images`` (the store) and ``<state_dir>/_base`` (the cache
-of base files that root-disk overlays back onto). Image records live in the Store. File
-names are image uuids that rebuildd generated, never client input. It must not call libvirt.
+of base files that root-disk overlays back onto, and its cleanup of unused bases). Image
+records live in the Store. File names are image uuids that rebuildd generated, never client
+input. It must not call libvirt.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import anyio
 
 from rebuildd import errors
 from rebuildd.disks import DiskManager
+from rebuildd.metrics import Metrics
 from rebuildd.models import Image, RequestContext, utcnow
 from rebuildd.ports import ImageService
 from rebuildd.storage import ImageFilters, Store
@@ -167,24 +170,39 @@ class LocalImageService:
 
 
 class ImageCache:
-    """One verified base file per image under ``<state_dir>/_base``; fetched once per image."""
+    """One verified base file per image under ``<state_dir>/_base``; fetched once per image.
 
-    def __init__(self, directory: Path, images: ImageService) -> None:
+    A base's modification time is its last use: :meth:`cleanup` removes bases no server
+    uses that have not been used for ``min_age`` seconds (Nova's
+    ``remove_unused_original_minimum_age_seconds``), so a base a rebuild has just fetched or
+    is about to back a disk onto is never taken away under it.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        images: ImageService,
+        disks: DiskManager,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.directory = directory
         self.images = images
+        self.disks = disks
+        self.metrics = metrics or Metrics()
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def ensure(self, image: Image) -> Path:
         path = self.directory / str(uuid.UUID(image.id))
-        if await anyio.Path(path).exists():
-            return path
         lock = self._locks.setdefault(image.id, asyncio.Lock())
         async with lock:
             if await anyio.Path(path).exists():
+                await anyio.to_thread.run_sync(os.utime, path)
                 return path
             await anyio.Path(self.directory).mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")
             try:
+                self.metrics.image_downloads.inc()
                 await self.images.download(image.id, partial)
                 await _verify(image, partial)
                 await anyio.Path(partial).rename(path)
@@ -192,6 +210,32 @@ class ImageCache:
                 with contextlib.suppress(FileNotFoundError):
                     await anyio.Path(partial).unlink()
         return path
+
+    async def cleanup(self, in_use: Collection[str], *, min_age: float) -> list[str]:
+        """Remove the bases (image bases, and blank ephemeral/swap bases) whose names are not
+        ``in_use`` and that were last used more than ``min_age`` seconds ago, with their
+        overlay templates. Returns the names removed."""
+        root = anyio.Path(self.directory)
+        if not await root.exists():
+            return []
+        cutoff = time.time() - min_age
+        removed = []
+        async for entry in root.iterdir():
+            name = entry.name
+            if name in in_use or name.startswith(".") or ".part" in name:
+                continue
+            lock = self._locks.setdefault(name, asyncio.Lock())
+            async with lock:  # not while ensure() is fetching or touching it
+                try:
+                    if (await entry.stat()).st_mtime > cutoff:
+                        continue
+                    await entry.unlink()
+                except FileNotFoundError:
+                    continue
+            await self.disks.remove_templates(Path(entry))
+            self._locks.pop(name, None)
+            removed.append(name)
+        return removed
 
 
 async def _verify(image: Image, path: Path) -> None:

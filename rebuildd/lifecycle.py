@@ -9,12 +9,13 @@ rebuild and a stop/start/delete of one server can never interleave: each needs
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-from rebuildd import domxml, errors, imageprops
+from rebuildd import configdrive, domxml, errors, guestdisks, imageprops
 from rebuildd.models import (
     BlockDevice,
     Flavor,
@@ -28,17 +29,15 @@ from rebuildd.models import (
 from rebuildd.pipeline import (
     UNSET,
     Deps,
-    GiB,
     Unset,
     check_image_fits,
     domain_metadata,
     generate_password,
     lookup_keypair,
+    shutdown_timeout,
 )
 from rebuildd.runner import Job, Outcome, Stage, Step
 from rebuildd.states import PowerState, TaskState, VmState
-
-ROOT_TARGET: Final = "vda"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +48,8 @@ class DomainSettings:
     name_prefix: str
     interface: str
     network: str
+    ephemeral_format: str = "ext4"  # a filesystem for ephemeral disks, or "none"
+    force_config_drive: bool = False  # every new server gets a config drive
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,11 @@ class ServerContext:
     request: RequestContext
     server: Server
     image: Image | None = None
-    root: BlockDevice | None = None
+    devices: tuple[BlockDevice, ...] = ()  # a new server's local disks, root first
     domain: DomainSettings | None = None
+    # Only in memory: a create interrupted by a restart ends in ERROR (as Nova's), never resumes.
+    admin_pass: str | None = None
+    mac: str | None = None
     facts: NoFacts = field(default_factory=NoFacts)
 
 
@@ -116,29 +120,31 @@ async def request_create(
         key_name, key_data = keypair.name, keypair.public_key
     admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
     server = _new_server(deps, domain, request, spec, flavor, image, key_name, key_data)
-    root = BlockDevice(
-        id=str(uuid.uuid4()),
-        server_id=server.id,
-        boot_index=0,
-        source_type="image",
-        destination_type="local",
-        device_name=ROOT_TARGET,
+    devices = guestdisks.layout(
+        server.id,
+        flavor,
         image_id=image.id,
-        volume_id=None,
-        path=str(deps.disks.new_root_path(server.id)),
-        disk_bus="virtio",
-        device_type="disk",
+        config_drive=server.config_drive,
+        ephemeral_format=domain.ephemeral_format,
+        disks=deps.disks,
     )
     action = NewAction(
         "create",
         request.request_id,
         request.user_id,
         request.project_id,
-        params={"image_id": image.id, "root_bdm_id": root.id},
+        params={"image_id": image.id, "root_bdm_id": devices[0].id},
     )
-    await deps.store.create_server(server, [root], action)
+    await deps.store.create_server(server, devices, action)
     ctx = ServerContext(
-        deps=deps, request=request, server=server, image=image, root=root, domain=domain
+        deps=deps,
+        request=request,
+        server=server,
+        image=image,
+        devices=tuple(devices),
+        domain=domain,
+        admin_pass=admin_pass,
+        mac=new_mac() if domain.interface != "none" else None,
     )
     deps.runner.submit(_build_job(ctx))
     return server, admin_pass
@@ -180,7 +186,7 @@ def _new_server(
         auto_disk_config=spec.auto_disk_config,
         locked=False,
         locked_reason=None,
-        config_drive=spec.config_drive,
+        config_drive=spec.config_drive or domain.force_config_drive,
         progress=0,
         launched_at=None,
         terminated_at=None,
@@ -207,9 +213,9 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
         steps=(
             Step("block_device_mapping", task_state=TaskState.BLOCK_DEVICE_MAPPING),
             Step(
-                "create_root_disk",
+                "create_local_disks",
                 task_state=TaskState.SPAWNING,
-                run=_create_root,
+                run=_create_disks,
                 undo=_remove_root,
             ),
             Step("define_domain", run=_define, undo=_undefine),
@@ -229,15 +235,28 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
     )
 
 
-async def _create_root(ctx: ServerContext) -> None:
-    assert ctx.image is not None and ctx.root is not None and ctx.root.path is not None
-    base = await ctx.deps.cache.ensure(ctx.image)
-    await ctx.deps.disks.create_overlay(
-        base=base,
-        base_format=ctx.image.disk_format or "raw",
-        path=Path(ctx.root.path),
-        size_bytes=ctx.server.flavor.disk * GiB or None,
+async def _create_disks(ctx: ServerContext) -> None:
+    assert ctx.image is not None
+    contents = guestdisks.Contents(
+        server=ctx.server,
+        image=ctx.image,
+        base=await ctx.deps.cache.ensure(ctx.image),
+        admin_pass=ctx.admin_pass,
+        personality=(),
+        nics=(configdrive.Nic(mac=ctx.mac, interface_type=ctx.domain.interface),)
+        if ctx.mac and ctx.domain
+        else (),
     )
+    for device in ctx.devices:
+        assert device.path is not None
+        await guestdisks.create(ctx.deps.disks, device, Path(device.path), contents)
+
+
+def new_mac() -> str:
+    """A MAC under Nova's fa:16:3e prefix, known before the domain is defined (the config
+    drive's network_data.json names it)."""
+    tail = secrets.token_bytes(3)
+    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in tail)
 
 
 async def _remove_root(ctx: ServerContext) -> None:
@@ -245,7 +264,7 @@ async def _remove_root(ctx: ServerContext) -> None:
 
 
 async def _define(ctx: ServerContext) -> None:
-    assert ctx.domain is not None and ctx.root is not None and ctx.root.path is not None
+    assert ctx.domain is not None
     server, domain = ctx.server, ctx.domain
     spec = domxml.DomainSpec(
         name=server.domain_name,
@@ -253,9 +272,10 @@ async def _define(ctx: ServerContext) -> None:
         domain_type=domain.domain_type,
         memory_mib=server.flavor.ram,
         vcpus=server.flavor.vcpus,
-        disks=(domxml.DiskSpec(target=ctx.root.device_name, path=ctx.root.path),),
+        disks=tuple(guestdisks.disk_spec(d, d.path or "") for d in ctx.devices),
         interface=domain.interface,  # type: ignore[arg-type]
         network=domain.network,
+        mac=ctx.mac,
         metadata=domain_metadata(server, server.image_ref),
     )
     await ctx.deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
@@ -409,7 +429,8 @@ def _delete_job(ctx: ServerContext) -> Job[ServerContext]:
 
 
 async def _power_off(ctx: ServerContext) -> None:
-    await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout)
+    timeout = shutdown_timeout(ctx.server, ctx.deps.shutdown_timeout)
+    await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=timeout)
 
 
 async def _stopped(ctx: ServerContext) -> Outcome:
@@ -456,9 +477,8 @@ async def job_from_action(
     if action.action == "create":
         params = action.job_params or {}
         devices = await deps.store.get_block_devices(server.id)
-        root = next(d for d in devices if d.id == params.get("root_bdm_id"))
         image = await deps.images.get(None, params.get("image_id", ""))
-        return _build_job(dataclasses.replace(ctx, root=root, image=image))
+        return _build_job(dataclasses.replace(ctx, devices=tuple(devices), image=image))
     factories = {"stop": _stop_job, "start": _start_job, "delete": _delete_job}
     return factories[action.action](ctx)
 

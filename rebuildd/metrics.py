@@ -43,6 +43,16 @@ class Metrics:
             ["action", "result"],
             registry=self.registry,
         )
+        self.image_downloads = Counter(
+            "rebuildd_image_downloads",
+            "Images fetched from the image service into the image cache.",
+            registry=self.registry,
+        )
+        self.image_cache_removed = Counter(
+            "rebuildd_image_cache_removed",
+            "Unused base files the image cache cleanup removed.",
+            registry=self.registry,
+        )
         self.jobs_running = Gauge(
             "rebuildd_jobs_running", "Jobs holding a concurrency slot now.", registry=self.registry
         )

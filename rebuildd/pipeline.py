@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from rebuildd import domxml, errors, imageprops, ports
+from rebuildd import configdrive, domxml, errors, guestdisks, imageprops, ports
 from rebuildd.models import (
     BlockDevice,
     Flavor,
@@ -95,9 +95,10 @@ class RebuildFacts:
     """What the compute stage recorded so far, so every undo knows what to put back."""
 
     was_running: bool = False
-    old_root_xml: str | None = None
-    old_root: str | None = None
-    new_root: str | None = None
+    clean_shutdown: bool | None = None  # False: the guest ignored ACPI and was destroyed
+    old_disks: dict[str, str] = field(default_factory=dict)  # target -> old <disk> XML
+    old_paths: dict[str, str] = field(default_factory=dict)  # target -> old file
+    new_paths: dict[str, str] = field(default_factory=dict)  # target -> new file
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,13 +135,24 @@ class RebuildContext:
     server: Server  # as the api stage left it
     image_id: str
     root: BlockDevice
+    devices: tuple[BlockDevice, ...]  # the local disks this rebuild makes anew, root first
+    preserve_ephemeral: bool = False
     image: Image | None = None
+    # Only in memory (never journaled): a restarted daemon rolls back unless the new disks,
+    # config drive included, were made.
+    admin_pass: str | None = None
+    personality: tuple[tuple[str, str], ...] = ()
     facts: RebuildFacts = field(default_factory=RebuildFacts)
 
     def params(self) -> dict[str, Any]:
         """What a restarted daemon needs to rebuild this context (see rebuild_job_from_action)."""
         before = {name: getattr(self.before, name) for name in (*RESTORED_FIELDS, "vm_state")}
-        return {"image_id": self.image_id, "root_bdm_id": self.root.id, "before": before}
+        return {
+            "image_id": self.image_id,
+            "root_bdm_id": self.root.id,
+            "preserve_ephemeral": self.preserve_ephemeral,
+            "before": before,
+        }
 
 
 def generate_password(length: int = 12) -> str:
@@ -177,7 +189,8 @@ async def request_rebuild(
     check_image_properties(image, auto_disk_config=spec.auto_disk_config)
     check_quotas(spec)
     check_image_fits(image, server.flavor)
-    root = _root_device(await deps.store.get_block_devices(server.id))
+    devices = await deps.store.get_block_devices(server.id)
+    root = _root_device(devices)
     admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
 
     changes: dict[str, Any] = {
@@ -213,7 +226,13 @@ async def request_rebuild(
         server=server,
         image_id=image.id,
         root=root,
+        devices=tuple(
+            guestdisks.replaced_by_rebuild(devices, preserve_ephemeral=spec.preserve_ephemeral)
+        ),
+        preserve_ephemeral=spec.preserve_ephemeral,
         image=image,
+        admin_pass=admin_pass,
+        personality=spec.personality,
     )
     updated = await deps.store.transition(
         server.id,
@@ -392,12 +411,12 @@ def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
         steps=(
             Step("record_power_state", run=_record_power_state),
             Step("power_off", run=_power_off, undo=_power_on_again),
-            Step("record_root_disk", run=_record_root_disk),
-            Step("detach_root_disk", run=_detach_root, undo=_reattach_old_root),
+            Step("record_local_disks", run=_record_disks),
+            Step("detach_local_disks", run=_detach_disks, undo=_reattach_old_disks),
             Step("block_device_mapping", task_state=TaskState.REBUILD_BLOCK_DEVICE_MAPPING),
-            Step("plan_root_disk", task_state=TaskState.REBUILD_SPAWNING, run=_plan_root),
-            Step("create_root_disk", run=_create_root, undo=_remove_new_root),
-            Step("attach_root_disk", run=_attach_new_root),
+            Step("plan_local_disks", task_state=TaskState.REBUILD_SPAWNING, run=_plan_disks),
+            Step("create_local_disks", run=_create_disks, undo=_remove_new_disks),
+            Step("attach_local_disks", run=_attach_new_disks),
             Step("start_domain", run=_start, undo=_destroy),
             Step("restore_power_state", run=_restore_power_state),
         ),
@@ -412,7 +431,7 @@ def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
         facts=ctx.facts,
         succeed=_succeed,
         fail=_fail,
-        cleanup=(Step("remove_old_root_disk", run=_remove_old_root),),
+        cleanup=(Step("remove_old_local_disks", run=_remove_old_disks),),
         # Once the new domain has started, finishing is safer than undoing.
         resume_forward=lambda done: "start_domain" in done,
     )
@@ -426,9 +445,9 @@ async def rebuild_job_from_action(
     before = dataclasses.replace(server, **params.get("before", {}))
     if before.trusted_certs is not None:  # a JSON list in the saved params
         before = dataclasses.replace(before, trusted_certs=tuple(before.trusted_certs))
-    root = next(
-        d for d in await deps.store.get_block_devices(server.id) if d.id == params["root_bdm_id"]
-    )
+    devices = await deps.store.get_block_devices(server.id)
+    root = next(d for d in devices if d.id == params["root_bdm_id"])
+    preserve = bool(params.get("preserve_ephemeral", False))
     facts = RebuildFacts.from_dict((action.journal or {}).get("facts", {}))
     request = RequestContext(action.request_id, action.user_id, action.project_id)
     ctx = RebuildContext(
@@ -438,6 +457,8 @@ async def rebuild_job_from_action(
         server=server,
         image_id=params["image_id"],
         root=root,
+        devices=tuple(guestdisks.replaced_by_rebuild(devices, preserve_ephemeral=preserve)),
+        preserve_ephemeral=preserve,
         facts=facts,
     )
     return rebuild_job(ctx)
@@ -456,7 +477,21 @@ async def _record_power_state(ctx: RebuildContext) -> None:
 
 
 async def _power_off(ctx: RebuildContext) -> None:
-    await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout)
+    timeout = shutdown_timeout(ctx.before, ctx.deps.shutdown_timeout)
+    ctx.facts.clean_shutdown = await ctx.deps.hypervisor.power_off(
+        ctx.server.domain_name, timeout=timeout
+    )
+
+
+def shutdown_timeout(server: Server, default: float) -> float:
+    """The image's ``os_shutdown_timeout`` (of the image the guest runs now), else the
+    setting. Nova reads the property after its api stage swapped in the new image's; the
+    guest being shut down is the old one, so its image's value is the one that fits."""
+    value = server.image_properties.get("os_shutdown_timeout")
+    try:
+        return max(0.0, float(value)) if value is not None else default
+    except ValueError:
+        return default
 
 
 async def _power_on_again(ctx: RebuildContext) -> None:
@@ -464,55 +499,76 @@ async def _power_on_again(ctx: RebuildContext) -> None:
         await ctx.deps.hypervisor.start(ctx.server.domain_name)
 
 
-async def _record_root_disk(ctx: RebuildContext) -> None:
-    xml = await ctx.deps.hypervisor.disk_xml(ctx.server.domain_name, ctx.root.device_name)
-    if xml is None:
+def _targets(ctx: RebuildContext) -> list[str]:
+    return [d.device_name for d in ctx.devices]
+
+
+async def _record_disks(ctx: RebuildContext) -> None:
+    found = await ctx.deps.hypervisor.disks_xml(ctx.server.domain_name, _targets(ctx))
+    if ctx.root.device_name not in found:
         raise errors.HypervisorError(
-            call="disk_xml", reason=f"the domain has no disk on {ctx.root.device_name}"
+            call="disks_xml", reason=f"the domain has no disk on {ctx.root.device_name}"
         )
-    ctx.facts.old_root_xml = xml
-    ctx.facts.old_root = ctx.root.path
+    ctx.facts.old_disks = found
+    ctx.facts.old_paths = {d.device_name: d.path for d in ctx.devices if d.path}
 
 
-async def _detach_root(ctx: RebuildContext) -> None:
-    await ctx.deps.hypervisor.detach_disk(ctx.server.domain_name, ctx.root.device_name)
+async def _detach_disks(ctx: RebuildContext) -> None:
+    await ctx.deps.hypervisor.detach_disks(ctx.server.domain_name, _targets(ctx))
 
 
-async def _reattach_old_root(ctx: RebuildContext) -> None:
-    if ctx.facts.old_root_xml is not None:
-        await ctx.deps.hypervisor.attach_disk(ctx.server.domain_name, ctx.facts.old_root_xml)
+async def _reattach_old_disks(ctx: RebuildContext) -> None:
+    """The old disks back on their targets; a target that had none is emptied again."""
+    hv, name, old = ctx.deps.hypervisor, ctx.server.domain_name, ctx.facts.old_disks
+    if not old:
+        return
+    extra = [t for t in _targets(ctx) if t not in old]
+    if extra:
+        await hv.detach_disks(name, extra)
+    await hv.attach_disks(name, list(old.values()))
 
 
-async def _plan_root(ctx: RebuildContext) -> None:
-    ctx.facts.new_root = str(ctx.deps.disks.new_root_path(ctx.server.id))
+async def _plan_disks(ctx: RebuildContext) -> None:
+    disks = ctx.deps.disks
+    ctx.facts.new_paths = {
+        d.device_name: str(disks.new_disk_path(ctx.server.id, guestdisks.kind(d)))
+        for d in ctx.devices
+    }
 
 
-async def _create_root(ctx: RebuildContext) -> None:
+async def _create_disks(ctx: RebuildContext) -> None:
     deps = ctx.deps
-    assert ctx.facts.new_root is not None
     image = ctx.image or await deps.images.get(None, ctx.image_id)
     if image is None:
         raise errors.ImageFetchError(image_id=ctx.image_id, reason="the image no longer exists")
-    base = await deps.cache.ensure(image)
-    await deps.disks.create_overlay(
-        base=base,
-        base_format=image.disk_format or "raw",
-        path=Path(ctx.facts.new_root),
-        size_bytes=ctx.server.flavor.disk * GiB or None,
+    nics: tuple[configdrive.Nic, ...] = ()
+    if any(guestdisks.kind(d) == "config" for d in ctx.devices):
+        found = await deps.hypervisor.nics(ctx.server.domain_name)
+        nics = tuple(configdrive.Nic(mac=mac, interface_type=kind) for mac, kind in found)
+    contents = guestdisks.Contents(
+        server=ctx.server,
+        image=image,
+        base=await deps.cache.ensure(image),
+        admin_pass=ctx.admin_pass,
+        personality=ctx.personality,
+        nics=nics,
     )
+    for device in ctx.devices:
+        path = Path(ctx.facts.new_paths[device.device_name])
+        await guestdisks.create(deps.disks, device, path, contents)
 
 
-async def _remove_new_root(ctx: RebuildContext) -> None:
-    if ctx.facts.new_root is not None:
-        await ctx.deps.disks.remove(Path(ctx.facts.new_root))
+async def _remove_new_disks(ctx: RebuildContext) -> None:
+    for path in ctx.facts.new_paths.values():
+        await ctx.deps.disks.remove(Path(path))
 
 
-async def _attach_new_root(ctx: RebuildContext) -> None:
-    assert ctx.facts.new_root is not None
-    hv, name = ctx.deps.hypervisor, ctx.server.domain_name
-    disk = domxml.DiskSpec(target=ctx.root.device_name, path=ctx.facts.new_root)
-    await hv.attach_disk(name, disk)
-    await hv.set_metadata(name, domain_metadata(ctx.server, ctx.image_id))
+async def _attach_new_disks(ctx: RebuildContext) -> None:
+    new = ctx.facts.new_paths
+    specs = [guestdisks.disk_spec(d, new[d.device_name]) for d in ctx.devices]
+    await ctx.deps.hypervisor.attach_disks(
+        ctx.server.domain_name, specs, metadata=domain_metadata(ctx.server, ctx.image_id)
+    )
 
 
 async def _start(ctx: RebuildContext) -> None:
@@ -526,9 +582,8 @@ async def _destroy(ctx: RebuildContext) -> None:
 async def _restore_power_state(ctx: RebuildContext) -> None:
     """Nova starts the rebuilt guest, then stops it again if the server was stopped."""
     if ctx.before.vm_state == VmState.STOPPED:
-        await ctx.deps.hypervisor.power_off(
-            ctx.server.domain_name, timeout=ctx.deps.shutdown_timeout
-        )
+        timeout = shutdown_timeout(ctx.server, ctx.deps.shutdown_timeout)
+        await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=timeout)
 
 
 async def _succeed(ctx: RebuildContext) -> Outcome:
@@ -541,7 +596,11 @@ async def _succeed(ctx: RebuildContext) -> Outcome:
             "launched_at": utcnow(),
             "progress": 0,
         },
-        block_device_changes={ctx.root.id: {"path": ctx.facts.new_root, "image_id": ctx.image_id}},
+        block_device_changes={
+            d.id: {"path": ctx.facts.new_paths[d.device_name]}
+            | ({"image_id": ctx.image_id} if d.id == ctx.root.id else {})
+            for d in ctx.devices
+        },
     )
 
 
@@ -558,18 +617,21 @@ async def _fail(ctx: RebuildContext, rolled_back: bool) -> Outcome:
     return Outcome(changes={**restored, "vm_state": vm_state, "power_state": power})
 
 
-async def _remove_old_root(ctx: RebuildContext) -> None:
-    old = ctx.facts.old_root
-    if old and old != ctx.facts.new_root:
-        await ctx.deps.disks.retire(Path(old))
+async def _remove_old_disks(ctx: RebuildContext) -> None:
+    new = ctx.facts.new_paths
+    for target, old in ctx.facts.old_paths.items():
+        if old != new.get(target):
+            await ctx.deps.disks.retire(Path(old))
 
 
-def domain_metadata(server: Server, image_id: str) -> tuple[tuple[str, str], ...]:
-    """What rebuildd writes into its own ``<metadata>`` element of the domain."""
-    return (
-        ("server", server.id),
-        ("name", server.name),
-        ("project", server.project_id),
-        ("flavor", server.flavor.id),
-        ("image", image_id),
+def domain_metadata(server: Server, image_id: str) -> domxml.Metadata:
+    """What rebuildd writes into the domain's ``<metadata>``."""
+    return domxml.Metadata(
+        items=(
+            ("server", server.id),
+            ("name", server.name),
+            ("project", server.project_id),
+            ("flavor", server.flavor.id),
+            ("image", image_id),
+        )
     )

@@ -101,6 +101,26 @@ class Settings(BaseSettings):
         description="Seconds a replaced root disk is kept (renamed retired-*) before it is "
         "deleted; 0 deletes it as soon as the rebuilt domain has started.",
     )
+    ephemeral_format: Literal["ext4", "ext3", "ext2", "none"] = Field(
+        default="ext4",
+        description="Filesystem of a flavor's ephemeral disk (label ephemeral0, as Nova's "
+        "default_ephemeral_format); none leaves it blank.",
+    )
+    force_config_drive: bool = Field(
+        default=False, description="Give every new server a config drive (Nova's option)."
+    )
+    image_cache_interval: float = Field(
+        default=2400,
+        ge=0,
+        description="Seconds between passes of the image cache cleanup (Nova's "
+        "image_cache.manager_interval); 0 turns the cleanup off.",
+    )
+    image_cache_min_age: float = Field(
+        default=86400,
+        ge=0,
+        description="An unused base file is removed only once it has not been used for this "
+        "many seconds (Nova's remove_unused_original_minimum_age_seconds).",
+    )
     test_kill_at: str | None = Field(
         default=None,
         description="Test hook only: JOB:STEP:before|after at which the daemon SIGKILLs itself.",

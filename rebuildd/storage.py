@@ -583,6 +583,32 @@ class Store:
         paths = await self._read(lambda conn: conn.execute(query).scalars().all())
         return {str(p) for p in paths if p is not None}
 
+    async def cache_users(self) -> tuple[set[str], set[tuple[int, str]]]:
+        """What the image cache must keep: the images live servers' disks come from, with
+        those of jobs in flight (a rebuild's new image), and the (size in MiB, format) of
+        live servers' blank disks (ephemeral, swap)."""
+        live = SERVERS.c.deleted == False  # noqa: E712
+        devices = select(DEVICES.c.image_id, DEVICES.c.size_mib, DEVICES.c.guest_format).join(
+            SERVERS.table, SERVERS.c.id == DEVICES.c.server_id
+        )
+        running = select(ACTIONS.c.job_params).where(
+            ACTIONS.c.job_state.in_(["running", "cleaning"])
+        )
+
+        def work(conn: Connection) -> tuple[set[str], set[tuple[int, str]]]:
+            images, blanks = set(), set()
+            for image_id, size_mib, guest_format in conn.execute(devices.where(live)):
+                if image_id:
+                    images.add(str(image_id))
+                if size_mib and guest_format:
+                    blanks.add((int(size_mib), str(guest_format)))
+            for (params,) in conn.execute(running):
+                if params and params.get("image_id"):
+                    images.add(str(params["image_id"]))
+            return images, blanks
+
+        return await self._read(work)
+
     # -- faults -----------------------------------------------------------------------------
 
     async def latest_faults(self, server_ids: Collection[str]) -> dict[str, Fault]:

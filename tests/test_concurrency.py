@@ -116,7 +116,7 @@ class TestNoInterleaving:
         self, tmp_path: Path, method: str, path: str, body: object
     ) -> None:
         """While a rebuild runs, stop, start and delete of the server are refused with 409."""
-        gate = Gate("detach_root_disk")
+        gate = Gate("detach_local_disks")
         live = start_live_daemon(tmp_path, observer=gate)
         try:
             server_id = live.create_server()
@@ -156,7 +156,7 @@ class TestNoInterleaving:
 def test_graceful_shutdown_rolls_interrupted_rebuilds_back(tmp_path: Path) -> None:
     """Draining stops new actions (409) and, past its timeout, interrupts a running rebuild,
     which rolls back to the old disk with an 'Interrupted' fault — never left in REBUILD."""
-    gate = Gate("create_root_disk")
+    gate = Gate("create_local_disks")
     live = start_live_daemon(tmp_path, observer=gate)
     try:
         server_id = live.create_server()

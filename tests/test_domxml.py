@@ -126,7 +126,7 @@ class TestBuild:
             vcpus=1,
             disks=(domxml.DiskSpec(target="vda", path="/tmp/root.qcow2"),),
             interface=interface,  # type: ignore[arg-type]
-            metadata=(("server", "s1"), ("name", "a <b> & 'c'")),
+            metadata=domxml.Metadata(items=(("server", "s1"), ("name", "a <b> & 'c'"))),
         )
         read = _define_and_read(conn, domxml.build_domain(spec))
         assert domxml.disk_targets(read) == ["vda"]

@@ -29,15 +29,15 @@ REBUILD_STEPS = (
     "check_host",
     "record_power_state",
     "power_off",
-    "record_root_disk",
-    "detach_root_disk",
+    "record_local_disks",
+    "detach_local_disks",
     "block_device_mapping",
-    "plan_root_disk",
-    "create_root_disk",
-    "attach_root_disk",
+    "plan_local_disks",
+    "create_local_disks",
+    "attach_local_disks",
     "start_domain",
     "restore_power_state",
-    "remove_old_root_disk",
+    "remove_old_local_disks",
 )
 BOUNDARIES = [f"{step}:{phase}" for step in REBUILD_STEPS for phase in ("before", "after")]
 
@@ -77,7 +77,7 @@ def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: 
         ("power_off:after", "stopped"),
         ("start_domain:after", "stopped"),
         ("restore_power_state:after", "stopped"),
-        ("detach_root_disk:after", "error"),
+        ("detach_local_disks:after", "error"),
         ("start_domain:after", "error"),
     ],
 )

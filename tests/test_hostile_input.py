@@ -377,8 +377,8 @@ def _tree(root: Path) -> set[Path]:
 
 def _assert_only_uuid_paths(state_dir: Path, new: set[Path], server_id: str) -> None:
     """New files are the database's, cached images (named by uuid), overlay templates (named
-    by a digest), or this server's root disks under instances/<uuid>/root-*.qcow2; nothing
-    else, anywhere."""
+    by their base's uuid and a digest), or this server's root disks under
+    instances/<uuid>/root-*.qcow2; nothing else, anywhere."""
     for path in new:
         parts = path.parts
         if parts[0].startswith("rebuildd.db"):
@@ -386,8 +386,10 @@ def _assert_only_uuid_paths(state_dir: Path, new: set[Path], server_id: str) -> 
         if parts[0] == "_base":
             assert len(parts) == 2 and UUID_RE.match(parts[1]), path
             continue
-        if parts[:2] == ("instances", "_templates"):  # overlay templates, named by a digest
-            assert len(parts) == 2 or re.fullmatch(r"[0-9a-f]{32}\.qcow2", parts[2]), path
+        if parts[:2] == ("instances", "_templates"):  # overlay templates: base uuid + digest
+            assert len(parts) == 2 or re.fullmatch(
+                r"[0-9a-f-]{36}-[0-9a-f]{24}\.qcow2", parts[2]
+            ), path
             continue
         assert parts[:2] == ("instances", server_id), path
         if len(parts) == 3:

@@ -52,7 +52,7 @@ def test_a_rebuild_is_counted_step_by_step(daemon: LiveDaemon) -> None:
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    for step in ("power_off", "detach_root_disk", "create_root_disk", "start_domain"):
+    for step in ("power_off", "detach_local_disks", "create_local_disks", "start_domain"):
         count = delta("rebuildd_step_duration_seconds_count", action="rebuild", step=step)
         assert count == 1, step
     assert delta("rebuildd_db_transaction_seconds_count", kind="write") >= 5

@@ -133,7 +133,7 @@ def test_rebuild_on_real_qemu(qemu_daemon: tuple[LiveDaemon, Recorder]) -> None:
     started = steps.index(("start_domain", "after"))
     assert all(b.old_disk_exists for b in recorder.boundaries[: started + 1])
     assert recorder.boundaries[started].domain_active
-    assert steps[-1] == ("remove_old_root_disk", "after")
+    assert steps[-1] == ("remove_old_local_disks", "after")
     assert not recorder.boundaries[-1].old_disk_exists
     assert not old_disk.exists()
 

@@ -110,10 +110,9 @@ def _rebuild(live: LiveDaemon, server_id: str) -> str:
         ("exists", 1, False),  # conductor: check_host
         ("power_state", 1, False),  # record_power_state
         ("power_off", 1, False),  # power_off
-        ("disk_xml", 1, False),  # record_root_disk
-        ("detach_disk", 1, False),  # detach_root_disk
-        ("attach_disk", 1, False),  # attach_root_disk
-        ("set_metadata", 1, False),  # attach_root_disk (metadata)
+        ("disks_xml", 1, False),  # record_local_disks
+        ("detach_disks", 1, False),  # detach_local_disks
+        ("attach_disks", 1, False),  # attach_local_disks (disks and metadata in one define)
         ("start", 1, False),  # start_domain
         ("start", 1, True),  # start_domain of a stopped server
         ("power_off", 2, True),  # restore_power_state of a stopped server
@@ -184,7 +183,7 @@ def test_failed_rollback_ends_in_error_and_a_retry_finishes(
     what is where, and a rebuild from ERROR then succeeds."""
     live, hv = faulty
     server_id = live.create_server()
-    hv.arm(start=1, attach_disk=2)  # attach #1 is the new disk; #2 the undo's old disk
+    hv.arm(start=1, attach_disks=2)  # attach #1 is the new disk; #2 the undo's old disk
     _rebuild(live, server_id)
     server = _settled(live, server_id)
     assert server["status"] == "ERROR"
