@@ -98,7 +98,7 @@ class Nic:
     interface_type: str = "bridge"  # <interface type=...>
     source: str = ""  # the libvirt network or bridge it is plugged into
     target_dev: str | None = None  # <target dev=...>, Nova's VIF devname
-    mtu: int | None = None  # Nova gives none when the subnet has a DHCP server
+    mtu: int | None = None  # Nova gives null when the subnet has a DHCP server
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,8 +222,6 @@ def build_iso(data: ConfigDriveData, dest: Path, *, mode: int = 0o600) -> None:
 
     ``mode`` is 0600 because the drive holds the admin password and user data; libvirt's
     dynamic ownership hands the file to QEMU. Blocking: run it in a worker thread."""
-    if dest.exists():
-        raise FileExistsError(f"config drive {dest} exists")
     files = drive_files(data)
     try:
         _write_new(files, dest, mode)
@@ -244,7 +242,7 @@ def read_iso(path: Path) -> dict[str, bytes]:
             return dict(_read_all(iso))
         finally:
             iso.close()
-    except PyCdlibException as exc:
+    except (OSError, PyCdlibException) as exc:
         raise DiskError(command="read config drive", reason=str(exc)) from exc
 
 
@@ -257,6 +255,14 @@ def _master(files: Mapping[str, bytes], out: io.BufferedWriter) -> None:
         rock_ridge="1.09",
         joliet=3,
     )
+    try:
+        _add_all(iso, files)
+        iso.write_fp(out)
+    finally:
+        iso.close()
+
+
+def _add_all(iso: pycdlib.PyCdlib, files: Mapping[str, bytes]) -> None:
     directories: set[PurePosixPath] = set()
     for name, content in sorted(files.items()):
         path = PurePosixPath(name)
@@ -277,8 +283,6 @@ def _master(files: Mapping[str, bytes], out: io.BufferedWriter) -> None:
             joliet_path=f"/{path}",
             file_mode=_FILE_MODE,
         )
-    iso.write_fp(out)
-    iso.close()
 
 
 def _write_new(files: Mapping[str, bytes], dest: Path, mode: int) -> None:
