@@ -182,7 +182,8 @@ def disk_element(spec: DiskSpec) -> Element:
 
 
 def add_disk(root: Element, disk: DiskSpec | Element) -> Element:
-    """Add a disk, keeping ``<disk>`` elements first in ``<devices>`` and in target order.
+    """Add a disk, keeping ``<disk>`` elements first in ``<devices>``, disks before cdroms,
+    each in target order.
 
     An existing disk on the same target is replaced, so adding is idempotent. (libvirt
     re-indents the document on define, so whitespace is not kept here.)
@@ -197,12 +198,18 @@ def add_disk(root: Element, disk: DiskSpec | Element) -> Element:
         existing.addprevious(element)
         devices.remove(existing)
         return element
-    before = [d for d in devices.findall("disk") if _target_of(d) < target]
+    key = _order(element)
+    before = [d for d in devices.findall("disk") if _order(d) < key]
     if before:
         before[-1].addnext(element)
     else:
         devices.insert(0, element)
     return element
+
+
+def _order(disk: Element) -> tuple[bool, str]:
+    """Disks before cdroms (Nova puts the config drive last), then by target name."""
+    return (disk.get("device") == "cdrom", _target_of(disk))
 
 
 def _target_of(disk: Element) -> str:

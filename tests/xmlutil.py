@@ -27,6 +27,16 @@ def disk_source(root: etree._Element, target: str = "vda") -> Path:
     return Path(str(found[0].get("file")))
 
 
+def disk_sources(root: etree._Element) -> dict[str, Path]:
+    """Target -> file of every file-backed ``<disk>``, in document order."""
+    found = {}
+    for disk in root.iterfind("devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is not None and source is not None and source.get("file"):
+            found[str(target.get("dev"))] = Path(str(source.get("file")))
+    return found
+
+
 def outside_disks(root: etree._Element) -> str:
     """The document minus <disk> elements and rebuildd's own metadata, whitespace-normalised."""
     copy = etree.fromstring(etree.tostring(root))
