@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import require
 from tests.process import DaemonProcess
-from tests.xmlutil import backing_file, disk_source, parse
+from tests.xmlutil import backing_file, disk_sources, parse
 
 libvirt = pytest.importorskip("libvirt")
 URI = "qemu:///system"
@@ -53,9 +53,12 @@ def qemu() -> Iterator[object]:
 
 
 def _create(client: httpx.Client, image_id: str) -> str:
-    flavor = {"flavor": {"name": "t1.fault", "id": "fault", "ram": 128, "vcpus": 1, "disk": 1}}
+    """A server with every kind of local disk: root, ephemeral, swap and a config drive."""
+    flavor = {"flavor": {"name": "t1.fault", "id": "fault", "ram": 128, "vcpus": 1, "disk": 1,
+                         "OS-FLV-EXT-DATA:ephemeral": 1, "swap": 16}}  # fmt: skip
     client.post("/v2.1/flavors", json=flavor)
-    body = {"server": {"name": "victim", "imageRef": image_id, "flavorRef": "fault"}}
+    body = {"server": {"name": "victim", "imageRef": image_id, "flavorRef": "fault",
+                       "config_drive": True}}  # fmt: skip
     response = client.post("/v2.1/servers", json=body)
     assert response.status_code == 202, response.text
     server_id: str = response.json()["server"]["id"]
@@ -118,7 +121,8 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
                 _until(client, server_id, "SHUTOFF")
             elif start_as == "error":
                 _set_vm_state(tmp_path / "rebuildd.db", server_id, "error")
-            old_disk = disk_source(parse(qemu.lookupByName(name).XMLDesc(0)))
+            old_disks = disk_sources(parse(qemu.lookupByName(name).XMLDesc(0)))
+            old_disk = old_disks["vda"]
             # Killed before the 202 went out, the rebuild may or may not be recorded.
             with contextlib.suppress(httpx.TransportError):
                 client.post(
@@ -140,13 +144,19 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
 
         dom = qemu.lookupByName(name)
         assert bool(dom.isActive()) == (start_as != "stopped"), "power state as before"
-        root = disk_source(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+        root = disk_sources(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))["vda"]
         assert root.exists(), "never diskless"
         assert backing_file(root) == tmp_path / "_base" / server["image"]["id"]
+        disks = disk_sources(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+        assert list(disks) == list(old_disks), "every target still has its disk"
+        assert all(path.exists() for path in disks.values()), "never a missing disk file"
         if rolled_back:
             assert root == old_disk, "rolled back onto the old disk"
+            assert disks == old_disks, "rolled back onto every old disk"
+        else:
+            assert all(disks[t] != old_disks[t] for t in disks), "every local disk is new"
         files = sorted(p.name for p in (tmp_path / "instances" / server_id).iterdir())
-        assert files == [root.name], f"orphaned disks: {files}"
+        assert files == sorted(p.name for p in disks.values()), f"orphaned disks: {files}"
         ours = [d.name() for d in qemu.listAllDomains(0) if server_id in d.name()]
         assert ours == [name]
         actions = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions")["instanceActions"]
