@@ -41,7 +41,7 @@ RUN pip wheel --wheel-dir /wheels .
 FROM ${PYTHON_IMAGE} AS runtime
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libvirt0 qemu-utils tini ca-certificates \
+    && apt-get install -y --no-install-recommends libvirt0 qemu-utils e2fsprogs util-linux tini ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1

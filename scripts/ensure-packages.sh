@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ensure-packages.sh [run|test] — install the Debian 12 packages rebuildd needs, if missing.
-#   run:  build deps for libvirt-python (gcc, pkg-config, libvirt-dev, python3-dev),
+#   run:  build deps for libvirt-python (gcc, pkg-config, libvirt-dev, python3-dev), mkfs.ext4
+#         and mkswap for ephemeral and swap disks (e2fsprogs, util-linux),
 #         a working `python3 -m venv`, and qemu-img.
 #   test: run + a local libvirtd with the QEMU driver (TCG/KVM), virsh, tini, genisoimage,
 #         ssh-keygen (the real-client tests make a key pair).
@@ -8,7 +9,7 @@
 set -euo pipefail
 
 mode="${1:-run}"
-pkgs=(python3-dev gcc pkg-config libvirt-dev qemu-utils)
+pkgs=(python3-dev gcc pkg-config libvirt-dev qemu-utils e2fsprogs util-linux)
 case "$mode" in
   run) ;;
   test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage openssh-client) ;;
