@@ -1,4 +1,4 @@
-"""The ``rebuildd`` command: serve, db upgrade, seed-demo.
+"""The ``rebuildd`` command: serve, db upgrade, seed-demo, adopt.
 
 Owns argument parsing and building Settings once; everything else is called from here.
 """
@@ -85,3 +85,61 @@ def seed_demo() -> None:
 
     for image_id in asyncio.run(run()):
         click.echo(image_id)
+
+
+@main.command()
+@click.option(
+    "--all", "adopt_all", is_flag=True, help="Adopt every domain rebuildd does not know yet."
+)
+@click.argument("domains", nargs=-1)
+def adopt(adopt_all: bool, domains: tuple[str, ...]) -> None:
+    """Register existing libvirt domains (DOMAIN names, or --all) as rebuildd servers.
+
+    Prints one line per adopted domain; a domain that cannot be adopted gets a line on
+    stderr. Exits 1 when nothing was adopted or a named domain does not exist.
+    """
+    from rebuildd import adopt as adoption
+    from rebuildd import errors, migrations
+    from rebuildd.hypervisor import LibvirtHypervisor
+    from rebuildd.storage import Store, create_engine
+
+    if adopt_all == bool(domains):
+        raise click.UsageError("name the domains to adopt, or give --all (not both)")
+    settings = _settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(settings.effective_database_url)
+    defaults = adoption.Defaults(
+        host=settings.effective_host, project_id=settings.project_id, user_id=settings.user_id
+    )
+
+    async def run() -> adoption.Report:
+        store = Store(create_engine(settings.effective_database_url))
+        hypervisor = LibvirtHypervisor(settings.libvirt_uri, threads=settings.libvirt_threads)
+        disks = adoption.SharedDiskInfo(
+            settings.state_dir / "instances", qemu_img=settings.qemu_img
+        )
+        try:
+            await hypervisor.open()
+            names = None if adopt_all else list(domains)
+            return await adoption.adopt(store, hypervisor, disks, defaults, names)
+        finally:
+            await hypervisor.close()
+            await store.close()
+
+    try:
+        report = asyncio.run(run())
+    except errors.RebuilddError as exc:
+        raise click.ClickException(exc.message) from exc
+    for done in report.adopted:
+        click.echo(
+            f"adopted {done.domain} as server {done.server.id} (flavor {done.server.flavor.id})"
+        )
+        if done.warning:
+            click.echo(f"warning: {done.domain}: {done.warning}", err=True)
+    for refused in report.refused:
+        click.echo(f"not adopted {refused.domain}: {refused.reason}", err=True)
+    if report.candidates == 0:
+        click.echo("no domain left to adopt", err=True)
+        return
+    if not report.adopted or any(r.missing for r in report.refused):
+        raise SystemExit(1)

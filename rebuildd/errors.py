@@ -13,9 +13,11 @@ on Nova's messages keeps working.
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
     ├── NotFound                404 itemNotFound
-    │   └── ServerNotFound, FlavorNotFound, ImageNotFound, KeypairNotFound, ActionNotFound
+    │   └── ServerNotFound, FlavorNotFound, ImageNotFound, KeypairNotFound, ActionNotFound,
+    │       DomainNotFound
     ├── Conflict                409 conflictingRequest
-    │   └── InstanceInvalidState, InstanceIsLocked, TaskStateConflict, Duplicate
+    │   └── InstanceInvalidState, InstanceIsLocked, TaskStateConflict, Duplicate,
+    │       AdoptionRefused
     ├── VersionNotAcceptable    406 notAcceptable
     ├── PayloadTooLarge         413 overLimit
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
@@ -162,6 +164,10 @@ class ActionNotFound(NotFound):
     template = "Action {request_id} on instance {server_id} could not be found."
 
 
+class DomainNotFound(NotFound):
+    template = "Domain {domain} could not be found."
+
+
 class Conflict(RebuilddError):
     template = "There was a conflict when trying to complete your request."
 
@@ -185,6 +191,12 @@ class TaskStateConflict(Conflict):
 
 class Duplicate(Conflict):
     template = "{kind} {name} already exists."
+
+
+class AdoptionRefused(Conflict):
+    """``rebuildd adopt`` will not register this domain (known already, or not rebuildable)."""
+
+    template = "Cannot adopt domain {domain}: {reason}"
 
 
 class VersionNotAcceptable(RebuilddError):

@@ -386,9 +386,17 @@ class Store:
     # -- servers ----------------------------------------------------------------------------
 
     async def create_server(
-        self, server: Server, block_devices: Sequence[BlockDevice], action: NewAction
+        self,
+        server: Server,
+        block_devices: Sequence[BlockDevice],
+        action: NewAction,
+        *,
+        action_time: dt.datetime | None = None,
     ) -> Server:
-        """Insert a new server, its block devices and its ``create`` action atomically."""
+        """Insert a new server, its block devices and its ``create`` action atomically.
+
+        The action starts at ``action_time``, by default the server's ``created_at`` (an
+        adopted server was created long before rebuildd recorded it)."""
         server_row = SERVERS.row(ServerRow(**records.server_values(server)))
         devices = [
             DEVICES.row(
@@ -400,7 +408,7 @@ class Store:
             )
             for bdm in block_devices
         ]
-        action_row = _action_values(server.id, action, server.created_at)
+        action_row = _action_values(server.id, action, action_time or server.created_at)
 
         def work(conn: Connection) -> None:
             conn.execute(insert(SERVERS.table).values(server_row))
