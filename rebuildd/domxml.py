@@ -7,10 +7,14 @@ byte for byte. No libvirt calls and no I/O here; no XML is ever built from strin
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
 from lxml import etree
+
+from rebuildd import novameta
+from rebuildd.models import Server
 
 REBUILDD_NS = "https://rebuildd.dev/xmlns/libvirt/domain/1.0"
 Element = etree._Element
@@ -19,9 +23,12 @@ Element = etree._Element
 @dataclass(frozen=True, slots=True)
 class Metadata:
     """What rebuildd writes into a domain's ``<metadata>``: its own element (key, value
-    pairs) and Nova's ``nova:instance``, so the domain describes itself."""
+    pairs) and, given the server, Nova's ``nova:instance`` (name, flavor, owner, root image),
+    so the domain describes itself to rebuildd, to Nova's tools and to an operator."""
 
     items: tuple[tuple[str, str], ...]
+    server: Server | None = None
+    image_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,10 @@ def set_metadata(root: Element, items: tuple[tuple[str, str], ...]) -> None:
 
 def write_metadata(root: Element, metadata: Metadata) -> None:
     set_metadata(root, metadata.items)
+    if metadata.server is not None:
+        image_id = metadata.image_id or metadata.server.image_ref
+        previous = novameta.read(root)  # Nova's ports and owner names, on an adopted domain
+        novameta.write(root, novameta.for_server(metadata.server, image_id, previous=previous))
 
 
 def interfaces(root: Element) -> list[tuple[str, str]]:
@@ -178,6 +189,29 @@ def disk_element(spec: DiskSpec) -> Element:
     _sub(disk, "target", dev=spec.target, bus=spec.bus)
     if spec.readonly:
         _sub(disk, "readonly")
+    return disk
+
+
+def renewed(old: Element | str, spec: DiskSpec) -> Element:
+    """The disk ``old`` was, now on ``spec``'s file and format: everything else of it (boot
+    order, driver cache/io/discard, serial, address, iotune) is kept, as virt-manager edits
+    a disk; a stale ``<backingStore>`` goes (libvirt reads the new file's own chain)."""
+    disk = copy.deepcopy(parse(old) if isinstance(old, str) else old)
+    source = disk.find("source")
+    if source is None:
+        source = etree.SubElement(disk, "source")
+    for attribute in ("dev", "name", "protocol"):
+        source.attrib.pop(attribute, "")
+    source.set("file", spec.path)
+    disk.set("type", "file")
+    driver = disk.find("driver")
+    if driver is None:
+        driver = etree.Element("driver", name="qemu")
+        disk.insert(0, driver)
+    driver.set("type", spec.fmt)
+    for stale in disk.findall("backingStore"):
+        disk.remove(stale)
+    disk.tail = None
     return disk
 
 

@@ -113,6 +113,15 @@ def replaced_by_rebuild(
     return sorted(replaced, key=lambda d: d.device_name)
 
 
+def new_disk(device: BlockDevice, path: str, old_xml: str | None) -> domxml.DiskSpec | str:
+    """The ``<disk>`` a rebuild puts on ``device``'s target: the old element on the new file
+    when there was one (so its boot order, cache mode and address survive), else a new one."""
+    spec = disk_spec(device, path)
+    if old_xml is None:
+        return spec
+    return domxml.to_string(domxml.renewed(old_xml, spec))
+
+
 def disk_spec(device: BlockDevice, path: str) -> domxml.DiskSpec:
     if kind(device) == "config":
         return domxml.DiskSpec(

@@ -564,8 +564,10 @@ async def _remove_new_disks(ctx: RebuildContext) -> None:
 
 
 async def _attach_new_disks(ctx: RebuildContext) -> None:
-    new = ctx.facts.new_paths
-    specs = [guestdisks.disk_spec(d, new[d.device_name]) for d in ctx.devices]
+    new, old = ctx.facts.new_paths, ctx.facts.old_disks
+    specs = [
+        guestdisks.new_disk(d, new[d.device_name], old.get(d.device_name)) for d in ctx.devices
+    ]
     await ctx.deps.hypervisor.attach_disks(
         ctx.server.domain_name, specs, metadata=domain_metadata(ctx.server, ctx.image_id)
     )
@@ -633,5 +635,7 @@ def domain_metadata(server: Server, image_id: str) -> domxml.Metadata:
             ("project", server.project_id),
             ("flavor", server.flavor.id),
             ("image", image_id),
-        )
+        ),
+        server=server,
+        image_id=image_id,
     )

@@ -87,21 +87,22 @@ def _new_path(server: Server, device: BlockDevice) -> str:
 
 def rebuilt(name: str) -> etree._Element:
     """The input after a rebuild onto NEW_IMAGE, edited as the rebuild pipeline edits it
-    (guestdisks picks and specifies the disks, the hypervisor detaches them all, then attaches
-    the new ones with the metadata), plus Nova's metadata brought up to date."""
+    (guestdisks picks the disks, the hypervisor detaches them all, then attaches each old
+    element renewed on its new file, with rebuildd's and Nova's metadata in the same define)."""
     read = _read(name)
     root = _input(name)
     server = dataclasses.replace(read.server, image_ref=NEW_IMAGE)
     replaced = guestdisks.replaced_by_rebuild(read.devices, preserve_ephemeral=False)
     assert {d.device_name for d in replaced} == {d.device_name for d in read.devices if d.owned}
+    old = {}
     for device in replaced:
-        assert domxml.remove_disk(root, device.device_name) is not None
+        removed = domxml.remove_disk(root, device.device_name)
+        assert removed is not None
+        old[device.device_name] = domxml.to_string(removed)
     for device in replaced:
-        domxml.add_disk(root, guestdisks.disk_spec(device, _new_path(server, device)))
+        new = guestdisks.new_disk(device, _new_path(server, device), old[device.device_name])
+        domxml.add_disk(root, new if isinstance(new, domxml.DiskSpec) else domxml.parse(new))
     domxml.write_metadata(root, domain_metadata(server, NEW_IMAGE))
-    previous = novameta.read(root)
-    if previous is not None:
-        novameta.write(root, novameta.for_server(server, NEW_IMAGE, previous=previous))
     return root
 
 
@@ -259,12 +260,12 @@ class TestRebuildTransform:
             assert domxml.disk_source(disk) == expected
 
     def test_nova_metadata_follows_the_rebuild(self, name: str) -> None:
-        """Nova's metadata, where there was some, names the new image and keeps its ports."""
+        """Every rebuilt domain carries Nova's metadata naming the new image; where Nova's was
+        there before, its ports and owner names are kept."""
         before = novameta.read(_input(name))
         after = novameta.read(domxml.parse((GOLDEN / f"{name}-out.xml").read_bytes()))
+        assert after is not None and after.root_uuid == NEW_IMAGE
         if before is None:
-            assert after is None
             return
-        assert after is not None
         assert (after.root_uuid, after.name, after.ports) == (NEW_IMAGE, before.name, before.ports)
         assert (after.user_name, after.project_name) == (before.user_name, before.project_name)

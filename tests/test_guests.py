@@ -196,6 +196,12 @@ def test_rebuild_recreates_every_local_disk_and_regenerates_the_config_drive(
     assert meta["meta"] == {"role": "db"}
     assert files["openstack/latest/user_data"] == b"#cloud-config\nsecond: boot\n"
 
+    # The domain describes itself in Nova's terms: the new name and the new root image.
+    nova = "{http://openstack.org/xmlns/libvirt/nova/1.1}"
+    assert after.findtext(f"metadata/{nova}instance/{nova}name") == "rebuilt"
+    root_image = after.find(f"metadata/{nova}instance/{nova}root")
+    assert root_image is not None and root_image.get("uuid") == live.image_ids[1]
+
     # Outside the owned <disk> elements and the metadata, the definition is what it was.
     assert outside_disks(after) == outside_disks(before)
 

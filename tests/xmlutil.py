@@ -10,6 +10,7 @@ from pathlib import Path
 from lxml import etree
 
 REBUILDD_NS = "https://rebuildd.dev/xmlns/libvirt/domain/1.0"
+NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
 
 
 def parse(xml: str) -> etree._Element:
@@ -38,7 +39,8 @@ def disk_sources(root: etree._Element) -> dict[str, Path]:
 
 
 def outside_disks(root: etree._Element) -> str:
-    """The document minus <disk> elements and rebuildd's own metadata, whitespace-normalised."""
+    """The document minus <disk> elements and the metadata rebuildd writes (its own and Nova's
+    nova:instance), whitespace-normalised."""
     copy = etree.fromstring(etree.tostring(root))
     devices = copy.find("devices")
     assert devices is not None
@@ -46,8 +48,9 @@ def outside_disks(root: etree._Element) -> str:
         devices.remove(disk)
     metadata = copy.find("metadata")
     if metadata is not None:
-        for ours in metadata.findall(f"{{{REBUILDD_NS}}}*"):
-            metadata.remove(ours)
+        for ns in (REBUILDD_NS, NOVA_NS):
+            for ours in metadata.findall(f"{{{ns}}}*"):
+                metadata.remove(ours)
     for element in copy.iter():
         element.tail = None
         if element.text is not None and not element.text.strip():
