@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import math
 import re
 import uuid
@@ -28,8 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import Final, Literal, Protocol
 
 from rebuildd import domxml, errors, novameta
-from rebuildd.disks import DiskManager, ImageInfo
-from rebuildd.lifecycle import _hostname
+from rebuildd.disks import ImageInfo
+from rebuildd.lifecycle import hostname_for
 from rebuildd.models import BlockDevice, Flavor, NewAction, Server, utcnow
 from rebuildd.novameta import NovaInstance
 from rebuildd.pipeline import domain_metadata
@@ -336,7 +335,7 @@ def build(
         host=defaults.host,
         node=defaults.host,
         domain_name=found.name,
-        hostname=_hostname(name, found.uuid),
+        hostname=hostname_for(name, found.uuid),
         metadata={},
         key_name=None,
         key_data=None,
@@ -427,21 +426,7 @@ class Domains(Protocol):
 
 
 class DiskInfo(Protocol):
-    async def info(self, path: Path) -> ImageInfo: ...
-
-
-class SharedDiskInfo(DiskManager):
-    """``qemu-img info -U``: a running QEMU holds a write lock on its disks, and a plain
-    ``qemu-img info`` (DiskManager.info) then fails with 'Failed to get shared "write" lock'.
-    Reading the header while the guest runs is safe: the virtual size is in it."""
-
-    async def info(self, path: Path) -> ImageInfo:
-        data = json.loads(await self._run("info", "-U", "--output=json", str(path)))
-        return ImageInfo(
-            format=str(data["format"]),
-            virtual_size=int(data["virtual-size"]),
-            backing_file=data.get("full-backing-filename") or data.get("backing-filename"),
-        )
+    async def info(self, path: Path, *, force_share: bool = False) -> ImageInfo: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,7 +535,9 @@ async def _virtual_sizes(disks: DiskInfo, found: Inspection) -> dict[str, int]:
         if disk.role not in ("root", "ephemeral", "swap") or disk.path is None:
             continue
         try:
-            sizes[disk.path] = (await disks.info(Path(disk.path))).virtual_size
+            # -U: a running guest's QEMU holds a write lock on its disks.
+            info = await disks.info(Path(disk.path), force_share=True)
+            sizes[disk.path] = info.virtual_size
         except errors.DiskError as exc:
             if disk.role == "root":
                 raise refuse(found.name, f"its root disk cannot be read: {exc.message}") from exc

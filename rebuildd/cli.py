@@ -100,6 +100,7 @@ def adopt(adopt_all: bool, domains: tuple[str, ...]) -> None:
     """
     from rebuildd import adopt as adoption
     from rebuildd import errors, migrations
+    from rebuildd.disks import DiskManager
     from rebuildd.hypervisor import LibvirtHypervisor
     from rebuildd.storage import Store, create_engine
 
@@ -115,9 +116,7 @@ def adopt(adopt_all: bool, domains: tuple[str, ...]) -> None:
     async def run() -> adoption.Report:
         store = Store(create_engine(settings.effective_database_url))
         hypervisor = LibvirtHypervisor(settings.libvirt_uri, threads=settings.libvirt_threads)
-        disks = adoption.SharedDiskInfo(
-            settings.state_dir / "instances", qemu_img=settings.qemu_img
-        )
+        disks = DiskManager(settings.state_dir / "instances", qemu_img=settings.qemu_img)
         try:
             await hypervisor.open()
             names = None if adopt_all else list(domains)

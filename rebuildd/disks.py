@@ -153,8 +153,11 @@ class DiskManager:
             await anyio.Path(partial).unlink(missing_ok=True)
         return template
 
-    async def info(self, path: Path) -> ImageInfo:
-        out = await self._run("info", "--output=json", str(path))
+    async def info(self, path: Path, *, force_share: bool = False) -> ImageInfo:
+        """``force_share`` (``-U``): read the header of a disk a running QEMU holds locked
+        (safe for the format and virtual size, which is all this returns)."""
+        share = ("-U",) if force_share else ()
+        out = await self._run("info", *share, "--output=json", str(path))
         data: dict[str, Any] = json.loads(out)
         return ImageInfo(
             format=str(data["format"]),

@@ -175,7 +175,7 @@ def _new_server(
         host=deps.host,
         node=deps.host,
         domain_name=f"{domain.name_prefix}{server_id}",
-        hostname=spec.hostname or _hostname(spec.name, server_id),
+        hostname=spec.hostname or hostname_for(spec.name, server_id),
         metadata=dict(spec.metadata),
         key_name=key_name,
         key_data=key_data,
@@ -197,7 +197,7 @@ def _new_server(
     )
 
 
-def _hostname(name: str, server_id: str) -> str:
+def hostname_for(name: str, server_id: str) -> str:
     """Nova's sanitize_hostname: lower-case letters, digits and dashes, at most 63."""
     cleaned = "".join(c if c.isalnum() and c.isascii() else "-" for c in name.lower())
     cleaned = "-".join(part for part in cleaned.split("-") if part)[:63].strip("-")
