@@ -94,6 +94,50 @@ class BlockDevice:
     guest_format: str | None = None
     size_mib: int | None = None  # local blank disks (ephemeral, swap): their size
     owned: bool = True  # False: a disk rebuildd found on an adopted domain and leaves alone
+    # Volumes (source and destination "volume"): the Cinder attachment this mapping holds and
+    # the connection_info it returned, as Nova's BDM keeps them.
+    attachment_id: str | None = None
+    connection_info: dict[str, Any] | None = None
+    delete_on_termination: bool = False  # Nova's column; shown from 2.3 (volumes_attached)
+    tag: str | None = None  # Nova's device tag (2.49 attach, shown from 2.70)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeAttachment:
+    """One Cinder attachment of a volume to a server (Cinder's ``attach_status``)."""
+
+    id: str
+    volume_id: str
+    server_id: str
+    status: str  # reserved | attaching | attached
+    attach_mode: str = "rw"
+    connector: dict[str, Any] | None = None
+    connection_info: dict[str, Any] | None = None
+    mountpoint: str | None = None
+    attached_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    """A block storage volume, as Cinder shows one."""
+
+    id: str
+    name: str | None
+    description: str | None
+    size: int  # GiB
+    # Cinder's: creating, available, reserved, attaching, in-use, detaching, downloading,
+    # error, deleting, error_deleting
+    status: str
+    project_id: str
+    user_id: str
+    bootable: bool
+    multiattach: bool
+    volume_type: str | None
+    attachments: tuple[VolumeAttachment, ...]
+    volume_image_metadata: dict[str, str]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    availability_zone: str = "nova"
 
 
 @dataclass(frozen=True, slots=True)

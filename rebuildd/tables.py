@@ -137,8 +137,53 @@ class BlockDeviceRow(SQLModel, table=True):
     guest_format: str | None = Field(default=None, max_length=32)
     size_mib: int | None = None
     owned: bool = True
+    attachment_id: str | None = Field(default=None, max_length=36)
+    connection_info: dict[str, Any] | None = Field(
+        default=None, sa_column=Column("connection_info", JSON)
+    )
+    delete_on_termination: bool = False
+    tag: str | None = Field(default=None, max_length=255)
     created_at: dt.datetime
     updated_at: dt.datetime
+
+
+class VolumeRow(SQLModel, table=True):
+    """A local volume (a file under ``<state_dir>/volumes``) with Cinder's status."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (Index("ix_volumes_project_created", "project_id", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str | None = Field(default=None, max_length=255)
+    description: str | None = Field(default=None, max_length=255)
+    size: int
+    status: str = Field(max_length=255)
+    project_id: str = Field(max_length=255)
+    user_id: str = Field(max_length=255)
+    bootable: bool = False
+    multiattach: bool = False
+    volume_type: str | None = Field(default=None, max_length=255)
+    availability_zone: str = Field(default="nova", max_length=255)
+    volume_image_metadata: dict[str, str] = _json("volume_image_metadata")
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class VolumeAttachmentRow(SQLModel, table=True):
+    __tablename__ = "volume_attachments"
+
+    id: str = Field(primary_key=True, max_length=36)
+    volume_id: str = Field(foreign_key="volumes.id", index=True, max_length=36)
+    server_id: str = Field(max_length=36, index=True)
+    status: str = Field(max_length=255)  # Cinder's attach_status: reserved|attaching|attached
+    attach_mode: str = Field(default="rw", max_length=36)
+    connector: dict[str, Any] | None = Field(default=None, sa_column=Column("connector", JSON))
+    connection_info: dict[str, Any] | None = Field(
+        default=None, sa_column=Column("connection_info", JSON)
+    )
+    mountpoint: str | None = Field(default=None, max_length=255)
+    attached_at: dt.datetime | None = None
+    created_at: dt.datetime
 
 
 class InstanceActionRow(SQLModel, table=True):

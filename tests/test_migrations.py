@@ -26,6 +26,8 @@ TABLES = {
     "instance_action_events",
     "instance_faults",
     "notifications",
+    "volumes",
+    "volume_attachments",
 }
 
 
