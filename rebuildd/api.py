@@ -36,6 +36,8 @@ from rebuildd.microversion import Version
 from rebuildd.models import RequestContext
 from rebuildd.pipeline import Deps
 from rebuildd.storage import Store
+from rebuildd.volumes import LocalVolumeService
+from rebuildd.volumestore import VolumeStore
 
 log = structlog.get_logger("rebuildd.api")
 T = TypeVar("T")
@@ -68,6 +70,8 @@ class Services:
     project_id: str
     user_id: str
     policy: Policy
+    volumes: LocalVolumeService  # behind the Cinder-compatible API at /volume
+    volume_store: VolumeStore
     tokens: TokenTable | None = None  # None: authentication is off
     max_body_bytes: int = 114688  # Nova's (oslo.middleware sizelimit) default
 

@@ -33,6 +33,8 @@ from rebuildd.ports import Hypervisor, StepObserver
 from rebuildd.runner import Runner
 from rebuildd.settings import Settings
 from rebuildd.storage import Store, create_engine
+from rebuildd.volumes import LocalVolumeService
+from rebuildd.volumestore import VolumeStore
 
 log = structlog.get_logger("rebuildd.daemon")
 
@@ -68,11 +70,15 @@ async def open_daemon(
     """Open every service and run restart recovery. ``observer`` and ``hypervisor_port`` let
     tests watch step boundaries and put a fault injector in front of libvirt."""
     state = settings.state_dir
-    for sub in ("images", "_base", "instances"):
+    for sub in ("images", "_base", "instances", "volumes"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     store = Store(create_engine(settings.effective_database_url), metrics=metrics)
-    hypervisor = LibvirtHypervisor(settings.libvirt_uri, threads=settings.libvirt_threads)
+    hypervisor = LibvirtHypervisor(
+        settings.libvirt_uri,
+        threads=settings.libvirt_threads,
+        detach_timeout=settings.volume_detach_timeout,
+    )
     await hypervisor.open()
     host = settings.effective_host
     disks = DiskManager(
@@ -97,6 +103,8 @@ async def open_daemon(
     if settings.auth == "token" and settings.tokens_file is None:
         raise ValueError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
     cache = ImageCache(state / "_base", images, disks, metrics=metrics)
+    volume_store = VolumeStore(store)
+    volumes = LocalVolumeService(volume_store, state / "volumes", disks, cache)
     deps = Deps(
         store=store,
         hypervisor=hypervisor_port(hypervisor) if hypervisor_port else hypervisor,
@@ -107,6 +115,7 @@ async def open_daemon(
         host=host,
         shutdown_timeout=settings.shutdown_timeout,
         policy=policy,
+        volumes=volumes,
     )
     domain = DomainSettings(
         domain_type=settings.effective_domain_type,
@@ -129,8 +138,10 @@ async def open_daemon(
         if settings.auth == "token" and settings.tokens_file
         else None,
         max_body_bytes=settings.max_body_bytes,
+        volumes=volumes,
+        volume_store=volume_store,
     )
-    await recovery.recover(deps, domain)
+    await recovery.recover(deps, domain, volumes=volume_store)
     log.info(
         "daemon opened",
         database=_redact(settings.effective_database_url),

@@ -44,6 +44,12 @@ EPHEMERAL_FORMATS: Final = {
 }
 
 
+class VolumeTooSmall(DiskError):
+    """An image whose virtual size exceeds the volume it is written into."""
+
+    template = "The image's virtual size {virtual_size} exceeds the volume's {size_bytes} bytes"
+
+
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
     format: str
@@ -164,6 +170,32 @@ class DiskManager:
             virtual_size=int(data["virtual-size"]),
             backing_file=data.get("full-backing-filename") or data.get("backing-filename"),
         )
+
+    async def write_volume(
+        self, *, path: Path, size_bytes: int, source: Path | None = None, source_format: str = "raw"
+    ) -> None:
+        """A volume's file: sparse raw of ``size_bytes``, blank or holding ``source`` converted
+        (``qemu-img convert``: a full copy, zeroes left sparse) and grown to the size. Written
+        under a temporary name and renamed over ``path``, so a re-image replaces the old bytes
+        only once the new ones are whole. A source larger than the size is refused."""
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            if source is None:
+                await anyio.to_thread.run_sync(_sparse_file, partial, size_bytes)
+            else:
+                info = await self.info(source)
+                if info.virtual_size > size_bytes:
+                    raise VolumeTooSmall(virtual_size=info.virtual_size, size_bytes=size_bytes)
+                await self._run(
+                    "convert", "-q", "-f", source_format, "-O", "raw", str(source), str(partial)
+                )
+                await anyio.to_thread.run_sync(os.truncate, partial, size_bytes)
+            await anyio.Path(partial).rename(path)
+        except OSError as exc:
+            raise DiskError(command=f"write volume {path.name}", reason=str(exc)) from exc
+        finally:
+            await anyio.Path(partial).unlink(missing_ok=True)
 
     async def remove(self, path: Path) -> None:
         await anyio.Path(path).unlink(missing_ok=True)

@@ -263,3 +263,32 @@ def outside_disks(root: Element) -> str:
         if element.text is not None and not element.text.strip():
             element.text = None
     return to_string(copy)
+
+
+# -- volumes ----------------------------------------------------------------------------------
+
+
+def disk_target(disk: Element) -> str:
+    """The ``dev`` of a ``<disk>`` element's target."""
+    return _target_of(disk)
+
+
+def volume_disk(
+    target: str, connection_info: dict[str, object], *, volume_id: str, bus: str = "virtio"
+) -> Element:
+    """The ``<disk>`` of a volume from its Cinder connection_info (the ``file`` driver type:
+    ``data.device_path`` and ``data.format``), with the volume id as its serial, as Nova's
+    libvirt volume drivers write it; read-only for an ``ro`` access mode."""
+    data = connection_info.get("data")
+    if connection_info.get("driver_volume_type") != "file" or not isinstance(data, dict):
+        kind = connection_info.get("driver_volume_type")
+        raise ValueError(f"unsupported connection_info: {kind}")
+    fmt = str(data.get("format") or "raw")
+    disk = etree.Element("disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type=fmt)
+    _sub(disk, "source", file=str(data["device_path"]))
+    _sub(disk, "target", dev=target, bus=bus)
+    _sub(disk, "serial", volume_id)
+    if data.get("access_mode") == "ro":
+        _sub(disk, "readonly")
+    return disk

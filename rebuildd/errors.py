@@ -10,11 +10,12 @@ on Nova's messages keeps working.
     │   ├── ImageNotFoundForRebuild, ImageNotFoundForBuild, InvalidFlavorRef, ImageNotActive
     │   ├── FlavorMemoryTooSmall, FlavorDiskSmallerThanImage, FlavorDiskSmallerThanMinDisk
     │   ├── InvalidKeyName, ImageDataInvalid
+    │   ├── InvalidVolume, VolumeSizeTooSmall, InvalidDevicePath, DevicePathInUse
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
     ├── NotFound                404 itemNotFound
     │   └── ServerNotFound, FlavorNotFound, ImageNotFound, KeypairNotFound, ActionNotFound,
-    │       DomainNotFound
+    │       DomainNotFound, VolumeNotFound, VolumeAttachmentNotFound, VolumeBDMNotFound
     ├── Conflict                409 conflictingRequest
     │   └── InstanceInvalidState, InstanceIsLocked, TaskStateConflict, Duplicate,
     │       AdoptionRefused
@@ -116,6 +117,25 @@ class ImageDataInvalid(Invalid):
     template = "Image data is not a valid {disk_format} image: {reason}"
 
 
+class InvalidVolume(Invalid):
+    """Cinder's InvalidVolume: a volume's status does not allow the request (Nova passes it
+    on as a 400 too)."""
+
+    template = "Invalid volume: {reason}"
+
+
+class VolumeSizeTooSmall(Invalid):
+    template = "Size of specified image {image_size}GB is larger than volume size {volume_size}GB."
+
+
+class InvalidDevicePath(Invalid):
+    template = "The supplied device path ({path}) is invalid."
+
+
+class DevicePathInUse(Invalid):
+    template = "The supplied device path ({path}) is in use."
+
+
 class Unauthorized(RebuilddError):
     template = "The request you have made requires authentication."
 
@@ -166,6 +186,20 @@ class ActionNotFound(NotFound):
 
 class DomainNotFound(NotFound):
     template = "Domain {domain} could not be found."
+
+
+class VolumeNotFound(NotFound):
+    template = "Volume {volume_id} could not be found."
+
+
+class VolumeAttachmentNotFound(NotFound):
+    template = "Volume attachment could not be found with filter: attachment_id = {attachment_id}."
+
+
+class VolumeBDMNotFound(NotFound):
+    """Nova's answer to a detach or show of a volume the server does not have."""
+
+    template = "No volume Block Device Mapping with id {volume_id}."
 
 
 class Conflict(RebuilddError):

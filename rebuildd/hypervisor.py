@@ -4,7 +4,10 @@ Owns the libvirt connection and every libvirt call, each offloaded to a worker t
 one typed helper (:meth:`LibvirtHypervisor._call`) that also maps libvirt errors to
 :class:`rebuildd.errors.HypervisorError`. Disks are detached and attached by editing the
 persistent domain XML (domxml.py) and re-defining it, which works the same on the ``test:///``
-driver and on QEMU (the test driver has no attachDeviceFlags). It must not touch the Store.
+driver and on QEMU (the test driver has no attachDeviceFlags). Volumes are attached to and
+detached from a running guest too (:meth:`attach_device`, :meth:`detach_device`; on the test
+driver, which cannot, a running domain gets the persistent-definition edit only). It must not
+touch the Store.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ def _quiet_error_handler(_ctx: object, _err: object) -> None:
 class LibvirtHypervisor:
     """One libvirt connection shared by all threads (connections are thread-safe)."""
 
-    def __init__(self, uri: str, *, threads: int) -> None:
+    def __init__(self, uri: str, *, threads: int, detach_timeout: float = 20.0) -> None:
         self.uri = uri
+        self.detach_timeout = detach_timeout
         self._limiter = anyio.CapacityLimiter(threads)
         self._conn: Any = None
 
@@ -224,3 +228,85 @@ class LibvirtHypervisor:
             self._conn.defineXML(domxml.to_string(root))
 
         await self._call("attach_disks", attach)
+
+    # -- devices of a running guest (volumes) ------------------------------------------------
+
+    async def attach_device(self, name: str, disk_xml: str) -> None:
+        """Attach a ``<disk>``: live and persistent (``attachDeviceFlags`` LIVE|CONFIG) when
+        the domain runs, to the persistent definition when it is off. Idempotent: a target
+        already there is not attached twice. The test driver has no attachDeviceFlags: there
+        a running domain gets the persistent edit only (it shows at the next start)."""
+        element = domxml.parse(disk_xml)
+        target = domxml.disk_target(element)
+
+        def attach() -> None:
+            dom = self._lookup(name)
+            persistent = domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            in_config = domxml.find_disk(persistent, target) is not None
+            if dom.isActive() and domxml.find_disk(domxml.parse(dom.XMLDesc(0)), target) is None:
+                flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+                if not in_config:
+                    flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+                try:
+                    dom.attachDeviceFlags(disk_xml, flags)
+                    return
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                        raise
+            if not in_config:
+                domxml.add_disk(persistent, element)
+                self._conn.defineXML(domxml.to_string(persistent))
+
+        await self._call("attachDeviceFlags", attach)
+
+    async def detach_device(self, name: str, target: str) -> None:
+        """Nova's detach-then-verify: from a running guest the disk is unplugged live first and
+        the live XML polled until it is gone (a guest that does not cooperate — one with no OS
+        — never lets go, though libvirt reports success); only then is it removed from the
+        persistent definition. A disk still there after ``detach_timeout`` seconds is a
+        HypervisorError with the definition untouched, so a failed detach leaves the disk
+        attached, never half-detached. Idempotent; on the test driver (no detachDeviceFlags)
+        the persistent definition alone is edited."""
+
+        def request() -> bool:
+            dom = self._lookup(name)
+            if not dom.isActive():
+                return False
+            disk = domxml.find_disk(domxml.parse(dom.XMLDesc(0)), target)
+            if disk is None:
+                return False
+            disk.tail = None
+            try:
+                dom.detachDeviceFlags(domxml.to_string(disk), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                    return False
+                raise
+            return True
+
+        if await self._call("detachDeviceFlags", request):
+            await self._wait_unplugged(name, target)
+
+        def forget() -> None:
+            root = domxml.parse(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            if domxml.remove_disk(root, target) is not None:
+                self._conn.defineXML(domxml.to_string(root))
+
+        await self._call("detach_device", forget)
+
+    async def _wait_unplugged(self, name: str, target: str) -> None:
+        def present() -> bool:
+            dom = self._lookup(name)
+            if not dom.isActive():
+                return False
+            return domxml.find_disk(domxml.parse(dom.XMLDesc(0)), target) is not None
+
+        deadline = time.monotonic() + self.detach_timeout
+        while await self._call("XMLDesc", present):
+            if time.monotonic() >= deadline:
+                raise HypervisorError(
+                    call="detachDeviceFlags",
+                    reason=f"disk {target} of {name} is still attached to the running guest "
+                    f"after {self.detach_timeout:g} s: the guest did not release it",
+                )
+            await asyncio.sleep(_POLL_INTERVAL * 4)

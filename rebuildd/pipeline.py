@@ -67,6 +67,7 @@ class Deps:
     host: str
     shutdown_timeout: float
     policy: ports.Authorizer
+    volumes: ports.VolumeService
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The ports the pipeline talks through (typing.Protocol), so it imports no SQL, libvirt or HTTP.
 
 Owns the interfaces only. Implementations: storage.Store, hypervisor.LibvirtHypervisor,
-images.LocalImageService / images.ImageCache, disks.DiskManager, notifications.Notifier.
+images.LocalImageService / images.ImageCache, disks.DiskManager, notifications.Notifier,
+volumes.LocalVolumeService.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from rebuildd.models import (
     Notification,
     RequestContext,
     Server,
+    Volume,
+    VolumeAttachment,
 )
 
 
@@ -113,6 +116,46 @@ class Hypervisor(Protocol):
         *,
         metadata: domxml.Metadata | None = None,
     ) -> None: ...
+    async def attach_device(self, name: str, disk_xml: str) -> None: ...
+    async def detach_device(self, name: str, target: str) -> None: ...
+
+
+class VolumeService(Protocol):
+    """Cinder v3 volumes and attachments (3.44+), as Nova's compute uses them."""
+
+    async def get(self, volume_id: str) -> Volume | None: ...
+
+    async def attachment_create(
+        self, volume_id: str, server_id: str, *, connector: Mapping[str, Any] | None = None
+    ) -> VolumeAttachment: ...
+
+    async def attachment_update(
+        self, attachment_id: str, connector: Mapping[str, Any], *, mountpoint: str | None = None
+    ) -> VolumeAttachment:
+        """Returns the attachment with its connection_info."""
+        ...
+
+    async def attachment_complete(self, attachment_id: str) -> None: ...
+
+    async def attachment_delete(self, attachment_id: str) -> None: ...
+
+    async def create(
+        self,
+        context: RequestContext,
+        *,
+        size: int,
+        name: str | None = None,
+        image: Image | None = None,
+        description: str | None = None,
+    ) -> Volume:
+        """Returns once the volume is available (or raises)."""
+        ...
+
+    async def delete(self, volume_id: str) -> None: ...
+
+    async def reimage(self, volume_id: str, image: Image, *, reimage_reserved: bool) -> None:
+        """Returns when the volume holds the image."""
+        ...
 
 
 class ImageService(Protocol):

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import structlog
 
-from rebuildd import lifecycle
+from rebuildd import lifecycle, volume_jobs
 from rebuildd.models import InstanceAction, Server
 from rebuildd.pipeline import Deps, rebuild_job_from_action
 from rebuildd.runner import Job, Journal
+from rebuildd.volumestore import VolumeStore
 
 log = structlog.get_logger("rebuildd.recovery")
 
 
-async def recover(deps: Deps, domain: lifecycle.DomainSettings) -> int:
-    """Resume every in-flight job, oldest first; return how many were found."""
+async def recover(
+    deps: Deps, domain: lifecycle.DomainSettings, *, volumes: VolumeStore | None = None
+) -> int:
+    """Resume every in-flight job, oldest first; return how many were found. ``volumes``: the
+    volume store attach and detach jobs need (without it they are left to a later start)."""
     actions = await deps.store.in_flight_actions()
     for action in actions:
         try:
             server = await deps.store.get_server(action.server_id, include_deleted=True)
-            job = await _job(deps, domain, action, server)
+            job = await _job(deps, domain, action, server, volumes)
             await deps.runner.resume(
                 job, Journal.load(action.journal), action.job_state or "", server.task_state
             )
@@ -42,8 +46,14 @@ async def recover(deps: Deps, domain: lifecycle.DomainSettings) -> int:
 
 
 async def _job(
-    deps: Deps, domain: lifecycle.DomainSettings, action: InstanceAction, server: Server
+    deps: Deps,
+    domain: lifecycle.DomainSettings,
+    action: InstanceAction,
+    server: Server,
+    volumes: VolumeStore | None,
 ) -> Job[object]:
+    if action.action in volume_jobs.ACTIONS and volumes is not None:
+        return volume_jobs.job_from_action(deps, volumes, action, server)  # type: ignore[return-value]
     if action.action == "rebuild":
         return await rebuild_job_from_action(deps, action, server)  # type: ignore[return-value]
     return await lifecycle.job_from_action(deps, domain, action, server)  # type: ignore[return-value]

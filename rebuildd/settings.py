@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds a guest gets to shut down cleanly before it is destroyed.",
     )
+    volume_detach_timeout: float = Field(
+        default=20.0,
+        ge=0,
+        description="Seconds a running guest gets to release a volume being detached (Nova's "
+        "device_detach_timeout); a disk still attached then fails the detach, unchanged.",
+    )
     drain_timeout: float = Field(
         default=120.0,
         ge=0,

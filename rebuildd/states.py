@@ -28,6 +28,10 @@ class TaskState:
     POWERING_OFF: Final = "powering-off"
     POWERING_ON: Final = "powering-on"
     DELETING: Final = "deleting"
+    # rebuildd's own (Nova holds a lock instead): an attach or detach holds the server, so a
+    # rebuild, a stop/start or another attach of it gets 409 meanwhile.
+    ATTACHING_VOLUME: Final = "attaching_volume"
+    DETACHING_VOLUME: Final = "detaching_volume"
 
 
 REBUILD_TASK_STATES: Final = frozenset(
