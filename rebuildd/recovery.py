@@ -13,7 +13,7 @@ import structlog
 
 from rebuildd import lifecycle
 from rebuildd.models import InstanceAction, Server
-from rebuildd.pipeline import Deps, rebuild_job_from_action
+from rebuildd.pipeline import Deps, rebuild_job_from_action, upgrade_journal
 from rebuildd.runner import Job, Journal
 
 log = structlog.get_logger("rebuildd.recovery")
@@ -26,8 +26,11 @@ async def recover(deps: Deps, domain: lifecycle.DomainSettings) -> int:
         try:
             server = await deps.store.get_server(action.server_id, include_deleted=True)
             job = await _job(deps, domain, action, server)
+            journal = action.journal
+            if action.action == "rebuild":
+                journal = upgrade_journal(journal)
             await deps.runner.resume(
-                job, Journal.load(action.journal), action.job_state or "", server.task_state
+                job, Journal.load(journal), action.job_state or "", server.task_state
             )
         except Exception:
             log.exception(
