@@ -39,7 +39,9 @@ def measure(count: int) -> dict[str, float]:
             memory_mib=512,
             vcpus=1,
             disks=(domxml.DiskSpec(target="vda", path=f"/var/lib/x/{server_id}/root.qcow2"),),
-            metadata=(("server_id", server_id), ("image_ref", str(uuid.uuid4()))),
+            metadata=domxml.Metadata(
+                items=(("server_id", server_id), ("image_ref", str(uuid.uuid4())))
+            ),
         )
         conn.defineXML(domxml.to_string(domxml.build_domain(spec))).create()
         if i == 0:

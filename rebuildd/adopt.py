@@ -416,6 +416,7 @@ class Domains(Protocol):
     async def exists(self, name: str) -> bool: ...
     async def domain_xml(self, name: str, *, inactive: bool = True) -> str: ...
     async def power_state(self, name: str) -> int: ...
+    async def persistent(self, name: str) -> bool: ...
     async def attach_disks(
         self,
         name: str,
@@ -497,6 +498,9 @@ async def _adopt_one(
 ) -> Adopted:
     if name in by_domain:
         raise refuse(name, f"it is already the domain of {_server_text(by_domain[name])}")
+    if not await domains.persistent(name):
+        # A rebuild re-defines the domain, which would make it persistent behind its owner.
+        raise refuse(name, "it is transient (libvirt has no persistent definition of it)")
     found = inspect(domxml.parse(await domains.domain_xml(name, inactive=True)))
     if found.uuid in by_id:
         raise refuse(name, f"its uuid is already {_server_text(by_id[found.uuid])}")

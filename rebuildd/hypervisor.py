@@ -100,6 +100,9 @@ class LibvirtHypervisor:
 
         return await self._call("state", state)
 
+    async def persistent(self, name: str) -> bool:
+        return await self._call("isPersistent", lambda: bool(self._lookup(name).isPersistent()))
+
     async def list_domain_names(self) -> list[str]:
         return await self._call(
             "listAllDomains", lambda: [d.name() for d in self._conn.listAllDomains(0)]

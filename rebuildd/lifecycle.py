@@ -263,6 +263,15 @@ async def _remove_root(ctx: ServerContext) -> None:
     await ctx.deps.disks.remove_instance_dir(ctx.server.id)
 
 
+async def _remove_disks(ctx: ServerContext) -> None:
+    """The server's own disk files, wherever they are (an adopted domain's may live outside
+    the instance directory); disks rebuildd does not own and volumes stay."""
+    for device in await ctx.deps.store.get_block_devices(ctx.server.id):
+        if guestdisks.kind(device) != "other" and device.path:
+            await ctx.deps.disks.remove(Path(device.path))
+    await ctx.deps.disks.remove_instance_dir(ctx.server.id)
+
+
 async def _define(ctx: ServerContext) -> None:
     assert ctx.domain is not None
     server, domain = ctx.server, ctx.domain
@@ -422,7 +431,7 @@ def _delete_job(ctx: ServerContext) -> Job[ServerContext]:
         event="compute_terminate_instance",
         notification="instance.delete",
         task_state=TaskState.DELETING,
-        steps=(Step("undefine_domain", run=_undefine), Step("remove_disks", run=_remove_root)),
+        steps=(Step("undefine_domain", run=_undefine), Step("remove_disks", run=_remove_disks)),
         succeed=_deleted,
         fail=_delete_failed,
     )

@@ -107,7 +107,37 @@ class RebuildFacts:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RebuildFacts:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        facts = cls(**{k: v for k, v in data.items() if k in known})
+        # A journal written before local disks other than the root existed (root on vda).
+        for old, new in (("old_root_xml", "old_disks"), ("old_root", "old_paths"),
+                         ("new_root", "new_paths")):  # fmt: skip
+            if data.get(old) and not getattr(facts, new):
+                setattr(facts, new, {LEGACY_ROOT_TARGET: data[old]})
+        return facts
+
+
+LEGACY_ROOT_TARGET: Final = "vda"
+# Step names of journals written before every local disk was replaced (only the root was).
+LEGACY_STEPS: Final = {
+    "record_root_disk": "record_local_disks",
+    "detach_root_disk": "detach_local_disks",
+    "plan_root_disk": "plan_local_disks",
+    "create_root_disk": "create_local_disks",
+    "attach_root_disk": "attach_local_disks",
+    "remove_old_root_disk": "remove_old_local_disks",
+}
+
+
+def upgrade_journal(journal: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rebuild's journal with the step names of today, so an upgraded daemon resumes or
+    undoes a rebuild the previous version left in flight."""
+    if not journal:
+        return journal
+    renamed = {
+        key: [LEGACY_STEPS.get(name, name) for name in journal.get(key, [])]
+        for key in ("started", "done")
+    }
+    return {**journal, **renamed}
 
 
 # Fields the api stage may change, restored when a rebuild rolls back.
@@ -397,7 +427,8 @@ def _root_device(devices: list[BlockDevice]) -> BlockDevice:
 # -- conductor and compute stages -------------------------------------------------------------
 
 
-def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
+def rebuild_stages() -> tuple[Stage[RebuildContext], Stage[RebuildContext]]:
+    """The conductor and compute stages of every rebuild, step by step."""
     conductor = Stage(
         event="rebuild_server",
         steps=(Step("check_host", run=_check_host, read_only=True),),
@@ -422,6 +453,11 @@ def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
             Step("restore_power_state", run=_restore_power_state),
         ),
     )
+    return conductor, compute
+
+
+def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
+    conductor, compute = rebuild_stages()
     return Job(
         action="rebuild",
         request=ctx.request,

@@ -13,7 +13,7 @@ import structlog
 
 from rebuildd import lifecycle, volume_jobs
 from rebuildd.models import InstanceAction, Server
-from rebuildd.pipeline import Deps, rebuild_job_from_action
+from rebuildd.pipeline import Deps, rebuild_job_from_action, upgrade_journal
 from rebuildd.runner import Job, Journal
 from rebuildd.volumestore import VolumeStore
 
@@ -30,8 +30,11 @@ async def recover(
         try:
             server = await deps.store.get_server(action.server_id, include_deleted=True)
             job = await _job(deps, domain, action, server, volumes)
+            journal = action.journal
+            if action.action == "rebuild":
+                journal = upgrade_journal(journal)
             await deps.runner.resume(
-                job, Journal.load(action.journal), action.job_state or "", server.task_state
+                job, Journal.load(journal), action.job_state or "", server.task_state
             )
         except Exception:
             log.exception(

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -384,8 +385,9 @@ def test_a_domain_is_adopted_once(host: Host, tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 def test_domains_rebuildd_could_not_rebuild_are_refused(host: Host, tmp_path: Path) -> None:
-    """A root disk on Ceph RBD (not a file) and a paused guest are refused on stderr; nothing
-    is recorded, not even a flavor, and the exit status is 1."""
+    """A root disk on Ceph RBD (not a file), a paused guest and a transient one (a rebuild's
+    define would make it persistent) are refused on stderr; nothing is recorded, not even a
+    flavor, and the exit status is 1."""
     rbd = etree.fromstring(etree.tostring(host.xml(host.plain("rbd").name())))
     disk = rbd.find("devices/disk")
     assert disk is not None
@@ -400,12 +402,18 @@ def test_domains_rebuildd_could_not_rebuild_are_refused(host: Host, tmp_path: Pa
     paused = host.plain("paused")
     paused.create()
     paused.suspend()
-
-    result = run_adopt(tmp_path / "state", network_root.name(), paused.name())
+    transient = host.plain("transient")
+    transient.create()
+    transient.undefine()  # running, with no persistent definition left
+    try:
+        result = run_adopt(tmp_path / "state", network_root.name(), paused.name(), transient.name())
+    finally:
+        transient.destroy()  # gone with it
 
     assert (result.returncode, result.stdout) == (1, "")
     assert f"not adopted {network_root.name()}: it has no file-backed root disk" in result.stderr
     assert f"not adopted {paused.name()}: it is neither running nor shut off" in result.stderr
+    assert f"not adopted {transient.name()}: it is transient" in result.stderr
     assert recorded(tmp_path / "state").servers == []
 
     async def flavors() -> list[str]:
@@ -521,6 +529,34 @@ def test_an_adopted_nova_guest_is_rebuilt(host: Host, tmp_path: Path) -> None:
         old, new = before.find(tag), after.find(tag)
         assert old is not None and new is not None
         assert etree.tostring(new, with_tail=False) == etree.tostring(old, with_tail=False), tag
+
+
+@pytest.mark.qemu
+def test_deleting_an_adopted_guest_removes_its_own_disks_and_keeps_the_volume(
+    host: Host, tmp_path: Path
+) -> None:
+    """Deleted without ever being rebuilt, an adopted Nova guest takes its own disk files with
+    it, wherever they were; the volume rebuildd does not own stays."""
+    dom, server_id = host.nova(f"m1.nova-{uuid.uuid4().hex[:6]}")
+    state = tmp_path / "state"
+    assert run_adopt(state, dom.name()).returncode == 0
+    nova_files = [host.tmp / "nova" / server_id / f for f in NOVA_FILES.values()]
+    volume = disk_source(host.xml(dom.name()), "vdd")
+    assert all(f.exists() for f in nova_files) and volume.exists()
+
+    live = start_live_daemon(
+        state, libvirt_uri=URI, domain_type="qemu", shutdown_timeout=1.0, host=HOST
+    )
+    try:
+        assert live.client.delete(f"/v2.1/servers/{server_id}").status_code == 204
+        deadline = time.monotonic() + 30
+        while live.client.get(f"/v2.1/servers/{server_id}").status_code != 404:
+            assert time.monotonic() < deadline, "never deleted"
+            time.sleep(0.05)
+    finally:
+        live.stop()
+    assert [f for f in nova_files if f.exists()] == []
+    assert volume.exists()
 
 
 def _domain_xml(*disks: tuple[str, str], uuid_text: str = "", nova: bool = False) -> Any:

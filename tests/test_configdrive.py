@@ -475,3 +475,21 @@ class TestSecrets:
         shown = repr(logs)
         for secret in (ADMIN_PASS, _b64(USER_DATA), "user-data-never-logged", _b64(MOTD)):
             assert secret not in shown
+
+
+def test_force_config_drive_gives_every_new_server_one(tmp_path: Path) -> None:
+    """With REBUILDD_FORCE_CONFIG_DRIVE a server created without asking gets a config drive
+    (an iso9660 cdrom labelled config-2), and the view says so."""
+    from tests.live import start_live_daemon
+    from tests.xmlutil import disk_sources, parse
+
+    live = start_live_daemon(tmp_path, force_config_drive=True)
+    try:
+        server_id = live.create_server()
+        assert live.server(server_id)["config_drive"] == "True"
+        xml = live.run(live.daemon.hypervisor.domain_xml(f"rebuildd-{server_id}"))
+        iso = disk_sources(parse(xml))["hdd"]
+        meta = read_iso(iso)["openstack/latest/meta_data.json"]
+        assert server_id.encode() in meta
+    finally:
+        live.stop()

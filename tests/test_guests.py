@@ -324,3 +324,51 @@ def test_a_corrupt_base_image_fails_the_rebuild_with_every_old_disk_attached(
     detail = live.client.get(f"/v2.1/servers/{server_id}/os-instance-actions/{request_id}")
     events = detail.json()["instanceAction"]["events"]
     assert [e["result"] for e in events if e["result"] == "Error"] == ["Error"]
+
+
+def _raw_image(live: LiveDaemon, tmp_path: Path) -> str:
+    """A 16 MiB raw image with a pattern in its first MiB, through the Glance-compatible API."""
+    path = tmp_path / "raw.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), "16M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0xcd 0 1M", str(path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    body = {"name": "raw", "disk_format": "raw", "container_format": "bare"}
+    image_id: str = live.client.post("/image/v2/images", json=body).json()["id"]
+    uploaded = live.client.put(
+        f"/image/v2/images/{image_id}/file",
+        content=path.read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert uploaded.status_code == 204, uploaded.text
+    return image_id
+
+
+@pytest.mark.qemu
+def test_raw_and_qcow2_images_both_back_root_overlays(guests: LiveDaemon, tmp_path: Path) -> None:
+    """A server of a raw image runs on a qcow2 overlay of the raw base, sized to the flavor's
+    root disk and showing the image's bytes; rebuilt onto a qcow2 image, its new overlay backs
+    onto that image's qcow2 base."""
+    live = guests
+    raw = _raw_image(live, tmp_path)
+    server_id = _create(live, imageRef=raw)
+    root = disk_sources(_domain_xml(server_id))["vda"]
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(root)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    )  # fmt: skip
+    assert (info["format"], info["backing-filename-format"]) == ("qcow2", "raw")
+    assert info["virtual-size"] == 1024**3  # the flavor's root disk, larger than the image
+    assert Path(info["full-backing-filename"]) == live.settings.state_dir / "_base" / raw
+    subprocess.run(
+        ["qemu-io", "-U", "-r", "-c", "read -P 0xcd 0 1M", str(root)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    _rebuild(live, server_id, {"imageRef": live.image_ids[1]})
+    live.wait_for(server_id, "ACTIVE")
+    new_root = disk_sources(_domain_xml(server_id))["vda"]
+    assert backing_file(new_root) == live.settings.state_dir / "_base" / live.image_ids[1]
