@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from rebuildd import errors, lifecycle, microversion, pipeline, schemas, views
+from rebuildd import boot_volumes, errors, lifecycle, microversion, pipeline, schemas, views
 from rebuildd.api import (
     BaseUrlDep,
     ContextDep,
@@ -244,7 +244,8 @@ async def create_server(
     model = schemas.validate(schemas.create_model(version), body["server"], field="server")
     spec = lifecycle.CreateSpec(
         name=model.name,
-        image_ref=model.imageRef,
+        image_ref=model.imageRef or "",
+        block_devices=_block_devices(model.block_device_mapping_v2 or [], model.imageRef),
         flavor_ref=model.flavorRef,
         admin_pass=model.adminPass,
         metadata=dict(model.metadata or {}),
@@ -270,6 +271,41 @@ async def create_server(
     }
     location = f"{base}/v2.1/servers/{server.id}"
     return JSONResponse({"server": view}, status_code=202, headers={"Location": location})
+
+
+def _block_devices(
+    entries: list[schemas.BlockDeviceMappingV2], image_ref: str | None
+) -> tuple[boot_volumes.Mapping, ...]:
+    """The volume entries of ``block_device_mapping_v2`` (a local image root that repeats
+    ``imageRef`` is the image boot itself); other kinds are a clear 400."""
+    found = []
+    for entry in entries:
+        destination = entry.destination_type or ("volume" if entry.source_type == "volume"
+                                                  else "local")  # fmt: skip
+        is_image_boot = entry.source_type == "image" and destination == "local"
+        if is_image_boot and entry.boot_index == 0 and entry.uuid in (None, image_ref):
+            continue  # the image boot imageRef asks for anyway
+        if (entry.source_type, destination) not in (("image", "volume"), ("volume", "volume")):
+            raise errors.InvalidBDM(
+                reason=f"rebuildd boots from volumes made from images and from existing "
+                f"volumes only, not source_type {entry.source_type} with destination_type "
+                f"{destination}."
+            )
+        if entry.uuid is None:
+            raise errors.InvalidBDM(reason=f"a {entry.source_type} mapping needs a uuid.")
+        found.append(
+            boot_volumes.Mapping(
+                source_type=entry.source_type,
+                destination_type=destination,
+                uuid=entry.uuid,
+                boot_index=None if entry.boot_index in (None, -1) else entry.boot_index,
+                volume_size=entry.volume_size,
+                delete_on_termination=entry.delete_on_termination,
+                device_name=entry.device_name,
+                tag=entry.tag,
+            )
+        )
+    return tuple(found)
 
 
 @router.delete(
@@ -423,6 +459,7 @@ async def _rebuild(
         trusted_certs=_trusted_certs(model)
         if "trusted_image_certificates" in fields
         else (pipeline.UNSET),
+        reimage_boot_volume=version.at_least("2.93"),
     )
     server, admin_pass = await pipeline.request_rebuild(
         services.deps, ctx, server_id, spec, idempotency_key=idempotency_key

@@ -116,6 +116,7 @@ async def open_daemon(
         shutdown_timeout=settings.shutdown_timeout,
         policy=policy,
         volumes=volumes,
+        reimage_timeout_per_gb=settings.reimage_timeout_per_gb,
     )
     domain = DomainSettings(
         domain_type=settings.effective_domain_type,

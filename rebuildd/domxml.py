@@ -52,7 +52,7 @@ class DomainSpec:
     domain_type: str  # kvm | qemu | test
     memory_mib: int
     vcpus: int
-    disks: tuple[DiskSpec, ...]
+    disks: tuple[DiskSpec | Element, ...]  # an Element: a volume's <disk> (volume_disk)
     interface: Literal["none", "user", "network"] = "user"
     network: str = "default"
     mac: str | None = None  # None: libvirt picks one
@@ -192,23 +192,30 @@ def disk_element(spec: DiskSpec) -> Element:
     return disk
 
 
-def renewed(old: Element | str, spec: DiskSpec) -> Element:
-    """The disk ``old`` was, now on ``spec``'s file and format: everything else of it (boot
+def renewed(old: Element | str, new: DiskSpec | Element) -> Element:
+    """The disk ``old`` was, now on ``new``'s source and format: everything else of it (boot
     order, driver cache/io/discard, serial, address, iotune) is kept, as virt-manager edits
     a disk; a stale ``<backingStore>`` goes (libvirt reads the new file's own chain)."""
+    fresh = disk_element(new) if isinstance(new, DiskSpec) else new
     disk = copy.deepcopy(parse(old) if isinstance(old, str) else old)
-    source = disk.find("source")
-    if source is None:
-        source = etree.SubElement(disk, "source")
-    for attribute in ("dev", "name", "protocol"):
-        source.attrib.pop(attribute, "")
-    source.set("file", spec.path)
-    disk.set("type", "file")
-    driver = disk.find("driver")
-    if driver is None:
-        driver = etree.Element("driver", name="qemu")
-        disk.insert(0, driver)
-    driver.set("type", spec.fmt)
+    disk.set("type", fresh.get("type", "file"))
+    for tag in ("source", "driver"):
+        replacement = fresh.find(tag)
+        current = disk.find(tag)
+        if replacement is None:
+            continue
+        if current is None:
+            disk.insert(0 if tag == "driver" else 1, copy.deepcopy(replacement))
+        else:
+            merged = copy.deepcopy(current)
+            for attribute in ("file", "dev", "name", "protocol"):
+                merged.attrib.pop(attribute, "")
+            if tag == "source":
+                for child in list(merged):
+                    merged.remove(child)  # a network source's hosts, say
+            merged.attrib.update(replacement.attrib)
+            current.addprevious(merged)
+            disk.remove(current)
     for stale in disk.findall("backingStore"):
         disk.remove(stale)
     disk.tail = None

@@ -117,6 +117,18 @@ class ImageDataInvalid(Invalid):
     template = "Image data is not a valid {disk_format} image: {reason}"
 
 
+class InvalidBDM(Invalid):
+    template = "Block Device Mapping is Invalid: {reason}"
+
+
+class ImageUnacceptable(Invalid):
+    template = "Image {image_id} is unacceptable: {reason}"
+
+
+class CertificateValidationFailed(Invalid):
+    template = "{reason}"
+
+
 class InvalidVolume(Invalid):
     """Cinder's InvalidVolume: a volume's status does not allow the request (Nova passes it
     on as a 400 too)."""

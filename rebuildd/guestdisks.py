@@ -43,13 +43,16 @@ def layout(
     server_id: str,
     flavor: Flavor,
     *,
-    image_id: str,
+    image_id: str | None,
     config_drive: bool,
     ephemeral_format: str,
     disks: ports.Disks,
 ) -> list[BlockDevice]:
-    """The local disks of a new server, in Nova's order and with Nova's targets."""
-    devices = [_device(server_id, "vda", "root", disks, boot_index=0, image_id=image_id)]
+    """The local disks of a new server, in Nova's order and with Nova's targets; without an
+    ``image_id`` (a server booted from a volume) there is no local root disk."""
+    devices = []
+    if image_id is not None:
+        devices.append(_device(server_id, "vda", "root", disks, boot_index=0, image_id=image_id))
     targets = iter("bcdefghijklmnopqrstuvwxyz")
     if flavor.ephemeral:
         devices.append(
@@ -140,7 +143,7 @@ class Contents:
     """What the new disks are made from."""
 
     server: Server  # with the values the guest must now see (name, key, user data ...)
-    image: Image
+    image: Image | None  # None: a server booted from a volume that names no image
     base: Path  # the image's base file in the cache
     admin_pass: str | None
     personality: tuple[tuple[str, str], ...]
@@ -151,6 +154,7 @@ async def create(disks: ports.Disks, device: BlockDevice, path: Path, contents: 
     """Make one disk file at ``path`` (a new file)."""
     what = kind(device)
     if what == "root":
+        assert contents.image is not None
         await disks.create_overlay(
             base=contents.base,
             base_format=contents.image.disk_format or "raw",
@@ -176,7 +180,7 @@ def config_drive_data(contents: Contents) -> configdrive.ConfigDriveData:
         name=server.name,
         hostname=server.hostname,
         project_id=server.project_id,
-        image_id=contents.image.id,
+        image_id=contents.image.id if contents.image is not None else None,
         flavor_name=server.flavor.name,
         key=key,
         metadata=dict(server.metadata),

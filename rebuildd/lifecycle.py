@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rebuildd import configdrive, domxml, errors, guestdisks, imageprops
+from rebuildd import boot_volumes, configdrive, domxml, errors, guestdisks, imageprops
 from rebuildd.models import (
     BlockDevice,
     Flavor,
@@ -68,13 +68,7 @@ class CreateSpec:
     config_drive: bool = False
     trusted_certs: tuple[str, ...] | None = None  # 2.63+
     hostname: str | None = None  # 2.90+; else derived from the name, as Nova does
-
-
-class NoFacts:
-    """Jobs whose undos need nothing beyond the server's own records."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {}
+    block_devices: tuple[boot_volumes.Mapping, ...] = ()  # block_device_mapping_v2 volumes
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +84,7 @@ class ServerContext:
     # Only in memory: a create interrupted by a restart ends in ERROR (as Nova's), never resumes.
     admin_pass: str | None = None
     mac: str | None = None
-    facts: NoFacts = field(default_factory=NoFacts)
+    facts: boot_volumes.BuildFacts = field(default_factory=boot_volumes.BuildFacts)
 
 
 # -- create ------------------------------------------------------------------------------------
@@ -110,30 +104,43 @@ async def request_create(
         flavor = await deps.store.get_flavor(spec.flavor_ref)
     except errors.FlavorNotFound:
         raise errors.InvalidFlavorRef() from None
-    image = await deps.images.get(request, spec.image_ref)
-    if image is None:
-        raise errors.ImageNotFoundForBuild()
-    check_image_fits(image, flavor)
+    volume_backed = boot_volumes.root_mapping(spec.block_devices) is not None
+    image: Image | None
+    if volume_backed:
+        image = await boot_volumes.check(deps, request, spec.block_devices, spec.image_ref)
+    else:
+        if spec.block_devices:
+            await boot_volumes.check(deps, request, spec.block_devices, spec.image_ref)
+        image = await deps.images.get(request, spec.image_ref or "")
+        if image is None:
+            raise errors.ImageNotFoundForBuild()
+    if image is not None:
+        check_image_fits(image, flavor, volume_backed=volume_backed)
     key_name = key_data = None
     if spec.key_name is not None:
         keypair = await lookup_keypair(deps, request, spec.key_name)
         key_name, key_data = keypair.name, keypair.public_key
     admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
     server = _new_server(deps, domain, request, spec, flavor, image, key_name, key_data)
+    if volume_backed:
+        server = dataclasses.replace(server, image_ref="")  # how Nova marks it volume-backed
     devices = guestdisks.layout(
         server.id,
         flavor,
-        image_id=image.id,
+        image_id=image.id if image is not None and not volume_backed else None,
         config_drive=server.config_drive,
         ephemeral_format=domain.ephemeral_format,
         disks=deps.disks,
     )
+    used = {d.device_name for d in devices}
+    devices += boot_volumes.devices(server.id, spec.block_devices, used)
+    devices.sort(key=lambda d: (d.boot_index != 0, d.device_name))
     action = NewAction(
         "create",
         request.request_id,
         request.user_id,
         request.project_id,
-        params={"image_id": image.id, "root_bdm_id": devices[0].id},
+        params={"image_id": image.id if image else "", "root_bdm_id": devices[0].id},
     )
     await deps.store.create_server(server, devices, action)
     ctx = ServerContext(
@@ -156,7 +163,7 @@ def _new_server(
     request: RequestContext,
     spec: CreateSpec,
     flavor: Flavor,
-    image: Image,
+    image: Image | None,
     key_name: str | None,
     key_data: str | None,
 ) -> Server:
@@ -167,7 +174,7 @@ def _new_server(
         name=spec.name,
         project_id=request.project_id,
         user_id=request.user_id,
-        image_ref=image.id,
+        image_ref=image.id if image is not None else "",
         flavor=flavor,
         vm_state=VmState.BUILDING,
         task_state=TaskState.SCHEDULING,
@@ -192,7 +199,7 @@ def _new_server(
         terminated_at=None,
         created_at=now,
         updated_at=now,
-        image_properties=imageprops.kept(image.properties),
+        image_properties=imageprops.kept(image.properties) if image is not None else {},
         trusted_certs=spec.trusted_certs,
     )
 
@@ -211,7 +218,12 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
         notify_end="instance.create.end",
         notify_error="instance.create.error",
         steps=(
-            Step("block_device_mapping", task_state=TaskState.BLOCK_DEVICE_MAPPING),
+            Step(
+                "block_device_mapping",
+                task_state=TaskState.BLOCK_DEVICE_MAPPING,
+                run=boot_volumes.prepare,
+                undo=boot_volumes.undo_prepare,
+            ),
             Step(
                 "create_local_disks",
                 task_state=TaskState.SPAWNING,
@@ -219,6 +231,7 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
                 undo=_remove_root,
             ),
             Step("define_domain", run=_define, undo=_undefine),
+            Step("complete_volume_attachments", run=boot_volumes.complete),
             Step("start_domain", run=_start, undo=_destroy),
         ),
     )
@@ -236,11 +249,12 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
 
 
 async def _create_disks(ctx: ServerContext) -> None:
-    assert ctx.image is not None
+    local_root = any(guestdisks.kind(d) == "root" for d in ctx.devices)
+    assert ctx.image is not None or not local_root
     contents = guestdisks.Contents(
         server=ctx.server,
         image=ctx.image,
-        base=await ctx.deps.cache.ensure(ctx.image),
+        base=await ctx.deps.cache.ensure(ctx.image) if ctx.image and local_root else Path(),
         admin_pass=ctx.admin_pass,
         personality=(),
         nics=(configdrive.Nic(mac=ctx.mac, interface_type=ctx.domain.interface),)
@@ -248,8 +262,9 @@ async def _create_disks(ctx: ServerContext) -> None:
         else (),
     )
     for device in ctx.devices:
-        assert device.path is not None
-        await guestdisks.create(ctx.deps.disks, device, Path(device.path), contents)
+        if guestdisks.kind(device) != "other":
+            assert device.path is not None
+            await guestdisks.create(ctx.deps.disks, device, Path(device.path), contents)
 
 
 def new_mac() -> str:
@@ -281,13 +296,19 @@ async def _define(ctx: ServerContext) -> None:
         domain_type=domain.domain_type,
         memory_mib=server.flavor.ram,
         vcpus=server.flavor.vcpus,
-        disks=tuple(guestdisks.disk_spec(d, d.path or "") for d in ctx.devices),
+        disks=(*_local_disk_specs(ctx), *boot_volumes.disks(ctx)),
         interface=domain.interface,  # type: ignore[arg-type]
         network=domain.network,
         mac=ctx.mac,
         metadata=domain_metadata(server, server.image_ref),
     )
     await ctx.deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
+
+
+def _local_disk_specs(ctx: ServerContext) -> list[domxml.DiskSpec]:
+    return [
+        guestdisks.disk_spec(d, d.path or "") for d in ctx.devices if guestdisks.kind(d) != "other"
+    ]
 
 
 async def _undefine(ctx: ServerContext) -> None:
@@ -304,7 +325,10 @@ async def _destroy(ctx: ServerContext) -> None:
 
 async def _running(ctx: ServerContext) -> Outcome:
     power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
-    return Outcome({"vm_state": VmState.ACTIVE, "power_state": power, "launched_at": utcnow()})
+    return Outcome(
+        {"vm_state": VmState.ACTIVE, "power_state": power, "launched_at": utcnow()},
+        block_device_changes=boot_volumes.built(ctx),
+    )
 
 
 async def _build_failed(ctx: ServerContext, rolled_back: bool) -> Outcome:
@@ -431,7 +455,11 @@ def _delete_job(ctx: ServerContext) -> Job[ServerContext]:
         event="compute_terminate_instance",
         notification="instance.delete",
         task_state=TaskState.DELETING,
-        steps=(Step("undefine_domain", run=_undefine), Step("remove_disks", run=_remove_disks)),
+        steps=(
+            Step("undefine_domain", run=_undefine),
+            Step("release_volumes", run=boot_volumes.release),
+            Step("remove_disks", run=_remove_disks),
+        ),
         succeed=_deleted,
         fail=_delete_failed,
     )
@@ -487,7 +515,10 @@ async def job_from_action(
         params = action.job_params or {}
         devices = await deps.store.get_block_devices(server.id)
         image = await deps.images.get(None, params.get("image_id", ""))
-        return _build_job(dataclasses.replace(ctx, devices=tuple(devices), image=image))
+        facts = boot_volumes.BuildFacts.from_dict((action.journal or {}).get("facts", {}))
+        return _build_job(
+            dataclasses.replace(ctx, devices=tuple(devices), image=image, facts=facts)
+        )
     factories = {"stop": _stop_job, "start": _start_job, "delete": _delete_job}
     return factories[action.action](ctx)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from rebuildd import configdrive, domxml, errors, guestdisks, imageprops, ports
+from rebuildd import configdrive, domxml, errors, guestdisks, imageprops, ports, rebuild_volumes
 from rebuildd.models import (
     BlockDevice,
     Flavor,
@@ -68,6 +68,7 @@ class Deps:
     shutdown_timeout: float
     policy: ports.Authorizer
     volumes: ports.VolumeService
+    reimage_timeout_per_gb: float = 20.0  # Nova's reimage_timeout_per_gb
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class RebuildSpec:
     hostname: str | None = None  # 2.90+
     # 2.63+: omitted keeps them, null clears them (stored and shown; see README on signatures)
     trusted_certs: tuple[str, ...] | Unset | None = UNSET
+    reimage_boot_volume: bool = False  # 2.93+: a volume-backed server's root is re-imaged
 
 
 @dataclass(slots=True)
@@ -100,6 +102,12 @@ class RebuildFacts:
     old_disks: dict[str, str] = field(default_factory=dict)  # target -> old <disk> XML
     old_paths: dict[str, str] = field(default_factory=dict)  # target -> old file
     new_paths: dict[str, str] = field(default_factory=dict)  # target -> new file
+    # Volumes, by block device id: the attachment held before, the one made for the rebuild,
+    # its connection_info, and the one an undo kept (see rebuild_volumes.py).
+    old_attachments: dict[str, str] = field(default_factory=dict)
+    new_attachments: dict[str, str] = field(default_factory=dict)
+    connection_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kept_attachments: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,7 +175,9 @@ class RebuildContext:
     image_id: str
     root: BlockDevice
     devices: tuple[BlockDevice, ...]  # the local disks this rebuild makes anew, root first
+    volumes: tuple[BlockDevice, ...] = ()  # the volumes it detaches and attaches again
     preserve_ephemeral: bool = False
+    reimage_root: bool = False  # a volume-backed server's root volume gets the image (2.93+)
     image: Image | None = None
     # Only in memory (never journaled): a restarted daemon rolls back unless the new disks,
     # config drive included, were made.
@@ -182,6 +192,7 @@ class RebuildContext:
             "image_id": self.image_id,
             "root_bdm_id": self.root.id,
             "preserve_ephemeral": self.preserve_ephemeral,
+            "reimage_root": self.reimage_root,
             "before": before,
         }
 
@@ -217,15 +228,20 @@ async def request_rebuild(
     image = await deps.images.get(request, spec.image_ref)
     if image is None:
         raise errors.ImageNotFoundForRebuild()
-    check_image_properties(image, auto_disk_config=spec.auto_disk_config)
-    check_quotas(spec)
-    check_image_fits(image, server.flavor)
     devices = await deps.store.get_block_devices(server.id)
     root = _root_device(devices)
+    volume_backed = rebuild_volumes.is_volume_backed(root)
+    if volume_backed:
+        await rebuild_volumes.check_root(deps, spec, root, image)
+    check_image_properties(image, auto_disk_config=spec.auto_disk_config)
+    check_quotas(spec)
+    check_image_fits(image, server.flavor, volume_backed=volume_backed)
+    await rebuild_volumes.check_attached(deps, devices)
     admin_pass = spec.admin_pass if spec.admin_pass is not None else generate_password()
 
     changes: dict[str, Any] = {
-        "image_ref": image.id,
+        # An empty image_ref is how Nova marks a volume-backed server: it stays empty.
+        "image_ref": "" if volume_backed else image.id,
         "progress": 0,
         # Nova's _reset_image_metadata: the old image's properties go, the new one's come.
         "image_properties": imageprops.kept(image.properties),
@@ -260,7 +276,9 @@ async def request_rebuild(
         devices=tuple(
             guestdisks.replaced_by_rebuild(devices, preserve_ephemeral=spec.preserve_ephemeral)
         ),
+        volumes=tuple(rebuild_volumes.volumes_of(devices)),
         preserve_ephemeral=spec.preserve_ephemeral,
+        reimage_root=volume_backed and spec.reimage_boot_volume,
         image=image,
         admin_pass=admin_pass,
         personality=spec.personality,
@@ -382,13 +400,14 @@ def check_quotas(spec: RebuildSpec) -> None:
             raise errors.OnsetFileContentLimitExceeded(allowed=INJECTED_FILE_CONTENT_BYTES)
 
 
-def check_image_fits(image: Image, flavor: Flavor) -> None:
-    """Nova's ``_check_requested_image``: active, RAM, and root disk size checks (400)."""
+def check_image_fits(image: Image, flavor: Flavor, *, volume_backed: bool = False) -> None:
+    """Nova's ``_check_requested_image``: active, RAM, and root disk size checks (400); a
+    volume-backed server's root is its volume, so the flavor's disk is not checked."""
     if image.status != "active":
         raise errors.ImageNotActive(image_id=image.id)
     if flavor.ram < image.min_ram:
         raise errors.FlavorMemoryTooSmall()
-    if flavor.disk == 0:
+    if flavor.disk == 0 or volume_backed:
         return  # the root disk takes the image's size
     flavor_bytes = flavor.disk * GiB
     image_bytes = max(image.size or 0, image.virtual_size or 0)
@@ -444,11 +463,24 @@ def rebuild_stages() -> tuple[Stage[RebuildContext], Stage[RebuildContext]]:
             Step("record_power_state", run=_record_power_state),
             Step("power_off", run=_power_off, undo=_power_on_again),
             Step("record_local_disks", run=_record_disks),
+            # A new attachment per volume before the old one goes: never `available`.
+            Step("reserve_volumes", run=rebuild_volumes.reserve, undo=rebuild_volumes.restore),
             Step("detach_local_disks", run=_detach_disks, undo=_reattach_old_disks),
-            Step("block_device_mapping", task_state=TaskState.REBUILD_BLOCK_DEVICE_MAPPING),
+            Step(
+                "release_old_attachments",
+                run=rebuild_volumes.release_old,
+                undo=rebuild_volumes.restore,
+            ),
+            Step("reimage_root_volume", run=rebuild_volumes.reimage_root),
+            Step(
+                "block_device_mapping",
+                task_state=TaskState.REBUILD_BLOCK_DEVICE_MAPPING,
+                run=rebuild_volumes.connect,
+            ),
             Step("plan_local_disks", task_state=TaskState.REBUILD_SPAWNING, run=_plan_disks),
             Step("create_local_disks", run=_create_disks, undo=_remove_new_disks),
             Step("attach_local_disks", run=_attach_new_disks),
+            Step("complete_volume_attachments", run=rebuild_volumes.complete),
             Step("start_domain", run=_start, undo=_destroy),
             Step("restore_power_state", run=_restore_power_state),
         ),
@@ -485,6 +517,7 @@ async def rebuild_job_from_action(
     devices = await deps.store.get_block_devices(server.id)
     root = next(d for d in devices if d.id == params["root_bdm_id"])
     preserve = bool(params.get("preserve_ephemeral", False))
+    reimage = bool(params.get("reimage_root", False))
     facts = RebuildFacts.from_dict((action.journal or {}).get("facts", {}))
     request = RequestContext(action.request_id, action.user_id, action.project_id)
     ctx = RebuildContext(
@@ -495,7 +528,9 @@ async def rebuild_job_from_action(
         image_id=params["image_id"],
         root=root,
         devices=tuple(guestdisks.replaced_by_rebuild(devices, preserve_ephemeral=preserve)),
+        volumes=tuple(rebuild_volumes.volumes_of(devices)),
         preserve_ephemeral=preserve,
+        reimage_root=reimage,
         facts=facts,
     )
     return rebuild_job(ctx)
@@ -537,7 +572,8 @@ async def _power_on_again(ctx: RebuildContext) -> None:
 
 
 def _targets(ctx: RebuildContext) -> list[str]:
-    return [d.device_name for d in ctx.devices]
+    """The targets a rebuild detaches and attaches again: its local disks and volumes."""
+    return [d.device_name for d in (*ctx.devices, *ctx.volumes)]
 
 
 async def _record_disks(ctx: RebuildContext) -> None:
@@ -548,6 +584,7 @@ async def _record_disks(ctx: RebuildContext) -> None:
         )
     ctx.facts.old_disks = found
     ctx.facts.old_paths = {d.device_name: d.path for d in ctx.devices if d.path}
+    await rebuild_volumes.record(ctx)
 
 
 async def _detach_disks(ctx: RebuildContext) -> None:
@@ -582,10 +619,11 @@ async def _create_disks(ctx: RebuildContext) -> None:
     if any(guestdisks.kind(d) == "config" for d in ctx.devices):
         found = await deps.hypervisor.nics(ctx.server.domain_name)
         nics = tuple(configdrive.Nic(mac=mac, interface_type=kind) for mac, kind in found)
+    local_root = any(guestdisks.kind(d) == "root" for d in ctx.devices)
     contents = guestdisks.Contents(
         server=ctx.server,
         image=image,
-        base=await deps.cache.ensure(image),
+        base=await deps.cache.ensure(image) if local_root else Path(),
         admin_pass=ctx.admin_pass,
         personality=ctx.personality,
         nics=nics,
@@ -602,9 +640,10 @@ async def _remove_new_disks(ctx: RebuildContext) -> None:
 
 async def _attach_new_disks(ctx: RebuildContext) -> None:
     new, old = ctx.facts.new_paths, ctx.facts.old_disks
-    specs = [
+    specs: list[domxml.DiskSpec | str] = [
         guestdisks.new_disk(d, new[d.device_name], old.get(d.device_name)) for d in ctx.devices
     ]
+    specs += rebuild_volumes.disks(ctx)
     await ctx.deps.hypervisor.attach_disks(
         ctx.server.domain_name, specs, metadata=domain_metadata(ctx.server, ctx.image_id)
     )
@@ -636,9 +675,12 @@ async def _succeed(ctx: RebuildContext) -> Outcome:
             "progress": 0,
         },
         block_device_changes={
-            d.id: {"path": ctx.facts.new_paths[d.device_name]}
-            | ({"image_id": ctx.image_id} if d.id == ctx.root.id else {})
-            for d in ctx.devices
+            **{
+                d.id: {"path": ctx.facts.new_paths[d.device_name]}
+                | ({"image_id": ctx.image_id} if d.id == ctx.root.id else {})
+                for d in ctx.devices
+            },
+            **rebuild_volumes.succeeded(ctx),
         },
     )
 
@@ -653,7 +695,10 @@ async def _fail(ctx: RebuildContext, rolled_back: bool) -> Outcome:
     restored = {name: getattr(before, name) for name in RESTORED_FIELDS}
     restored["server_metadata"] = restored.pop("metadata")
     vm_state = before.vm_state if rolled_back else VmState.ERROR
-    return Outcome(changes={**restored, "vm_state": vm_state, "power_state": power})
+    return Outcome(
+        changes={**restored, "vm_state": vm_state, "power_state": power},
+        block_device_changes=rebuild_volumes.rolled_back(ctx),
+    )
 
 
 async def _remove_old_disks(ctx: RebuildContext) -> None:

@@ -227,11 +227,34 @@ _REBUILD_MODELS: Final[tuple[tuple[str, type[RebuildBase]], ...]] = (
 )
 
 
+class BlockDeviceMappingV2(Strict):
+    """One ``block_device_mapping_v2`` entry (Nova's block_device_mapping_new_item)."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset(
+        {"boot_index", "device_name", "uuid", "volume_size", "destination_type", "tag"}
+    )
+    source_type: Literal["volume", "image", "snapshot", "blank"]
+    destination_type: Literal["local", "volume"] | None = None
+    uuid: Uuid | None = None
+    boot_index: Annotated[int, Field(ge=-1)] | None = None
+    volume_size: Annotated[int, Field(ge=1, le=2147483647)] | None = None
+    delete_on_termination: bool = False
+    device_name: Annotated[str, StringConstraints(max_length=255)] | None = None
+    disk_bus: Annotated[str, StringConstraints(max_length=255)] | None = None
+    device_type: Annotated[str, StringConstraints(max_length=255)] | None = None
+    guest_format: Annotated[str, StringConstraints(max_length=255)] | None = None
+    volume_type: Annotated[str, StringConstraints(max_length=255)] | None = None
+    tag: Annotated[str, StringConstraints(max_length=60)] | None = None
+    no_device: bool | None = None
+
+
 class CreateServerV21(Strict):
-    """``server`` of POST /servers for the fields rebuildd supports (boot from image)."""
+    """``server`` of POST /servers for the fields rebuildd supports: boot from an image, or
+    from a volume (``block_device_mapping_v2``, with ``imageRef`` empty or absent)."""
 
     name: Name
-    imageRef: Uuid
+    imageRef: Uuid | Literal[""] | None = None
+    block_device_mapping_v2: list[BlockDeviceMappingV2] | None = None
     flavorRef: Annotated[str, StringConstraints(min_length=1, max_length=255)]
     adminPass: str | None = None
     metadata: Metadata | None = None

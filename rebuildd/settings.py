@@ -127,6 +127,12 @@ class Settings(BaseSettings):
         description="An unused base file is removed only once it has not been used for this "
         "many seconds (Nova's remove_unused_original_minimum_age_seconds).",
     )
+    reimage_timeout_per_gb: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a volume-backed rebuild (2.93+) waits for the root volume's "
+        "re-image, per GiB of the image (at least one GiB's worth; Nova's option).",
+    )
     test_kill_at: str | None = Field(
         default=None,
         description="Test hook only: JOB:STEP:before|after at which the daemon SIGKILLs itself.",
