@@ -49,7 +49,7 @@ def is_volume_backed(root: BlockDevice) -> bool:
 async def check_root(deps: Deps, spec: RebuildSpec, root: BlockDevice, image: Image) -> None:
     """Nova's checks of a volume-backed rebuild (400): no trusted certificates, and below
     2.93 no other image than the one in the root volume."""
-    if spec.trusted_certs:  # a non-empty list: Nova cannot validate a volume's image
+    if isinstance(spec.trusted_certs, tuple) and spec.trusted_certs:  # Nova cannot validate
         raise errors.CertificateValidationFailed(
             reason="Image certificate validation is not supported for volume-backed servers."
         )

@@ -80,7 +80,10 @@ class _Show:
     ext_user_data: bool  # OS-EXT-SRV-ATTR:user_data (the rebuild response has user_data instead)
 
 
-def _image_ref(server: Server, base: str, version: Version) -> JSON:
+def _image_ref(server: Server, base: str, version: Version) -> JSON | str:
+    """The server's image, or ``""`` for a volume-backed server (Nova's empty image_ref)."""
+    if not server.image_ref:
+        return ""
     view: JSON = {
         "id": server.image_ref,
         "links": [{"rel": "bookmark", "href": f"{base}/images/{server.image_ref}"}],
@@ -393,7 +396,7 @@ SERVER_SCHEMA = _object(
         "user_id": _STR,
         "metadata": {"type": "object", "additionalProperties": _STR},
         "hostId": _STR,
-        "image": _object({"id": _STR, "links": _LINKS}),
+        "image": {"oneOf": [_object({"id": _STR, "links": _LINKS}), {"type": "string"}]},
         "flavor": {"type": "object"},
         "created": _STR,
         "updated": _STR,
