@@ -160,9 +160,13 @@ def _size(value: int | str | None) -> int | None:
     )
 
 
-def _project(ctx: RequestContext, project_id: str) -> None:
+# The project in the path; Cinder 3.67+ also serves every URL without it.
+ProjectPath = str | None
+
+
+def _project(ctx: RequestContext, project_id: str | None) -> None:
     """Cinder's check that the path's project is the caller's (an admin may name any)."""
-    if project_id != ctx.project_id and not ctx.is_admin:
+    if project_id is not None and project_id != ctx.project_id and not ctx.is_admin:
         raise errors.Invalid("Malformed request url")
 
 
@@ -174,6 +178,7 @@ async def _volume(services: Services, ctx: RequestContext, volume_id: str) -> Vo
     return volume
 
 
+@router.post("/v3/volumes", status_code=202, include_in_schema=False)
 @router.post(
     "/v3/{project_id}/volumes",
     name="create_volume",
@@ -181,7 +186,11 @@ async def _volume(services: Services, ctx: RequestContext, volume_id: str) -> Vo
     responses=faults(400, 404),
 )
 async def create_volume(
-    project_id: str, request: Request, services: ServicesDep, ctx: ContextDep, base: BaseUrlDep
+    request: Request,
+    services: ServicesDep,
+    ctx: ContextDep,
+    base: BaseUrlDep,
+    project_id: ProjectPath = None,
 ) -> JSONResponse:
     _project(ctx, project_id)
     body = await read_json(request)
@@ -228,43 +237,51 @@ async def _listed(
 NameQuery = Annotated[str | None, Query()]
 
 
+@router.get("/v3/volumes", include_in_schema=False)
 @router.get("/v3/{project_id}/volumes", name="list_volumes")
 async def list_volumes(
-    project_id: str,
     services: ServicesDep,
     ctx: ContextDep,
     base: BaseUrlDep,
     name: NameQuery = None,
     all_tenants: NameQuery = None,
+    project_id: ProjectPath = None,
 ) -> dict[str, Any]:
     _project(ctx, project_id)
     volumes = await _listed(services, ctx, name, all_tenants)
     return {"volumes": [volume_summary(v, base) for v in volumes]}
 
 
+@router.get("/v3/volumes/detail", include_in_schema=False)
 @router.get("/v3/{project_id}/volumes/detail", name="list_volumes_detail")
 async def list_volumes_detail(
-    project_id: str,
     services: ServicesDep,
     ctx: ContextDep,
     base: BaseUrlDep,
     name: NameQuery = None,
     all_tenants: NameQuery = None,
+    project_id: ProjectPath = None,
 ) -> dict[str, Any]:
     _project(ctx, project_id)
     volumes = await _listed(services, ctx, name, all_tenants)
     return {"volumes": [volume_detail(v, base, is_admin=ctx.is_admin) for v in volumes]}
 
 
+@router.get("/v3/volumes/{volume_id}", include_in_schema=False)
 @router.get("/v3/{project_id}/volumes/{volume_id}", name="show_volume", responses=faults(404))
 async def show_volume(
-    project_id: str, volume_id: str, services: ServicesDep, ctx: ContextDep, base: BaseUrlDep
+    volume_id: str,
+    services: ServicesDep,
+    ctx: ContextDep,
+    base: BaseUrlDep,
+    project_id: ProjectPath = None,
 ) -> dict[str, Any]:
     _project(ctx, project_id)
     volume = await _volume(services, ctx, volume_id)
     return {"volume": volume_detail(volume, base, is_admin=ctx.is_admin)}
 
 
+@router.delete("/v3/volumes/{volume_id}", status_code=202, include_in_schema=False)
 @router.delete(
     "/v3/{project_id}/volumes/{volume_id}",
     name="delete_volume",
@@ -272,7 +289,7 @@ async def show_volume(
     responses=faults(400, 404),
 )
 async def delete_volume(
-    project_id: str, volume_id: str, services: ServicesDep, ctx: ContextDep
+    volume_id: str, services: ServicesDep, ctx: ContextDep, project_id: ProjectPath = None
 ) -> Response:
     _project(ctx, project_id)
     volume = await _volume(services, ctx, volume_id)
