@@ -90,7 +90,12 @@ class TestCinderApi:
 
     def test_bad_bodies_are_400_bad_request(self, daemon: LiveDaemon) -> None:
         """No size, size 0 and unknown fields: Cinder's badRequest body."""
-        for body in ({"volume": {}}, {"volume": {"size": 0}}, {"volume": {"size": 1, "x": 1}}):
+        bodies: list[dict[str, Any]] = [
+            {"volume": {}},
+            {"volume": {"size": 0}},
+            {"volume": {"size": 1, "x": 1}},
+        ]
+        for body in bodies:
             response = daemon.client.post(V, json=body)
             assert response.status_code == 400, body
             assert set(response.json()) == {"badRequest"}
