@@ -47,7 +47,11 @@ def _version(base: str) -> dict[str, Any]:
 
 
 @versions.get("", name="volume_versions", include_in_schema=False)
-@versions.get("/", name="volume_versions_slash")
+@versions.get(
+    "/",
+    name="volume_versions_slash",
+    responses={300: {"description": "Multiple Choices: the API versions, as Cinder answers"}},
+)
 async def volume_versions(base: BaseUrlDep) -> JSONResponse:
     """Cinder answers its root with 300 Multiple Choices and the list of versions."""
     return JSONResponse({"versions": [_version(base)]}, status_code=300)
