@@ -1,9 +1,11 @@
-"""The HTTP API: Nova's compute API at /v2.1 and a Glance-compatible image API at /image.
+"""The HTTP API: Nova's compute API at /v2.1, a Glance-compatible image API at /image and a
+Cinder-compatible volume API at /volume.
 
 Owns the FastAPI application: the middleware for microversions, request ids and body size;
 the one translation of errors into Nova fault bodies (FastAPI's own 422 never reaches a
 client, nor the OpenAPI document); version documents; and the dependencies routes share.
-Routes live in api_servers.py, api_actions.py, api_catalog.py and api_images.py. It must not
+Routes live in api_servers.py, api_actions.py, api_catalog.py, api_images.py,
+api_volumes.py and api_volume_attachments.py. It must not
 call libvirt or SQL directly: routes call the pipeline and the Store's records.
 """
 
@@ -309,7 +311,14 @@ def _operation_id(route: APIRoute) -> str:
 
 
 def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
-    from rebuildd import api_actions, api_catalog, api_images, api_servers
+    from rebuildd import (
+        api_actions,
+        api_catalog,
+        api_images,
+        api_servers,
+        api_volume_attachments,
+        api_volumes,
+    )
 
     app = FastAPI(
         title="rebuildd",
@@ -331,11 +340,14 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     }
     app.include_router(api_servers.versions)
     app.include_router(api_images.versions, prefix="/image")
+    app.include_router(api_volumes.versions, prefix="/volume")
     app.include_router(api_servers.router, prefix="/v2.1", **authenticated)
     app.include_router(api_actions.router, prefix="/v2.1", **authenticated)
     app.include_router(api_catalog.router, prefix="/v2.1", **authenticated)
     app.include_router(api_images.router, prefix="/image", **authenticated)
     app.include_router(api_images.compute_alias, prefix="/v2.1", **authenticated)
+    app.include_router(api_volume_attachments.router, prefix="/v2.1", **authenticated)
+    app.include_router(api_volumes.router, prefix="/volume", **authenticated)
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

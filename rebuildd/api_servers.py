@@ -171,9 +171,18 @@ async def list_servers_detail(
     filters = _filters(query, is_admin=ctx.is_admin, project_id=ctx.project_id)
     servers = await services.store.list_servers(filters)
     latest = await services.store.latest_faults([s.id for s in servers if s.vm_state == "error"])
+    # One query for every listed server's volumes, not one per server.
+    volumes = await services.volume_store.volume_devices([s.id for s in servers])
     body: dict[str, Any] = {
         "servers": [
-            views.server_detail(s, base, version, latest.get(s.id), is_admin=ctx.is_admin)
+            views.server_detail(
+                s,
+                base,
+                version,
+                latest.get(s.id),
+                is_admin=ctx.is_admin,
+                volumes=volumes.get(s.id, ()),
+            )
             for s in servers
         ]
     }
@@ -199,9 +208,15 @@ async def show_server(
     project = None if ctx.is_admin else ctx.project_id
     server = await services.store.get_server(server_id, project_id=project)
     latest = await services.store.latest_faults([server.id] if server.vm_state == "error" else [])
+    volumes = await services.volume_store.volume_devices([server.id])
     return {
         "server": views.server_show(
-            server, base, version, latest.get(server.id), is_admin=ctx.is_admin
+            server,
+            base,
+            version,
+            latest.get(server.id),
+            is_admin=ctx.is_admin,
+            volumes=volumes.get(server.id, ()),
         )
     }
 

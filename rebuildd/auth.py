@@ -12,7 +12,8 @@ Tokens file (TOML)::
     project_id = "demo"
     roles = ["admin", "member", "reader"]
 
-Policy file (TOML), each rule one of ``admin``, ``admin_or_owner``, ``member``, ``anyone``::
+Policy file (TOML), each rule one of ``admin``, ``admin_or_owner`` (a member of the target's
+project), ``admin_or_reader`` (a reader or member of it), ``member``, ``anyone``::
 
     [rules]
     "os_compute_api:servers:rebuild" = "admin"
@@ -44,8 +45,13 @@ DEFAULT_RULES: Final[Mapping[str, str]] = {
     "os_compute_api:os-flavor-manage:create": "admin",
     "os_compute_api:os-instance-actions:events": "admin",
     "os_compute_api:os-instance-actions:events:details": "admin",
+    # PROJECT_READER_OR_ADMIN to read, PROJECT_MEMBER_OR_ADMIN to change.
+    "os_compute_api:os-volumes-attachments:index": "admin_or_reader",
+    "os_compute_api:os-volumes-attachments:show": "admin_or_reader",
+    "os_compute_api:os-volumes-attachments:create": "admin_or_owner",
+    "os_compute_api:os-volumes-attachments:delete": "admin_or_owner",
 }
-RULE_KINDS: Final = frozenset({"admin", "admin_or_owner", "member", "anyone"})
+RULE_KINDS: Final = frozenset({"admin", "admin_or_owner", "admin_or_reader", "member", "anyone"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +113,10 @@ class Policy:
         is_member = "member" in context.roles
         if kind == "member":
             return is_member
-        return is_member and (target_project is None or target_project == context.project_id)
+        own = target_project is None or target_project == context.project_id
+        if kind == "admin_or_reader":
+            return own and (is_member or "reader" in context.roles)
+        return is_member and own
 
     def authorize(
         self, rule: str, context: RequestContext, target_project: str | None = None

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rebuildd import imageprops
 from rebuildd.microversion import Version
-from rebuildd.models import Fault, Flavor, Image, InstanceAction, KeyPair, Server
+from rebuildd.models import (
+    BlockDevice,
+    Fault,
+    Flavor,
+    Image,
+    InstanceAction,
+    KeyPair,
+    Server,
+)
 from rebuildd.states import status_from_state
 
 JSON = dict[str, Any]
@@ -94,7 +103,14 @@ def _image_ref(server: Server, base: str, version: Version) -> JSON | str:
 
 
 def _server_view(
-    server: Server, base: str, version: Version, fault: Fault | None, *, is_admin: bool, show: _Show
+    server: Server,
+    base: str,
+    version: Version,
+    fault: Fault | None,
+    *,
+    is_admin: bool,
+    show: _Show,
+    volumes: Sequence[BlockDevice] = (),
 ) -> JSON:
     """Nova's ``ViewBuilder.show`` for one server, as ``show`` selects its parts."""
     status = status_from_state(server.vm_state, server.task_state)
@@ -125,7 +141,7 @@ def _server_view(
     if status in _PROGRESS_STATUSES:
         view["progress"] = server.progress
     if show.full:
-        view.update(_extended(server))
+        view.update(_extended(server, version, volumes))
     if show.key_name:
         view["key_name"] = server.key_name
     if show.full and is_admin:
@@ -163,7 +179,19 @@ def _microversion_fields(server: Server, version: Version, *, is_admin: bool, sh
     return view
 
 
-def _extended(server: Server) -> JSON:
+def volumes_attached(volumes: Sequence[BlockDevice], version: Version) -> list[JSON]:
+    """Nova's ``os-extended-volumes:volumes_attached``: each volume's id, and from 2.3
+    whether it goes with the server."""
+    shown: list[JSON] = []
+    for device in volumes:
+        item: JSON = {"id": device.volume_id}
+        if version.at_least("2.3"):
+            item["delete_on_termination"] = device.delete_on_termination
+        shown.append(item)
+    return shown
+
+
+def _extended(server: Server, version: Version, volumes: Sequence[BlockDevice]) -> JSON:
     return {
         "config_drive": "True" if server.config_drive else "",
         "security_groups": [{"name": "default"}],
@@ -173,7 +201,7 @@ def _extended(server: Server) -> JSON:
         "OS-EXT-STS:power_state": server.power_state,
         "OS-SRV-USG:launched_at": microtime(server.launched_at),
         "OS-SRV-USG:terminated_at": microtime(server.terminated_at),
-        "os-extended-volumes:volumes_attached": [],
+        "os-extended-volumes:volumes_attached": volumes_attached(volumes, version),
     }
 
 
@@ -201,24 +229,43 @@ def _admin_attributes(server: Server, version: Version, *, user_data: bool) -> J
 
 
 def server_show(
-    server: Server, base: str, version: Version, fault: Fault | None, *, is_admin: bool
+    server: Server,
+    base: str,
+    version: Version,
+    fault: Fault | None,
+    *,
+    is_admin: bool,
+    volumes: Sequence[BlockDevice] = (),
 ) -> JSON:
     """GET /servers/{id}."""
     show = _Show(
         full=True, key_name=True, server_groups=version.at_least("2.71"), ext_user_data=True
     )
-    return _server_view(server, base, version, fault, is_admin=is_admin, show=show)
+    return _server_view(server, base, version, fault, is_admin=is_admin, show=show, volumes=volumes)
 
 
 def server_detail(
-    server: Server, base: str, version: Version, fault: Fault | None, *, is_admin: bool
+    server: Server,
+    base: str,
+    version: Version,
+    fault: Fault | None,
+    *,
+    is_admin: bool,
+    volumes: Sequence[BlockDevice] = (),
 ) -> JSON:
     """One server of GET /servers/detail (no server groups, unlike the single GET)."""
     show = _Show(full=True, key_name=True, server_groups=False, ext_user_data=True)
-    return _server_view(server, base, version, fault, is_admin=is_admin, show=show)
+    return _server_view(server, base, version, fault, is_admin=is_admin, show=show, volumes=volumes)
 
 
-def server_rebuilt(server: Server, base: str, version: Version, *, is_admin: bool) -> JSON:
+def server_rebuilt(
+    server: Server,
+    base: str,
+    version: Version,
+    *,
+    is_admin: bool,
+    volumes: Sequence[BlockDevice] = (),
+) -> JSON:
     """The rebuild 202's server (without adminPass): the base view below 2.75, the GET view
     from 2.75, and user_data (not OS-EXT-SRV-ATTR:user_data) from 2.57."""
     show = _Show(
@@ -227,7 +274,7 @@ def server_rebuilt(server: Server, base: str, version: Version, *, is_admin: boo
         server_groups=version.at_least("2.71"),
         ext_user_data=False,
     )
-    view = _server_view(server, base, version, None, is_admin=is_admin, show=show)
+    view = _server_view(server, base, version, None, is_admin=is_admin, show=show, volumes=volumes)
     if version.at_least("2.57"):
         view["user_data"] = server.user_data
     return view

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def _clouds(path: Path, live: LiveDaemon, token: str | None) -> Path:
         f"{auth}"
         f"    compute_endpoint_override: {compute}\n"
         f"    image_endpoint_override: {live.url}/image\n"
+        f"    volume_endpoint_override: {live.url}/volume\n"
         f"    identity_endpoint_override: {compute}\n"
         "    identity_api_version: '3'\n"
     )
@@ -272,3 +274,61 @@ def test_openstack_rebuild_user_data(clients: Clients) -> None:
     )
     clients.live.wait_for(server_id, "ACTIVE")
     _check_rebuilt(clients, server_id)
+
+
+def _volume_status(clients: Clients, volume_id: str, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        volume: dict[str, Any] = clients.live.client.get(
+            f"/volume/v3/demo/volumes/{volume_id}"
+        ).json()["volume"]
+        if volume["status"] == status:
+            return volume
+        time.sleep(0.05)
+    raise AssertionError(f"volume {volume_id} never reached {status}")
+
+
+def test_openstack_volumes(clients: Clients) -> None:
+    """volume create/list/show, server add volume, server volume list, server remove volume."""
+    name = f"v-{clients.token is not None}"
+    server_id = clients.live.create_server(f"vol-{name}")
+    created = clients.openstack_json("volume", "create", "--size", "1", name)
+    assert (created["status"], created["size"]) == ("available", 1)
+    listed = clients.openstack_json("volume", "list")
+    assert created["id"] in {v["ID"] for v in listed}
+    assert clients.openstack_json("volume", "show", name)["id"] == created["id"]
+    clients.openstack("server", "add", "volume", server_id, name)
+    attached = _volume_status(clients, created["id"], "in-use")
+    assert [a["server_id"] for a in attached["attachments"]] == [server_id]
+    clients.live.wait_for(server_id, "ACTIVE")
+    attachments = clients.openstack_json("server", "volume", "list", server_id)
+    assert [(a["Volume ID"], a["Device"]) for a in attachments] == [(created["id"], "/dev/vdb")]
+    clients.openstack("server", "remove", "volume", server_id, name)
+    assert _volume_status(clients, created["id"], "available")["attachments"] == []
+    clients.live.wait_for(server_id, "ACTIVE")
+    clients.openstack("volume", "delete", name)
+
+
+def test_sdk_volumes(clients: Clients) -> None:
+    """openstacksdk's create_volume (wait) and attach_volume (wait for in-use)."""
+    import openstack
+
+    server_id = clients.live.create_server(f"sdk-vol-{clients.token is not None}")
+    old = os.environ.get("OS_CLIENT_CONFIG_FILE")
+    os.environ["OS_CLIENT_CONFIG_FILE"] = str(clients.clouds)
+    try:
+        conn = openstack.connect(cloud="rebuildd")
+    finally:
+        if old is None:
+            del os.environ["OS_CLIENT_CONFIG_FILE"]
+        else:
+            os.environ["OS_CLIENT_CONFIG_FILE"] = old
+    try:
+        volume = conn.create_volume(size=1, name=f"sdk-{clients.token is not None}", wait=True)
+        assert volume.status == "available"
+        server = conn.compute.get_server(server_id)
+        attachment = conn.attach_volume(server, volume, wait=True, timeout=60)
+        assert attachment.volume_id == volume.id
+        assert conn.block_storage.get_volume(volume.id).status == "in-use"
+    finally:
+        conn.close()
