@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -30,6 +31,7 @@ from rebuildd.api import (
     read_json,
 )
 from rebuildd.microversion import Version
+from rebuildd.models import BlockDevice
 from rebuildd.states import states_for_status
 from rebuildd.storage import ServerFilters
 
@@ -479,7 +481,10 @@ async def _rebuild(
     server, admin_pass = await pipeline.request_rebuild(
         services.deps, ctx, server_id, spec, idempotency_key=idempotency_key
     )
-    view = views.server_rebuilt(server, base, version, is_admin=ctx.is_admin)
+    volumes: Sequence[BlockDevice] = ()
+    if version.at_least("2.75"):  # the full view lists the attached volumes
+        volumes = (await services.volume_store.volume_devices([server.id])).get(server.id, ())
+    view = views.server_rebuilt(server, base, version, is_admin=ctx.is_admin, volumes=volumes)
     view["adminPass"] = admin_pass
     location = f"{base}/v2.1/servers/{server.id}"
     if idempotency_key is not None:

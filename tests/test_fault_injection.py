@@ -30,11 +30,15 @@ REBUILD_STEPS = (
     "record_power_state",
     "power_off",
     "record_local_disks",
+    "reserve_volumes",
     "detach_local_disks",
+    "release_old_attachments",
+    "reimage_root_volume",
     "block_device_mapping",
     "plan_local_disks",
     "create_local_disks",
     "attach_local_disks",
+    "complete_volume_attachments",
     "start_domain",
     "restore_power_state",
     "remove_old_local_disks",
@@ -52,18 +56,24 @@ def qemu() -> Iterator[object]:
     conn.close()
 
 
-def _create(client: httpx.Client, image_id: str) -> str:
-    """A server with every kind of local disk: root, ephemeral, swap and a config drive."""
+def _create(client: httpx.Client, image_id: str) -> tuple[str, str]:
+    """A server with every kind of local disk — root, ephemeral, swap and a config drive —
+    and a data volume; returns the server's and the volume's ids."""
     flavor = {"flavor": {"name": "t1.fault", "id": "fault", "ram": 128, "vcpus": 1, "disk": 1,
                          "OS-FLV-EXT-DATA:ephemeral": 1, "swap": 16}}  # fmt: skip
     client.post("/v2.1/flavors", json=flavor)
+    made = client.post("/volume/v3/volumes", json={"volume": {"size": 1, "name": "data"}})
+    assert made.status_code == 202, made.text
+    volume_id: str = made.json()["volume"]["id"]
+    data = {"source_type": "volume", "destination_type": "volume", "uuid": volume_id,
+            "boot_index": -1}  # fmt: skip
     body = {"server": {"name": "victim", "imageRef": image_id, "flavorRef": "fault",
-                       "config_drive": True}}  # fmt: skip
+                       "config_drive": True, "block_device_mapping_v2": [data]}}  # fmt: skip
     response = client.post("/v2.1/servers", json=body)
     assert response.status_code == 202, response.text
     server_id: str = response.json()["server"]["id"]
     _until(client, server_id, "ACTIVE")
-    return server_id
+    return server_id, volume_id
 
 
 @pytest.mark.qemu
@@ -114,7 +124,7 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
         with daemon.client() as client:
             images = {i["name"]: i["id"] for i in client.get("/image/v2/images").json()["images"]}
             old_image, new_image = images["demo-image-a"], images["demo-image-b"]
-            server_id = _create(client, old_image)
+            server_id, volume_id = _create(client, old_image)
             name = f"rebuildd-test-{server_id}"
             if start_as == "stopped":
                 client.post(f"/v2.1/servers/{server_id}/action", json={"os-stop": None})
@@ -150,13 +160,20 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
         disks = disk_sources(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
         assert list(disks) == list(old_disks), "every target still has its disk"
         assert all(path.exists() for path in disks.values()), "never a missing disk file"
+        volume_file = tmp_path / "volumes" / f"volume-{volume_id}"
+        (target,) = [t for t, p in old_disks.items() if p == volume_file]
+        assert disks[target] == volume_file, "the volume on its target"
+        local = {t: p for t, p in disks.items() if t != target}
         if rolled_back:
             assert root == old_disk, "rolled back onto the old disk"
             assert disks == old_disks, "rolled back onto every old disk"
         else:
-            assert all(disks[t] != old_disks[t] for t in disks), "every local disk is new"
+            assert all(local[t] != old_disks[t] for t in local), "every local disk is new"
         files = sorted(p.name for p in (tmp_path / "instances" / server_id).iterdir())
-        assert files == sorted(p.name for p in disks.values()), f"orphaned disks: {files}"
+        assert files == sorted(p.name for p in local.values()), f"orphaned disks: {files}"
+        volume = daemon.get(f"/volume/v3/volumes/{volume_id}")["volume"]
+        assert volume["status"] == "in-use", volume
+        assert [a["server_id"] for a in volume["attachments"]] == [server_id], volume
         ours = [d.name() for d in qemu.listAllDomains(0) if server_id in d.name()]
         assert ours == [name]
         actions = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions")["instanceActions"]

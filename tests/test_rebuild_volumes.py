@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,10 +227,13 @@ def _boot_from_volume(live: LiveDaemon) -> tuple[str, str]:
     root = {"source_type": "image", "destination_type": "volume", "uuid": live.image_ids[0],
             "boot_index": 0, "volume_size": 1, "delete_on_termination": True}  # fmt: skip
     server_id = _create(live, [root])
-    assert live.server(server_id)["image"] == ""
+    server = live.server(server_id)
+    assert server["image"] == ""
     devices = live.run(live.daemon.store.get_block_devices(server_id))
     (root_volume,) = [d for d in devices if d.volume_id]
     assert (root_volume.boot_index, root_volume.device_name) == (0, "vda")
+    attached = server["os-extended-volumes:volumes_attached"]
+    assert [v["id"] for v in attached] == [root_volume.volume_id]
     return server_id, str(root_volume.volume_id)
 
 
@@ -289,9 +293,7 @@ def test_trusted_certificates_on_a_volume_backed_server_are_refused(
     server_id, _ = _boot_from_volume(live)
     response = live.client.post(
         f"/v2.1/servers/{server_id}/action",
-        json={
-            "rebuild": {"imageRef": live.image_ids[0], "trusted_image_certificates": ["cert-1"]}
-        },  # fmt: skip
+        json={"rebuild": {"imageRef": live.image_ids[0], "trusted_image_certificates": ["cert-1"]}},
         headers={"OpenStack-API-Version": "compute 2.63"},
     )
     assert response.status_code == 400
@@ -320,3 +322,57 @@ def test_a_failure_after_the_detach_leaves_the_volumes_attached_as_before(
     _attached_once(live, data.id, server_id)
     bdm = next(d for d in live.run(live.daemon.store.get_block_devices(server_id)) if d.volume_id)
     assert bdm.attachment_id == _get(live, data.id).attachments[0].id
+
+
+@pytest.mark.qemu
+def test_deleting_a_server_releases_its_volumes(
+    qemu: tuple[LiveDaemon, VolumeWatch, FailingStart],
+) -> None:
+    """A deleted server's data volume is available again with no attachment; its root volume,
+    marked delete_on_termination, is deleted with it; the rebuild 202 at 2.75 lists both."""
+    live, _, _ = qemu
+    data = _volume(live)
+    root = {"source_type": "image", "destination_type": "volume", "uuid": live.image_ids[0],
+            "boot_index": 0, "volume_size": 1, "delete_on_termination": True}  # fmt: skip
+    server_id = _create(live, [root, _data(data.id)])
+    answer = _rebuild(live, server_id, live.image_ids[0], "2.75")
+    assert answer.status_code == 202, answer.text
+    listed = answer.json()["server"]["os-extended-volumes:volumes_attached"]
+    assert data.id in {v["id"] for v in listed} and len(listed) == 2
+    live.wait_for(server_id, "ACTIVE")
+    root_volume = next(v["id"] for v in listed if v["id"] != data.id)
+
+    assert live.client.delete(f"/v2.1/servers/{server_id}").status_code == 204
+    deadline = time.monotonic() + 30
+    while live.client.get(f"/v2.1/servers/{server_id}").status_code != 404:
+        assert time.monotonic() < deadline, "never deleted"
+        time.sleep(0.05)
+    kept = _get(live, data.id)
+    assert (kept.status, kept.attachments) == ("available", ())
+    assert live.run(live.daemon.services.deps.volumes.get(root_volume)) is None
+    assert not _file(live, root_volume).exists()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ({"source_type": "image", "destination_type": "volume", "boot_index": 0},
+         "need to have a non-zero size"),
+        ({"source_type": "blank", "destination_type": "local", "boot_index": -1,
+          "volume_size": 1}, "rebuildd boots from volumes made from images"),
+    ],
+)  # fmt: skip
+def test_unsupported_or_invalid_block_device_mappings_are_400(
+    qemu: tuple[LiveDaemon, VolumeWatch, FailingStart], mapping: dict[str, Any], message: str
+) -> None:
+    """A block device mapping Nova would refuse, or rebuildd cannot make, is a 400 naming why."""
+    live, _, _ = qemu
+    if mapping["source_type"] == "image":
+        mapping = {**mapping, "uuid": live.image_ids[0]}
+    body = {"server": {"name": "x", "flavorRef": "vol", "block_device_mapping_v2": [mapping]}}
+    if mapping["source_type"] != "image":
+        body["server"]["imageRef"] = live.image_ids[0]
+    response = live.client.post("/v2.1/servers", json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["badRequest"]["message"]
