@@ -115,8 +115,7 @@ async def reimage_root(ctx: RebuildContext) -> None:
     image = ctx.image or await ctx.deps.images.get(None, ctx.image_id)
     if image is None:
         raise errors.ImageFetchError(image_id=ctx.image_id, reason="the image no longer exists")
-    gigabytes = max(1, math.ceil(max(image.size or 0, image.virtual_size or 0) / GiB))
-    timeout = ctx.deps.reimage_timeout_per_gb * gigabytes
+    timeout = reimage_timeout(image, ctx.deps.reimage_timeout_per_gb)
     try:
         async with asyncio.timeout(timeout):
             await ctx.deps.volumes.reimage(ctx.root.volume_id, image, reimage_reserved=True)
@@ -125,6 +124,13 @@ async def reimage_root(ctx: RebuildContext) -> None:
             step="reimage_root_volume",
             reason=f"volume {ctx.root.volume_id} was not re-imaged within {timeout:.0f} s",
         ) from None
+
+
+def reimage_timeout(image: Image, per_gb: float) -> float:
+    """Nova's ``reimage_timeout_per_gb`` times the image's size in GiB, rounded up — but at
+    least one GiB's worth, so a snapshot image of size 0 does not get a zero timeout."""
+    gigabytes = max(1, math.ceil(max(image.size or 0, image.virtual_size or 0) / GiB))
+    return per_gb * gigabytes
 
 
 async def connect(ctx: RebuildContext) -> None:

@@ -376,3 +376,21 @@ def test_unsupported_or_invalid_block_device_mappings_are_400(
     response = live.client.post("/v2.1/servers", json=body)
     assert response.status_code == 400, response.text
     assert message in response.json()["badRequest"]["message"]
+
+
+def test_the_reimage_timeout_scales_with_the_image_and_is_never_zero() -> None:
+    """20 s per GiB, rounded up; an image of size 0 (a snapshot's) still gets one GiB's worth."""
+    import dataclasses
+    import datetime as dt
+
+    from rebuildd.models import Image
+    from rebuildd.rebuild_volumes import reimage_timeout
+
+    now = dt.datetime.now(dt.UTC)
+    image = Image("i", "i", "active", "raw", "bare", 0, 0, None, None, None, 0, 0, "public",
+                  False, None, {}, now, now)  # fmt: skip
+    assert reimage_timeout(image, 20.0) == 20.0
+    bigger = dataclasses.replace(image, size=3 * 1024**3 // 2)
+    assert reimage_timeout(bigger, 20.0) == 40.0
+    virtual = dataclasses.replace(image, size=10, virtual_size=5 * 1024**3)
+    assert reimage_timeout(virtual, 20.0) == 100.0
