@@ -30,12 +30,12 @@ from rebuildd.pipeline import (
     UNSET,
     Deps,
     Unset,
-    check_image_fits,
     domain_metadata,
     generate_password,
     lookup_keypair,
     shutdown_timeout,
 )
+from rebuildd.rebuild_checks import check_image_fits
 from rebuildd.runner import Job, Outcome, Stage, Step
 from rebuildd.states import PowerState, TaskState, VmState
 
