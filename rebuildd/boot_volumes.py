@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from rebuildd import domxml, errors
+from rebuildd.connector import host_connector
 from rebuildd.models import BlockDevice, Image, RequestContext
 
 if TYPE_CHECKING:
@@ -147,9 +148,7 @@ def volumes_of(devices: tuple[BlockDevice, ...]) -> list[BlockDevice]:
 async def prepare(ctx: ServerContext) -> None:
     """Create the volumes made from images, then attach each: reserve, connect."""
     deps, facts = ctx.deps, ctx.facts
-    from rebuildd import volume_jobs  # it imports the pipeline, which imports the lifecycle
-
-    connector = volume_jobs.host_connector(deps.host)
+    connector = host_connector(deps.host)
     for device in volumes_of(ctx.devices):
         volume_id = device.volume_id or facts.created_volumes.get(device.id)
         if volume_id is None:

@@ -25,6 +25,7 @@ import math
 from typing import TYPE_CHECKING, Any, Final
 
 from rebuildd import domxml, errors
+from rebuildd.connector import host_connector
 from rebuildd.models import BlockDevice, Image, Volume
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def reimage_timeout(image: Image, per_gb: float) -> float:
 async def connect(ctx: RebuildContext) -> None:
     """This host's connector on each new attachment: its connection_info says where the
     volume's disk is."""
-    connector = _connector(ctx)
+    connector = host_connector(ctx.deps.host)
     for device in ctx.volumes:
         attachment = await ctx.deps.volumes.attachment_update(
             ctx.facts.new_attachments[device.id],
@@ -173,7 +174,7 @@ async def complete(ctx: RebuildContext) -> None:
 async def restore(ctx: RebuildContext) -> None:
     """Undo of every volume step: each volume ends with exactly one attachment of this server,
     attached — the old one while it exists, else the new one, connected and completed."""
-    connector = _connector(ctx)
+    connector = host_connector(ctx.deps.host)
     for device in ctx.volumes:
         assert device.volume_id is not None
         volume = await ctx.deps.volumes.get(device.volume_id)
@@ -225,13 +226,6 @@ def rolled_back(ctx: RebuildContext) -> dict[str, dict[str, Any]]:
                 "connection_info": ctx.facts.connection_info.get(device.id),
             }
     return changes
-
-
-def _connector(ctx: RebuildContext) -> dict[str, Any]:
-    # volume_jobs builds on the pipeline's Deps, which imports this module: import it late.
-    from rebuildd import volume_jobs
-
-    return volume_jobs.host_connector(ctx.deps.host)
 
 
 async def _holds(ctx: RebuildContext, device: BlockDevice, attachment_id: str) -> bool:

@@ -18,14 +18,13 @@ disk is out rolls forward). Imports only ports and pure modules.
 from __future__ import annotations
 
 import contextlib
-import platform
 import re
-import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from rebuildd import domxml, errors
+from rebuildd.connector import host_connector
 from rebuildd.models import BlockDevice, InstanceAction, NewAction, RequestContext, Server
 from rebuildd.pipeline import Deps
 from rebuildd.runner import Job, Outcome, Stage, Step
@@ -63,30 +62,6 @@ class VolumeContext:
     server: Server
     device: BlockDevice  # the volume's mapping (attachment_id set)
     facts: VolumeFacts = field(default_factory=VolumeFacts)
-
-
-def host_connector(host: str) -> dict[str, Any]:
-    """This host's connector, shaped like os-brick's ``get_connector_properties`` as Nova's
-    libvirt driver sends it (no iSCSI initiator, no multipath on a local-file host)."""
-    return {
-        "host": host,
-        "ip": _my_ip(),
-        "initiator": None,
-        "platform": platform.machine(),
-        "os_type": "linux",
-        "multipath": False,
-        "do_local_attach": False,
-    }
-
-
-def _my_ip() -> str:
-    """oslo's get_my_ipv4: the source address of a route out (a UDP connect sends nothing)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("192.0.2.1", 9))
-            return str(sock.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
 
 
 def next_device(devices: list[BlockDevice], requested: str | None) -> str:
