@@ -217,23 +217,7 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
         notify_start="instance.create.start",
         notify_end="instance.create.end",
         notify_error="instance.create.error",
-        steps=(
-            Step(
-                "block_device_mapping",
-                task_state=TaskState.BLOCK_DEVICE_MAPPING,
-                run=boot_volumes.prepare,
-                undo=boot_volumes.undo_prepare,
-            ),
-            Step(
-                "create_local_disks",
-                task_state=TaskState.SPAWNING,
-                run=_create_disks,
-                undo=_remove_root,
-            ),
-            Step("define_domain", run=_define, undo=_undefine),
-            Step("complete_volume_attachments", run=boot_volumes.complete),
-            Step("start_domain", run=_start, undo=_destroy),
-        ),
+        steps=_build_steps(volumes=bool(boot_volumes.volumes_of(ctx.devices))),
     )
     return Job(
         action="create",
@@ -246,6 +230,27 @@ def _build_job(ctx: ServerContext) -> Job[ServerContext]:
         succeed=_running,
         fail=_build_failed,
     )
+
+
+def _build_steps(*, volumes: bool) -> tuple[Step[ServerContext], ...]:
+    """The build's compute steps; the volume work only for a server with volumes (a step with
+    an undo costs a journal write even when it has nothing to do)."""
+    mapping: Step[ServerContext] = Step(
+        "block_device_mapping", task_state=TaskState.BLOCK_DEVICE_MAPPING
+    )
+    if volumes:
+        mapping = dataclasses.replace(
+            mapping, run=boot_volumes.prepare, undo=boot_volumes.undo_prepare
+        )
+    steps = [
+        mapping,
+        Step("create_local_disks", task_state=TaskState.SPAWNING, run=_create_disks,
+             undo=_remove_root),
+        Step("define_domain", run=_define, undo=_undefine),
+        Step("complete_volume_attachments", run=boot_volumes.complete) if volumes else None,
+        Step("start_domain", run=_start, undo=_destroy),
+    ]  # fmt: skip
+    return tuple(step for step in steps if step is not None)
 
 
 async def _create_disks(ctx: ServerContext) -> None:

@@ -333,50 +333,54 @@ def _root_device(devices: list[BlockDevice]) -> BlockDevice:
 # -- conductor and compute stages -------------------------------------------------------------
 
 
-def rebuild_stages() -> tuple[Stage[RebuildContext], Stage[RebuildContext]]:
-    """The conductor and compute stages of every rebuild, step by step."""
+def rebuild_stages(
+    *, volumes: bool = True, reimage: bool = True
+) -> tuple[Stage[RebuildContext], Stage[RebuildContext]]:
+    """The conductor and compute stages of a rebuild, step by step. The volume steps are
+    there only for a server with volumes (and the re-image only for a volume-backed one at
+    2.93+): a step with an undo costs a journal write, even when it has nothing to do."""
     conductor = Stage(
         event="rebuild_server",
         steps=(Step("check_host", run=_check_host, read_only=True),),
         notify_end="instance.rebuild_scheduled",
         notify_error="instance.rebuild.error",
     )
+    restore = rebuild_volumes.restore
+    steps: list[Step[RebuildContext] | None] = [
+        Step("record_power_state", run=_record_power_state),
+        Step("power_off", run=_power_off, undo=_power_on_again),
+        Step("record_local_disks", run=_record_disks),
+        # A new attachment per volume before the old one goes: never `available`.
+        Step("reserve_volumes", run=rebuild_volumes.reserve, undo=restore) if volumes else None,
+        Step("detach_local_disks", run=_detach_disks, undo=_reattach_old_disks),
+        Step("release_old_attachments", run=rebuild_volumes.release_old, undo=restore)
+        if volumes
+        else None,
+        Step("reimage_root_volume", run=rebuild_volumes.reimage_root) if reimage else None,
+        Step(
+            "block_device_mapping",
+            task_state=TaskState.REBUILD_BLOCK_DEVICE_MAPPING,
+            run=rebuild_volumes.connect if volumes else None,
+        ),
+        Step("plan_local_disks", task_state=TaskState.REBUILD_SPAWNING, run=_plan_disks),
+        Step("create_local_disks", run=_create_disks, undo=_remove_new_disks),
+        Step("attach_local_disks", run=_attach_new_disks),
+        Step("complete_volume_attachments", run=rebuild_volumes.complete) if volumes else None,
+        Step("start_domain", run=_start, undo=_destroy),
+        Step("restore_power_state", run=_restore_power_state),
+    ]
     compute = Stage(
         event="compute_rebuild_instance",
         notify_start="instance.rebuild.start",
         notify_end="instance.rebuild.end",
         notify_error="instance.rebuild.error",
-        steps=(
-            Step("record_power_state", run=_record_power_state),
-            Step("power_off", run=_power_off, undo=_power_on_again),
-            Step("record_local_disks", run=_record_disks),
-            # A new attachment per volume before the old one goes: never `available`.
-            Step("reserve_volumes", run=rebuild_volumes.reserve, undo=rebuild_volumes.restore),
-            Step("detach_local_disks", run=_detach_disks, undo=_reattach_old_disks),
-            Step(
-                "release_old_attachments",
-                run=rebuild_volumes.release_old,
-                undo=rebuild_volumes.restore,
-            ),
-            Step("reimage_root_volume", run=rebuild_volumes.reimage_root),
-            Step(
-                "block_device_mapping",
-                task_state=TaskState.REBUILD_BLOCK_DEVICE_MAPPING,
-                run=rebuild_volumes.connect,
-            ),
-            Step("plan_local_disks", task_state=TaskState.REBUILD_SPAWNING, run=_plan_disks),
-            Step("create_local_disks", run=_create_disks, undo=_remove_new_disks),
-            Step("attach_local_disks", run=_attach_new_disks),
-            Step("complete_volume_attachments", run=rebuild_volumes.complete),
-            Step("start_domain", run=_start, undo=_destroy),
-            Step("restore_power_state", run=_restore_power_state),
-        ),
+        steps=tuple(step for step in steps if step is not None),
     )
     return conductor, compute
 
 
 def rebuild_job(ctx: RebuildContext) -> Job[RebuildContext]:
-    conductor, compute = rebuild_stages()
+    conductor, compute = rebuild_stages(volumes=bool(ctx.volumes), reimage=ctx.reimage_root)
     return Job(
         action="rebuild",
         request=ctx.request,

@@ -33,7 +33,6 @@ REBUILD_STEPS = (
     "reserve_volumes",
     "detach_local_disks",
     "release_old_attachments",
-    "reimage_root_volume",
     "block_device_mapping",
     "plan_local_disks",
     "create_local_disks",
