@@ -206,3 +206,67 @@ def _clean_up(qemu: Any, daemon: DaemonProcess, server_id: str) -> None:
             if dom.isActive():
                 dom.destroy()
             dom.undefine()
+
+
+VOLUME_BACKED_BOUNDARIES = [
+    "reserve_volumes:after",
+    "detach_local_disks:after",
+    "release_old_attachments:after",
+    "reimage_root_volume:before",
+    "reimage_root_volume:after",
+    "block_device_mapping:after",
+    "complete_volume_attachments:after",
+    "start_domain:after",
+]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("boundary", VOLUME_BACKED_BOUNDARIES)
+def test_sigkill_of_a_volume_backed_rebuild(qemu: Any, tmp_path: Path, boundary: str) -> None:
+    """A volume-backed server re-imaged at 2.93, killed at this boundary and restarted: it is
+    ACTIVE on its root volume, which is in-use with exactly one attachment, never available."""
+    daemon = DaemonProcess(
+        tmp_path,
+        libvirt_uri=URI,
+        domain_type="qemu",
+        domain_name_prefix="rebuildd-test-",
+        shutdown_timeout="0.5",
+    )
+    daemon.prepare()
+    daemon.start(test_kill_at=f"rebuild:{boundary}")
+    server_id = ""
+    try:
+        with daemon.client() as client:
+            images = {i["name"]: i["id"] for i in client.get("/image/v2/images").json()["images"]}
+            flavor = {"flavor": {"name": "t1.bfv", "id": "bfv", "ram": 128, "vcpus": 1,
+                                 "disk": 1}}  # fmt: skip
+            client.post("/v2.1/flavors", json=flavor)
+            root = {"source_type": "image", "destination_type": "volume", "boot_index": 0,
+                    "uuid": images["demo-image-a"], "volume_size": 1}  # fmt: skip
+            body = {"server": {"name": "bfv", "flavorRef": "bfv",
+                               "block_device_mapping_v2": [root]}}  # fmt: skip
+            response = client.post("/v2.1/servers", json=body)
+            assert response.status_code == 202, response.text
+            server_id = response.json()["server"]["id"]
+            _until(client, server_id, "ACTIVE")
+            (volume,) = client.get("/volume/v3/volumes/detail").json()["volumes"]
+            with contextlib.suppress(httpx.TransportError):
+                client.post(
+                    f"/v2.1/servers/{server_id}/action",
+                    json={"rebuild": {"imageRef": images["demo-image-b"]}},
+                    headers={"OpenStack-API-Version": "compute 2.93"},
+                )
+        assert daemon.wait_exit() == -9, "the kill hook did not fire"
+
+        daemon.start()
+        server = daemon.get(f"/v2.1/servers/{server_id}")["server"]
+        assert (server["status"], server["OS-EXT-STS:task_state"]) == ("ACTIVE", None), server
+        dom = qemu.lookupByName(f"rebuildd-test-{server_id}")
+        assert dom.isActive()
+        disks = disk_sources(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+        assert disks["vda"] == tmp_path / "volumes" / f"volume-{volume['id']}"
+        after = daemon.get(f"/volume/v3/volumes/{volume['id']}")["volume"]
+        assert after["status"] == "in-use", after
+        assert [a["server_id"] for a in after["attachments"]] == [server_id], after
+    finally:
+        _clean_up(qemu, daemon, server_id)
