@@ -394,3 +394,32 @@ def test_the_reimage_timeout_scales_with_the_image_and_is_never_zero() -> None:
     assert reimage_timeout(bigger, 20.0) == 40.0
     virtual = dataclasses.replace(image, size=10, virtual_size=5 * 1024**3)
     assert reimage_timeout(virtual, 20.0) == 100.0
+
+
+@pytest.mark.qemu
+def test_an_existing_volume_boots_a_server_and_a_volume_not_in_use_blocks_a_rebuild(
+    qemu: tuple[LiveDaemon, VolumeWatch, FailingStart],
+) -> None:
+    """A volume made from an image through the Cinder API boots a server as its root (vda);
+    once that volume is not in-use (here: in error), a rebuild is Nova's 400 naming its status,
+    and nothing changes."""
+    live, _, _ = qemu
+    made = live.client.post(
+        "/volume/v3/volumes", json={"volume": {"size": 1, "imageRef": live.image_ids[0]}}
+    )
+    assert made.status_code == 202, made.text
+    volume_id = made.json()["volume"]["id"]
+    root = {"source_type": "volume", "destination_type": "volume", "uuid": volume_id,
+            "boot_index": 0}  # fmt: skip
+    server_id = _create(live, [root])
+    assert disk_sources(_xml(server_id))["vda"] == _file(live, volume_id)
+    _attached_once(live, volume_id, server_id)
+
+    store = live.daemon.services.volume_store
+    live.run(store.swap_status(volume_id, ("in-use",), "error", action="test"))
+    response = _rebuild(live, server_id, live.image_ids[0], "2.93")
+    assert response.status_code == 400, response.text
+    assert response.json()["badRequest"]["message"] == (
+        f"Invalid volume: volume '{volume_id}' status must be 'in-use'. Currently in 'error' status"
+    )
+    assert live.server(server_id)["status"] == "ACTIVE"
