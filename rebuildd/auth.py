@@ -1,9 +1,11 @@
-"""Who is calling, and what they may do: static tokens and Nova-style policy rules.
+"""Who is calling, and what they may do: authenticators and Nova-style policy rules.
 
 Owns authentication (``REBUILDD_AUTH``: ``none`` — every caller is the configured project's
-admin, as with Nova's noauth2 — or ``token``: a tokens file maps each token to a user,
-project and roles) and authorisation (named rules, Nova's defaults, overridable in a policy
-file). It must not know HTTP: the API layer turns its errors into 401/403 faults.
+admin, as with Nova's noauth2 — ``token``: a tokens file maps each token to a user, project
+and roles — or ``keystone``: :mod:`rebuildd.keystone` asks Keystone), the
+:class:`Authenticator` port both implement, and authorisation (named rules, Nova's defaults,
+overridable in a policy file). It must not know HTTP: the API layer turns its errors into
+401/403/503 faults.
 
 Tokens file (TOML)::
 
@@ -25,7 +27,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from rebuildd import errors
 from rebuildd.models import RequestContext
@@ -61,8 +63,24 @@ class Identity:
     roles: tuple[str, ...]
 
 
+class Authenticator(Protocol):
+    """Turns a request's ``X-Auth-Token`` into an Identity, or raises Unauthorized (401) or
+    ServiceUnavailable (503, when whatever it asks does not answer)."""
+
+    @property
+    def challenge(self) -> str | None:
+        """The ``WWW-Authenticate`` value sent with a 401, if any."""
+        ...
+
+    async def authenticate(self, token: str | None) -> Identity: ...
+
+    async def aclose(self) -> None: ...
+
+
 class TokenTable:
     """Static tokens read once from a TOML file."""
+
+    challenge = None
 
     def __init__(self, tokens: Mapping[str, Identity]) -> None:
         self._tokens = dict(tokens)
@@ -79,11 +97,14 @@ class TokenTable:
             )
         return cls(tokens)
 
-    def authenticate(self, token: str | None) -> Identity:
+    async def authenticate(self, token: str | None) -> Identity:
         identity = self._tokens.get(token or "")
         if identity is None:
             raise errors.Unauthorized()
         return identity
+
+    async def aclose(self) -> None:
+        return None
 
 
 class Policy:
