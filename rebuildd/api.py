@@ -5,7 +5,7 @@ Owns the FastAPI application: the middleware for microversions, request ids and 
 the one translation of errors into Nova fault bodies (FastAPI's own 422 never reaches a
 client, nor the OpenAPI document); version documents; and the dependencies routes share.
 Routes live in api_servers.py, api_actions.py, api_catalog.py, api_images.py,
-api_volumes.py and api_volume_attachments.py. It must not
+api_volumes.py, api_volume_attachments.py and api_events.py. It must not
 call libvirt or SQL directly: routes call the pipeline and the Store's records.
 """
 
@@ -316,6 +316,7 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     from rebuildd import (
         api_actions,
         api_catalog,
+        api_events,
         api_images,
         api_servers,
         api_volume_attachments,
@@ -345,6 +346,7 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     app.include_router(api_volumes.versions, prefix="/volume")
     app.include_router(api_servers.router, prefix="/v2.1", **authenticated)
     app.include_router(api_actions.router, prefix="/v2.1", **authenticated)
+    app.include_router(api_events.router, prefix="/v2.1", **authenticated)
     app.include_router(api_catalog.router, prefix="/v2.1", **authenticated)
     app.include_router(api_images.router, prefix="/image", **authenticated)
     app.include_router(api_images.compute_alias, prefix="/v2.1", **authenticated)

@@ -15,7 +15,8 @@ Tokens file (TOML)::
     roles = ["admin", "member", "reader"]
 
 Policy file (TOML), each rule one of ``admin``, ``admin_or_owner`` (a member of the target's
-project), ``admin_or_reader`` (a reader or member of it), ``member``, ``anyone``::
+project), ``admin_or_reader`` (a reader or member of it), ``member``, ``service`` (the
+``service`` role: other OpenStack services), ``anyone``; an admin passes every rule::
 
     [rules]
     "os_compute_api:servers:rebuild" = "admin"
@@ -52,8 +53,12 @@ DEFAULT_RULES: Final[Mapping[str, str]] = {
     "os_compute_api:os-volumes-attachments:show": "admin_or_reader",
     "os_compute_api:os-volumes-attachments:create": "admin_or_owner",
     "os_compute_api:os-volumes-attachments:delete": "admin_or_owner",
+    # Nova's SERVICE_ROLE (rule:service_or_admin): Cinder, Neutron, ... with role service.
+    "os_compute_api:os-server-external-events:create": "service",
 }
-RULE_KINDS: Final = frozenset({"admin", "admin_or_owner", "admin_or_reader", "member", "anyone"})
+RULE_KINDS: Final = frozenset(
+    {"admin", "admin_or_owner", "admin_or_reader", "member", "service", "anyone"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,8 @@ class Policy:
             return True
         if kind == "admin":
             return False
+        if kind == "service":
+            return "service" in context.roles
         is_member = "member" in context.roles
         if kind == "member":
             return is_member
