@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from rebuildd.instance_events import Event
+from tests.conftest import require
 from tests.keystone import PASSWORD, Keystone
 from tests.live import LiveDaemon, start_live_daemon
 from tests.process import free_port
@@ -220,12 +221,13 @@ class TestExternalEvents:
         assert response.status_code == 403, response.text
 
 
-@pytest.mark.skipif(not OPENSTACK.exists(), reason="python-openstackclient is not installed")
 def test_openstack_cli_with_password_auth_lists_rebuildds_servers(
     live: LiveDaemon, keystone: Keystone, tmp_path: Path
 ) -> None:
     """``openstack server list`` with auth_type password against Keystone finds rebuildd through
     the catalog's compute endpoint and lists the demo project's server."""
+    if not OPENSTACK.exists():
+        require("python-openstackclient", f"no {OPENSTACK} (the dev extra)")
     clouds = tmp_path / "clouds.yaml"
     clouds.write_text(
         "clouds:\n"
