@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8774
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint format venv system-run system-test libvirtd postgres clean
+.PHONY: run test bench lint format venv system-run system-test libvirtd postgres openstack-venvs clean
 
 ## run: install what is missing, migrate, seed the demo data, serve on $(HOST):$(PORT)
 run: system-run $(VENV)/.installed
@@ -17,8 +17,9 @@ run: system-run $(VENV)/.installed
 	$(BIN)/rebuildd seed-demo
 	exec $(BIN)/rebuildd serve --host $(HOST) --port $(PORT)
 
-## test: install what is missing (libvirtd + QEMU, PostgreSQL if absent), lint, run every test
-test: system-test $(VENV)/.installed libvirtd postgres lint
+## test: install what is missing (libvirtd + QEMU, PostgreSQL if absent, the OpenStack
+## services' venvs), lint, run every test
+test: system-test $(VENV)/.installed libvirtd postgres openstack-venvs lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## bench: issue 5's benchmark against a live daemon (test driver, then real QEMU for --qemu);
@@ -58,6 +59,10 @@ libvirtd:
 
 postgres:
 	scripts/ensure-postgres.sh
+
+## openstack-venvs: real Keystone (pinned) in a cached venv outside the repo, for the tests
+openstack-venvs:
+	PYTHON=$(PYTHON) scripts/openstack-venvs.sh
 
 clean:
 	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,7 @@ Owns the FastAPI application: the middleware for microversions, request ids and 
 the one translation of errors into Nova fault bodies (FastAPI's own 422 never reaches a
 client, nor the OpenAPI document); version documents; and the dependencies routes share.
 Routes live in api_servers.py, api_actions.py, api_catalog.py, api_images.py,
-api_volumes.py and api_volume_attachments.py. It must not
+api_volumes.py, api_volume_attachments.py and api_events.py. It must not
 call libvirt or SQL directly: routes call the pipeline and the Store's records.
 """
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, RootModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rebuildd import errors, microversion
-from rebuildd.auth import Policy, TokenTable
+from rebuildd.auth import Authenticator, Policy
 from rebuildd.images import LocalImageService
 from rebuildd.lifecycle import DomainSettings
 from rebuildd.metrics import CONTENT_TYPE
@@ -74,7 +74,7 @@ class Services:
     policy: Policy
     volumes: LocalVolumeService  # behind the Cinder-compatible API at /volume
     volume_store: VolumeStore
-    tokens: TokenTable | None = None  # None: authentication is off
+    authenticator: Authenticator | None = None  # None: authentication is off
     max_body_bytes: int = 114688  # Nova's (oslo.middleware sizelimit) default
 
 
@@ -95,12 +95,13 @@ class Fault(RootModel[dict[str, FaultDetail]]):
 
 _FAULT_DESCRIPTIONS: Final = {
     400: "badRequest: the request is malformed or invalid",
-    401: "unauthorized: no valid X-Auth-Token (with REBUILDD_AUTH=token)",
+    401: "unauthorized: no valid X-Auth-Token (with REBUILDD_AUTH=token or keystone)",
     403: "forbidden: the policy refuses the caller, or a quota is exceeded",
     404: "itemNotFound",
     406: "notAcceptable: the requested microversion is out of range",
     409: "conflictingRequest: the resource's state does not allow it",
     413: "overLimit: the body is larger than REBUILDD_MAX_BODY_BYTES",
+    503: "serviceUnavailable: Keystone did not answer (REBUILDD_AUTH=keystone)",
 }
 
 
@@ -244,17 +245,18 @@ async def get_version(request: Request) -> Version:
 
 
 async def get_context(request: Request) -> RequestContext:
-    """The caller: from ``X-Auth-Token`` with token auth (401 if unknown), else — auth off,
-    as with Nova's noauth2 — the configured project's admin (the token is then ignored)."""
+    """The caller: from ``X-Auth-Token`` with token or Keystone auth (401 if unknown), else —
+    auth off, as with Nova's noauth2 — the configured project's admin (the token is then
+    ignored)."""
     cached: RequestContext | None = getattr(request.state, "context", None)
     if cached is not None:
         return cached
     services = _services(request)
-    if services.tokens is None:
+    if services.authenticator is None:
         user_id, project_id = services.user_id, services.project_id
         roles: tuple[str, ...] = ("admin", "member", "reader")
     else:
-        identity = services.tokens.authenticate(request.headers.get("x-auth-token"))
+        identity = await services.authenticator.authenticate(request.headers.get("x-auth-token"))
         user_id, project_id, roles = identity.user_id, identity.project_id, identity.roles
     context = RequestContext(
         request_id=request.state.request_id, user_id=user_id, project_id=project_id, roles=roles
@@ -314,6 +316,7 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     from rebuildd import (
         api_actions,
         api_catalog,
+        api_events,
         api_images,
         api_servers,
         api_volume_attachments,
@@ -336,13 +339,14 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     # Everything but the version documents; any of it may be refused by the policy.
     authenticated: dict[str, Any] = {
         "dependencies": [Depends(get_context)],
-        "responses": faults(401, 403),
+        "responses": faults(401, 403, 503),
     }
     app.include_router(api_servers.versions)
     app.include_router(api_images.versions, prefix="/image")
     app.include_router(api_volumes.versions, prefix="/volume")
     app.include_router(api_servers.router, prefix="/v2.1", **authenticated)
     app.include_router(api_actions.router, prefix="/v2.1", **authenticated)
+    app.include_router(api_events.router, prefix="/v2.1", **authenticated)
     app.include_router(api_catalog.router, prefix="/v2.1", **authenticated)
     app.include_router(api_images.router, prefix="/image", **authenticated)
     app.include_router(api_images.compute_alias, prefix="/v2.1", **authenticated)
@@ -379,14 +383,21 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def _fault_response(status: int, name: str, message: str) -> JSONResponse:
-    return JSONResponse(fault_body(status, name, message), status_code=status)
+def _fault_response(
+    status: int, name: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(fault_body(status, name, message), status_code=status, headers=headers)
 
 
 async def _rebuildd_error(request: Request, exc: errors.RebuilddError) -> JSONResponse:
     status, name = errors.http_fault(exc)
     log.info("request refused", path=request.url.path, status=status, reason=exc.message)
-    return _fault_response(status, name, exc.message)
+    headers = None
+    authenticator = _services(request).authenticator
+    if status == 401 and authenticator is not None and authenticator.challenge:
+        # As keystonemiddleware: every 401 says where to authenticate.
+        headers = {"WWW-Authenticate": authenticator.challenge}
+    return _fault_response(status, name, exc.message, headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,9 +1,11 @@
-"""Who is calling, and what they may do: static tokens and Nova-style policy rules.
+"""Who is calling, and what they may do: authenticators and Nova-style policy rules.
 
 Owns authentication (``REBUILDD_AUTH``: ``none`` — every caller is the configured project's
-admin, as with Nova's noauth2 — or ``token``: a tokens file maps each token to a user,
-project and roles) and authorisation (named rules, Nova's defaults, overridable in a policy
-file). It must not know HTTP: the API layer turns its errors into 401/403 faults.
+admin, as with Nova's noauth2 — ``token``: a tokens file maps each token to a user, project
+and roles — or ``keystone``: :mod:`rebuildd.keystone` asks Keystone), the
+:class:`Authenticator` port both implement, and authorisation (named rules, Nova's defaults,
+overridable in a policy file). It must not know HTTP: the API layer turns its errors into
+401/403/503 faults.
 
 Tokens file (TOML)::
 
@@ -13,7 +15,8 @@ Tokens file (TOML)::
     roles = ["admin", "member", "reader"]
 
 Policy file (TOML), each rule one of ``admin``, ``admin_or_owner`` (a member of the target's
-project), ``admin_or_reader`` (a reader or member of it), ``member``, ``anyone``::
+project), ``admin_or_reader`` (a reader or member of it), ``member``, ``service`` (the
+``service`` role: other OpenStack services), ``anyone``; an admin passes every rule::
 
     [rules]
     "os_compute_api:servers:rebuild" = "admin"
@@ -25,7 +28,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from rebuildd import errors
 from rebuildd.models import RequestContext
@@ -50,8 +53,12 @@ DEFAULT_RULES: Final[Mapping[str, str]] = {
     "os_compute_api:os-volumes-attachments:show": "admin_or_reader",
     "os_compute_api:os-volumes-attachments:create": "admin_or_owner",
     "os_compute_api:os-volumes-attachments:delete": "admin_or_owner",
+    # Nova's SERVICE_ROLE (rule:service_or_admin): Cinder, Neutron, ... with role service.
+    "os_compute_api:os-server-external-events:create": "service",
 }
-RULE_KINDS: Final = frozenset({"admin", "admin_or_owner", "admin_or_reader", "member", "anyone"})
+RULE_KINDS: Final = frozenset(
+    {"admin", "admin_or_owner", "admin_or_reader", "member", "service", "anyone"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +68,24 @@ class Identity:
     roles: tuple[str, ...]
 
 
+class Authenticator(Protocol):
+    """Turns a request's ``X-Auth-Token`` into an Identity, or raises Unauthorized (401) or
+    ServiceUnavailable (503, when whatever it asks does not answer)."""
+
+    @property
+    def challenge(self) -> str | None:
+        """The ``WWW-Authenticate`` value sent with a 401, if any."""
+        ...
+
+    async def authenticate(self, token: str | None) -> Identity: ...
+
+    async def aclose(self) -> None: ...
+
+
 class TokenTable:
     """Static tokens read once from a TOML file."""
+
+    challenge = None
 
     def __init__(self, tokens: Mapping[str, Identity]) -> None:
         self._tokens = dict(tokens)
@@ -79,11 +102,14 @@ class TokenTable:
             )
         return cls(tokens)
 
-    def authenticate(self, token: str | None) -> Identity:
+    async def authenticate(self, token: str | None) -> Identity:
         identity = self._tokens.get(token or "")
         if identity is None:
             raise errors.Unauthorized()
         return identity
+
+    async def aclose(self) -> None:
+        return None
 
 
 class Policy:
@@ -110,6 +136,8 @@ class Policy:
             return True
         if kind == "admin":
             return False
+        if kind == "service":
+            return "service" in context.roles
         is_member = "member" in context.roles
         if kind == "member":
             return is_member

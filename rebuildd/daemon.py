@@ -15,16 +15,18 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import httpx
 import structlog
 import uvicorn
 from fastapi import FastAPI
 
 from rebuildd import recovery
 from rebuildd.api import Services, create_app
-from rebuildd.auth import Policy, TokenTable
+from rebuildd.auth import Authenticator, Policy, TokenTable
 from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
+from rebuildd.keystone import KeystoneAuthenticator, KeystoneConfig
 from rebuildd.lifecycle import DomainSettings
 from rebuildd.metrics import Metrics
 from rebuildd.notifications import Notifier
@@ -51,12 +53,15 @@ class Daemon:
     closed: bool = False
 
     async def close(self, *, drain_timeout: float) -> None:
-        """Drain running jobs, then close libvirt and the database (idempotent)."""
+        """Drain running jobs, then close libvirt, Keystone's client and the database
+        (idempotent)."""
         if self.closed:
             return
         self.closed = True
         await self.services.deps.runner.drain(drain_timeout)
         await self.hypervisor.close()
+        if self.services.authenticator is not None:
+            await self.services.authenticator.aclose()
         await self.store.close()
         log.info("daemon closed")
 
@@ -66,9 +71,11 @@ async def open_daemon(
     *,
     observer: StepObserver | None = None,
     hypervisor_port: Callable[[LibvirtHypervisor], Hypervisor] | None = None,
+    keystone_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Daemon:
     """Open every service and run restart recovery. ``observer`` and ``hypervisor_port`` let
-    tests watch step boundaries and put a fault injector in front of libvirt."""
+    tests watch step boundaries and put a fault injector in front of libvirt;
+    ``keystone_transport`` carries the calls to Keystone (default: the network)."""
     state = settings.state_dir
     for sub in ("images", "_base", "instances", "volumes"):
         (state / sub).mkdir(parents=True, exist_ok=True)
@@ -100,8 +107,7 @@ async def open_daemon(
         metrics=metrics,
     )
     policy = Policy.load(settings.policy_file)
-    if settings.auth == "token" and settings.tokens_file is None:
-        raise ValueError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
+    authenticator = _authenticator(settings, keystone_transport)
     cache = ImageCache(state / "_base", images, disks, metrics=metrics)
     volume_store = VolumeStore(store)
     volumes = LocalVolumeService(volume_store, state / "volumes", disks, cache)
@@ -135,9 +141,7 @@ async def open_daemon(
         project_id=settings.project_id,
         user_id=settings.user_id,
         policy=policy,
-        tokens=TokenTable.load(settings.tokens_file)
-        if settings.auth == "token" and settings.tokens_file
-        else None,
+        authenticator=authenticator,
         max_body_bytes=settings.max_body_bytes,
         volumes=volumes,
         volume_store=volume_store,
@@ -153,6 +157,38 @@ async def open_daemon(
     return Daemon(
         settings=settings, store=store, hypervisor=hypervisor, services=services, cache=cache
     )
+
+
+def _authenticator(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None
+) -> Authenticator | None:
+    """The authenticator of ``REBUILDD_AUTH`` (None: authentication is off)."""
+    if settings.auth == "token":
+        if settings.tokens_file is None:
+            raise ValueError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
+        return TokenTable.load(settings.tokens_file)
+    if settings.auth == "keystone":
+        required = {
+            "REBUILDD_KEYSTONE_URL": settings.keystone_url,
+            "REBUILDD_KEYSTONE_USERNAME": settings.keystone_username,
+            "REBUILDD_KEYSTONE_PASSWORD": settings.keystone_password,
+            "REBUILDD_KEYSTONE_PROJECT_NAME": settings.keystone_project_name,
+        }
+        missing = [name for name, value in required.items() if not value]
+        if missing:
+            raise ValueError(f"REBUILDD_AUTH=keystone needs {', '.join(missing)}")
+        assert settings.keystone_password is not None  # checked just above
+        config = KeystoneConfig(
+            url=str(settings.keystone_url),
+            username=str(settings.keystone_username),
+            password=settings.keystone_password.get_secret_value(),
+            project_name=str(settings.keystone_project_name),
+            user_domain_name=settings.keystone_user_domain_name,
+            project_domain_name=settings.keystone_project_domain_name,
+            cache_seconds=settings.keystone_cache_seconds,
+        )
+        return KeystoneAuthenticator(config, transport=transport)
+    return None
 
 
 def build_app(daemon: Daemon) -> FastAPI:

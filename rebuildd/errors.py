@@ -21,8 +21,11 @@ on Nova's messages keeps working.
     │       AdoptionRefused
     ├── VersionNotAcceptable    406 notAcceptable
     ├── PayloadTooLarge         413 overLimit
+    ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
+    │   └── IdentityUnavailable                          answer the request is down)
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
-        └── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
+        ├── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
+        └── ExternalEventTimeout, ExternalEventFailed
 """
 
 from __future__ import annotations
@@ -256,6 +259,16 @@ class PayloadTooLarge(RebuilddError):
     template = "Request is too large."
 
 
+class ServiceUnavailable(RebuilddError):
+    template = "The server is currently unavailable. Please try again at a later time."
+
+
+class IdentityUnavailable(ServiceUnavailable):
+    """Keystone did not answer a token validation (keystonemiddleware's 503 and words)."""
+
+    template = "The Keystone service is temporarily unavailable."
+
+
 class OperationFailed(RebuilddError):
     template = "{step} failed: {reason}"
 
@@ -272,6 +285,16 @@ class ImageFetchError(OperationFailed):
     template = "Fetching image {image_id} failed: {reason}"
 
 
+class ExternalEventTimeout(OperationFailed):
+    template = "Timed out after {timeout} s waiting for {events} of instance {server_id}"
+
+
+class ExternalEventFailed(OperationFailed):
+    """An awaited external event came with status ``failed`` (Nova's default error callback)."""
+
+    template = "Instance event {event} of instance {server_id} failed"
+
+
 # The one table: category -> (HTTP status, Nova fault name). Every class above resolves to
 # exactly one entry through its MRO; tests/test_errors.py fails if one does not.
 HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
@@ -282,6 +305,7 @@ HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
     VersionNotAcceptable: (406, "notAcceptable"),
     Conflict: (409, "conflictingRequest"),
     PayloadTooLarge: (413, "overLimit"),
+    ServiceUnavailable: (503, "serviceUnavailable"),
     OperationFailed: (500, "computeFault"),
 }
 

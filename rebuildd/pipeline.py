@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from rebuildd import configdrive, domxml, errors, guestdisks, imageprops, ports, rebuild_volumes
+from rebuildd.instance_events import InstanceEvents
 from rebuildd.models import (
     BlockDevice,
     Image,
@@ -71,6 +72,7 @@ class Deps:
     policy: ports.Authorizer
     volumes: ports.VolumeService
     reimage_timeout_per_gb: float = 20.0  # Nova's reimage_timeout_per_gb
+    instance_events: InstanceEvents = field(default_factory=InstanceEvents)
 
 
 @dataclass(frozen=True, slots=True)

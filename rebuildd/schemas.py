@@ -324,6 +324,20 @@ class LockBody(Strict):
     locked_reason: Annotated[str, StringConstraints(max_length=255)] | None = None
 
 
+class ExternalEvent(Strict):
+    """One event of ``POST /os-server-external-events``; the names a microversion admits are
+    checked by the route (instance_events.EVENT_NAMES), as Nova's schema per range does."""
+
+    name: str
+    server_uuid: Uuid
+    status: Literal["failed", "completed", "in-progress"] | None = None
+    tag: Annotated[str, StringConstraints(max_length=255)] | None = None
+
+
+class ExternalEvents(Strict):
+    events: Annotated[list[ExternalEvent], Field(min_length=1)]
+
+
 class FlavorCreate(Strict):
     name: Name
     ram: Annotated[int, Field(ge=1, le=MAX_INT)]

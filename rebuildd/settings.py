@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -59,13 +59,40 @@ class Settings(BaseSettings):
         description="Base URL used in links (e.g. https://cloud.example/compute); default: the "
         "URL of the request.",
     )
-    auth: Literal["none", "token"] = Field(
+    auth: Literal["none", "token", "keystone"] = Field(
         default="none",
         description="none: every caller is the configured project's admin (bind to loopback); "
-        "token: X-Auth-Token must be a token of tokens_file.",
+        "token: X-Auth-Token must be a token of tokens_file; keystone: X-Auth-Token is "
+        "validated by the Keystone at keystone_url.",
     )
     tokens_file: Path | None = Field(
         default=None, description="TOML file mapping tokens to user, project and roles."
+    )
+    keystone_url: str | None = Field(
+        default=None,
+        description="Keystone's identity endpoint (e.g. http://keystone:5000/v3), for "
+        "auth=keystone; also the uri of the WWW-Authenticate header of a 401.",
+    )
+    keystone_username: str | None = Field(
+        default=None, description="rebuildd's service user (needs the service or admin role)."
+    )
+    keystone_password: SecretStr | None = Field(
+        default=None, description="The service user's password."
+    )
+    keystone_project_name: str | None = Field(
+        default=None, description="The project of rebuildd's service token (e.g. service)."
+    )
+    keystone_user_domain_name: str = Field(
+        default="Default", description="Domain of the service user."
+    )
+    keystone_project_domain_name: str = Field(
+        default="Default", description="Domain of the service project."
+    )
+    keystone_cache_seconds: float = Field(
+        default=300,
+        ge=0,
+        description="Seconds a validated token is trusted without asking Keystone again (never "
+        "past its expiry); 0 validates every request.",
     )
     policy_file: Path | None = Field(
         default=None, description="TOML file overriding policy rules (see README)."

@@ -44,6 +44,7 @@ from sqlmodel import SQLModel, col
 from rebuildd import errors, records
 from rebuildd.metrics import Metrics
 from rebuildd.models import (
+    ActionEvent,
     BlockDevice,
     Fault,
     Flavor,
@@ -711,6 +712,22 @@ class Store:
                 _FINISH_EVENT, _finished(action_id, event_name, now, result, traceback, details)
             )
             _add_notification(conn, notification, now)
+
+        await self._write(work)
+
+    async def add_finished_action(
+        self, server_id: str, action: NewAction, events: Sequence[ActionEvent]
+    ) -> None:
+        """Record an action that is over as it starts (no job), with its events, at once."""
+        now = utcnow()
+
+        def work(conn: Connection) -> None:
+            values = {**_action_values(server_id, action, now), "finish_time": now}
+            inserted = conn.execute(insert(ACTIONS.table).values(values).returning(ACTIONS.c.id))
+            action_id = inserted.scalar_one()
+            for action_event in events:
+                row = {**dataclasses.asdict(action_event), "action_id": action_id}
+                conn.execute(insert(EVENTS.table).values(row))
 
         await self._write(work)
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from rebuildd import migrations
 from rebuildd.storage import Store, create_engine
+from tests import keystone as real_keystone
 from tests.live import LiveDaemon, start_live_daemon
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -97,3 +98,15 @@ def daemon(tmp_path: Path) -> Iterator[LiveDaemon]:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture(scope="session")
+def keystone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[real_keystone.Keystone]:
+    """A real Keystone (tests/keystone.py) for the whole session, torn down after."""
+    if not (real_keystone.VENV / "bin" / "keystone-manage").exists():
+        require("Keystone", f"no venv at {real_keystone.VENV} (scripts/openstack-venvs.sh)")
+    started = real_keystone.start_keystone(tmp_path_factory.mktemp("keystone"))
+    try:
+        yield started
+    finally:
+        started.stop()

@@ -4,6 +4,7 @@ event loop, on a free loopback port; plus small HTTP helpers for polling as clie
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import threading
 import time
@@ -43,7 +44,11 @@ class LiveDaemon:
 
     def run(self, coro: Any) -> Any:
         """Run a coroutine on the daemon's event loop (to use its Store or hypervisor)."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=60)
+        return self.submit(coro).result(timeout=60)
+
+    def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        """Start a coroutine on the daemon's event loop; its result comes later."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     # -- client helpers -----------------------------------------------------------------
 
