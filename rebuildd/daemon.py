@@ -26,6 +26,7 @@ from rebuildd.auth import Authenticator, Policy, TokenTable
 from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
+from rebuildd.instance_events import InstanceEvents
 from rebuildd.keystone import KeystoneAuthenticator, KeystoneConfig
 from rebuildd.lifecycle import DomainSettings
 from rebuildd.metrics import Metrics
@@ -110,7 +111,10 @@ async def open_daemon(
     authenticator = _authenticator(settings, keystone_transport)
     cache = ImageCache(state / "_base", images, disks, metrics=metrics)
     volume_store = VolumeStore(store)
-    volumes = LocalVolumeService(volume_store, state / "volumes", disks, cache)
+    instance_events = InstanceEvents()
+    volumes = LocalVolumeService(
+        volume_store, state / "volumes", disks, cache, events=instance_events
+    )
     deps = Deps(
         store=store,
         hypervisor=hypervisor_port(hypervisor) if hypervisor_port else hypervisor,
@@ -123,6 +127,7 @@ async def open_daemon(
         policy=policy,
         volumes=volumes,
         reimage_timeout_per_gb=settings.reimage_timeout_per_gb,
+        instance_events=instance_events,
     )
     domain = DomainSettings(
         domain_type=settings.effective_domain_type,

@@ -8,6 +8,10 @@ server is re-imaged (2.93+) while only the new, still empty attachment holds it 
 then each new attachment gets this host's connector (-> connection_info), its ``<disk>`` goes
 back on its target, and the attachment is completed (``in-use``).
 
+The re-image ends when the volume service announces ``volume-reimaged`` (Cinder posts it to
+``os-server-external-events``; the local volumes deliver it in process), within a time that
+scales with the image's size.
+
 Every undo here is one idempotent, state-based function (:func:`restore`): it asks the volume
 service which attachments the server holds and keeps the old one when it still exists, else
 completes the new one — so it is right after a crash at any point, even between a Cinder call
@@ -20,7 +24,6 @@ Imports only ports and pure modules (the pipeline's context type only for type c
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import TYPE_CHECKING, Any, Final
 
@@ -117,14 +120,10 @@ async def reimage_root(ctx: RebuildContext) -> None:
     if image is None:
         raise errors.ImageFetchError(image_id=ctx.image_id, reason="the image no longer exists")
     timeout = reimage_timeout(image, ctx.deps.reimage_timeout_per_gb)
-    try:
-        async with asyncio.timeout(timeout):
-            await ctx.deps.volumes.reimage(ctx.root.volume_id, image, reimage_reserved=True)
-    except TimeoutError:
-        raise errors.OperationFailed(
-            step="reimage_root_volume",
-            reason=f"volume {ctx.root.volume_id} was not re-imaged within {timeout:.0f} s",
-        ) from None
+    expected = [("volume-reimaged", ctx.root.volume_id)]
+    # Registered before the request, so an event that comes back at once is not missed.
+    async with ctx.deps.instance_events.expecting(ctx.server.id, expected, timeout=timeout):
+        await ctx.deps.volumes.reimage(ctx.root.volume_id, image, reimage_reserved=True)
 
 
 def reimage_timeout(image: Image, per_gb: float) -> float:

@@ -22,6 +22,7 @@ import structlog
 
 from rebuildd import errors, ports
 from rebuildd.disks import DiskManager
+from rebuildd.instance_events import Event, InstanceEvents
 from rebuildd.models import Image, RequestContext, Volume, VolumeAttachment, utcnow
 from rebuildd.volumestore import VolumeStore, reimage_expected
 
@@ -49,12 +50,21 @@ class LocalVolumeService:
     """Volumes as sparse raw files, attachments in the Store (the VolumeService port)."""
 
     def __init__(
-        self, volumes: VolumeStore, directory: Path, disks: DiskManager, cache: ports.ImageCache
+        self,
+        volumes: VolumeStore,
+        directory: Path,
+        disks: DiskManager,
+        cache: ports.ImageCache,
+        *,
+        events: InstanceEvents | None = None,
     ) -> None:
         self.volumes = volumes
         self.directory = directory
         self.disks = disks
         self.cache = cache
+        # Where a re-image is announced, as Cinder posts volume-reimaged to Nova's
+        # os-server-external-events: the compute waits for it the same way for both.
+        self.events = events or InstanceEvents()
 
     def path(self, volume_id: str) -> Path:
         return self.directory / f"volume-{uuid.UUID(volume_id)}"
@@ -183,6 +193,8 @@ class LocalVolumeService:
             changes={"volume_image_metadata": image_metadata(image), "bootable": True},
         )
         log.info("volume re-imaged", volume_id=volume_id, image_id=image.id)
+        for attachment in volume.attachments:
+            self.events.deliver(Event(attachment.server_id, "volume-reimaged", tag=volume_id))
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -178,6 +178,14 @@ def _rebuild(live: LiveDaemon, server_id: str, image: str, version: str = "2.1")
     )
 
 
+def _assert_succeeded(live: LiveDaemon, server_id: str, request_id: str) -> None:
+    """The rebuild's action ended well: every event a Success (a rolled-back rebuild also
+    ends ACTIVE, so the status alone cannot tell)."""
+    detail = live.client.get(f"/v2.1/servers/{server_id}/os-instance-actions/{request_id}")
+    events = detail.json()["instanceAction"]["events"]
+    assert events and all(e["result"] == "Success" for e in events), events
+
+
 def _attached_once(live: LiveDaemon, volume_id: str, server_id: str) -> None:
     volume = _get(live, volume_id)
     assert volume.status == "in-use", volume
@@ -204,8 +212,10 @@ def test_data_volumes_keep_their_bytes_and_targets_and_are_never_available(
     attachments_before = {v.id: _get(live, v.id).attachments[0].id for v in (first, second)}
 
     watch.volume_ids = [first.id, second.id]
-    assert _rebuild(live, server_id, live.image_ids[1]).status_code == 202
+    answer = _rebuild(live, server_id, live.image_ids[1])
+    assert answer.status_code == 202
     live.wait_for(server_id, "ACTIVE")
+    _assert_succeeded(live, server_id, answer.headers["x-compute-request-id"])
 
     after = disk_sources(_xml(server_id))
     assert (after["vdb"], after["vdc"]) == (before["vdb"], before["vdc"])
@@ -272,8 +282,10 @@ def test_a_volume_backed_server_keeps_its_volume_at_2_92_and_is_reimaged_at_2_93
     _attached_once(live, volume_id, server_id)
 
     watch.volume_ids = [volume_id]
-    assert _rebuild(live, server_id, image_b, "2.93").status_code == 202
+    answer = _rebuild(live, server_id, image_b, "2.93")
+    assert answer.status_code == 202
     server = live.wait_for(server_id, "ACTIVE")
+    _assert_succeeded(live, server_id, answer.headers["x-compute-request-id"])
     assert server["image"] == ""
     volume = _get(live, volume_id)
     assert volume.volume_image_metadata["image_id"] == image_b
