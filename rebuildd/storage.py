@@ -11,7 +11,8 @@ import asyncio
 import dataclasses
 import datetime as dt
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+import sqlite3
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    literal,
     or_,
     select,
     true,
@@ -41,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import SQLModel, col
 
-from rebuildd import errors, records
+from rebuildd import dbapi, errors, records
 from rebuildd.metrics import Metrics
 from rebuildd.models import (
     BlockDevice,
@@ -77,6 +79,8 @@ _SQLITE_PRAGMAS = (
     "busy_timeout=30000",
 )
 T = TypeVar("T")
+_Work = Callable[[dbapi.Tx], Coroutine[Any, Any, T]]
+_READ, _WRITE, _SINGLE = "read", "write", "single"
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -161,27 +165,49 @@ EVENTS = _Columns.of(InstanceActionEventRow)
 FAULTS = _Columns.of(InstanceFaultRow)
 NOTIFICATIONS = _Columns.of(NotificationRow)
 
-# The statements every job step runs, built once (SQLAlchemy then reuses their compilation).
-_UPDATE_ACTION_BY_REQUEST = (
-    update(ACTIONS.table)
-    .where(ACTIONS.c.request_id == bindparam("rid"))
-    .values(updated_at=bindparam("now"))
-)
+
+# The statements every job step (and every GET of a server) runs: built once, compiled once
+# per dialect, run on the raw DB-API connection (dbapi.py).
+def _update_action(*keys: str) -> dbapi.Statement:
+    """An action's updated_at and ``keys`` (bound as ``v_<key>``), found by request id."""
+    return dbapi.Statement(
+        update(ACTIONS.table)
+        .where(ACTIONS.c.request_id == bindparam("rid"))
+        .values(updated_at=bindparam("now"), **{k: bindparam(f"v_{k}") for k in keys})
+    )
+
+
+def _insert(columns: _Columns, keys: Collection[str]) -> dbapi.Statement:
+    """An INSERT of ``keys`` (column keys), bound as ``p_<key>``."""
+    return dbapi.Statement(insert(columns.table).values({k: bindparam(f"p_{k}") for k in keys}))
+
+
+def _bound(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"p_{k}": v for k, v in values.items()}
+
+
 _SERVER = {
-    (by_project, with_deleted): SERVERS.select().where(
-        SERVERS.c.id == bindparam("id"),
-        SERVERS.c.project_id == bindparam("project") if by_project else true(),
-        true() if with_deleted else SERVERS.c.deleted == False,  # noqa: E712
+    (by_project, with_deleted): dbapi.Statement(
+        SERVERS.select().where(
+            SERVERS.c.id == bindparam("id"),
+            SERVERS.c.project_id == bindparam("project") if by_project else true(),
+            true() if with_deleted else SERVERS.c.deleted == False,  # noqa: E712
+        )
     )
     for by_project in (False, True)
     for with_deleted in (False, True)
 }
-_IMAGE = IMAGES.select().where(IMAGES.c.id == bindparam("id"))
-_FLAVOR = FLAVORS.select().where(FLAVORS.c.id == bindparam("id"))
-_DEVICES = (
+_IMAGE = dbapi.Statement(IMAGES.select().where(IMAGES.c.id == bindparam("id")))
+_FLAVOR = dbapi.Statement(FLAVORS.select().where(FLAVORS.c.id == bindparam("id")))
+_DEVICES = dbapi.Statement(
     DEVICES.select().where(DEVICES.c.server_id == bindparam("id")).order_by(DEVICES.c.device_name)
 )
-_FINISH_EVENT = (
+_CURRENT_STATE = dbapi.Statement(
+    select(SERVERS.c.deleted, SERVERS.c.vm_state, SERVERS.c.task_state).where(
+        SERVERS.c.id == bindparam("id")
+    )
+)
+_FINISH_EVENT = dbapi.Statement(
     update(EVENTS.table)
     .where(
         EVENTS.c.action_id == bindparam("aid"),
@@ -196,14 +222,34 @@ _FINISH_EVENT = (
     )
 )
 # An action's updated_at (and finish_time) moved, and its id returned, in one statement.
-_TOUCH_ACTION = _UPDATE_ACTION_BY_REQUEST.returning(ACTIONS.c.id)
-_FINISH_ACTION = _UPDATE_ACTION_BY_REQUEST.values(finish_time=bindparam("now")).returning(
-    ACTIONS.c.id
+_TOUCH_ACTION = dbapi.Statement(
+    update(ACTIONS.table)
+    .where(ACTIONS.c.request_id == bindparam("rid"))
+    .values(updated_at=bindparam("now"))
+    .returning(ACTIONS.c.id)
 )
-_OPEN_EVENT = select(EVENTS.c.id).where(
-    EVENTS.c.action_id == bindparam("aid"),
-    EVENTS.c.event == bindparam("event"),
-    EVENTS.c.finish_time.is_(None),
+_FINISH_ACTION = dbapi.Statement(
+    update(ACTIONS.table)
+    .where(ACTIONS.c.request_id == bindparam("rid"))
+    .values(updated_at=bindparam("now"), finish_time=bindparam("now"))
+    .returning(ACTIONS.c.id)
+)
+_SET_JOB_STATE = _update_action("job_state")
+_SAVE_JOURNAL = _update_action("journal")
+_OPEN_EVENT = dbapi.Statement(
+    select(EVENTS.c.id).where(
+        EVENTS.c.action_id == bindparam("aid"),
+        EVENTS.c.event == bindparam("event"),
+        EVENTS.c.finish_time.is_(None),
+    )
+)
+_ACTION_KEYS = tuple(k for k in ACTIONS.keys.values() if k != "id")
+_INSERT_ACTION = _insert(ACTIONS, _ACTION_KEYS)
+_INSERT_EVENT = _insert(EVENTS, ("action_id", "event", "start_time", "host"))
+_INSERT_FAULT = _insert(FAULTS, ("server_id", "code", "message", "details", "host", "created_at"))
+_INSERT_NOTIFICATION = _insert(
+    NOTIFICATIONS,
+    ("event_type", "priority", "publisher_id", "server_id", "payload", "created_at"),
 )
 
 
@@ -211,26 +257,34 @@ class Store:
     """All persistence. One instance per process, shared by the API and the pipeline.
 
     Every method is one transaction, written as a plain function over a SQLAlchemy Core
-    :class:`Connection`. On SQLite it runs right on the event loop: a WAL commit with
-    ``synchronous=NORMAL`` does not wait for the disk, a reader never waits for a lock, and the
-    only writer is this process, so a transaction takes tens of microseconds — less than
-    handing it to a thread cost (bench/, see the README). On PostgreSQL it goes through asyncpg
-    with :meth:`AsyncConnection.run_sync`. Core rather than the ORM session, and no hand-off per
-    statement as aiosqlite made: together about a tenth of the CPU per transaction. A started
-    transaction always runs to its end: a caller cancelled meanwhile sees the cancellation only
-    after the commit or rollback.
+    :class:`Connection`, or — for the statements every job step and every GET of a server
+    runs — as a coroutine over a :class:`dbapi.Tx`, which runs the same statements, compiled
+    once, on the raw sqlite3 or asyncpg connection (a third of the CPU per transaction). On
+    SQLite it runs right on the event loop: a WAL commit with ``synchronous=NORMAL`` does not
+    wait for the disk, a reader never waits for a lock, and the only writer is this process,
+    so a transaction takes tens of microseconds — less than handing it to a thread cost
+    (bench/, see the README). On PostgreSQL it goes through asyncpg, with
+    :meth:`AsyncConnection.run_sync` or directly; a single-statement write there commits by
+    itself, without BEGIN and COMMIT round trips. A started transaction always runs to its
+    end: a caller cancelled meanwhile sees the cancellation only after the commit or rollback.
     """
 
     def __init__(self, engine: AsyncEngine, *, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self._sqlite: Engine | None = None
+        self._raw: sqlite3.Connection | None = None
+        self._dialect = engine.dialect
         if engine.dialect.name == "sqlite":
             self._sqlite = _sqlite_sync_engine(engine.url)
+            self._dialect = self._sqlite.dialect
+            self._raw = dbapi.sqlite_connect(str(engine.url.database), _SQLITE_PRAGMAS)
         self._seconds = (metrics or Metrics()).db_seconds
         self._reads = self._seconds.labels(kind="read")
         self._writes = self._seconds.labels(kind="write")
 
     async def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
         if self._sqlite is not None:
             self._sqlite.dispose()
         await self.engine.dispose()
@@ -270,6 +324,62 @@ class Store:
                 return result
         raise AssertionError("unreachable")
 
+    async def _fast_read(self, work: _Work[T]) -> T:
+        """A read of the hot statements on the raw connection (dbapi.py); on SQLite inline."""
+        with self._reads.time():
+            if self._raw is not None:
+                return dbapi.run_now(work(dbapi.SqliteTx(self._raw, self._dialect)))
+            return await _uncancelled(asyncio.ensure_future(self._pg(work, _READ)))
+
+    async def _fast_write(self, work: _Work[T], *, single: bool = False) -> T:
+        """A write transaction of the hot statements on the raw connection. ``single``: the
+        work runs one statement, which PostgreSQL commits by itself (no BEGIN and COMMIT
+        round trips)."""
+        with self._writes.time():
+            conn = self._raw
+            if conn is None:
+                mode = _SINGLE if single else _WRITE
+                return await _uncancelled(asyncio.ensure_future(self._pg(work, mode)))
+            conn.execute("BEGIN")
+            try:
+                result = dbapi.run_now(work(dbapi.SqliteTx(conn, self._dialect)))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    async def _pg(self, work: _Work[T], mode: str) -> T:
+        """``work`` on a pooled asyncpg connection. One the server dropped while pooled is
+        replaced before anything is sent on it; a read or a transaction whose first use finds
+        it dropped runs once more on a fresh one, as :meth:`_async_transaction` does. A single
+        statement that fails so is not retried: like a COMMIT, it may have taken."""
+        retried = False
+        while True:
+            async with self.engine.connect() as conn:
+                raw: Any = (await conn.get_raw_connection()).driver_connection
+                if raw.is_closed():
+                    await conn.invalidate()
+                    continue
+                transaction = raw.transaction() if mode == _WRITE else None
+                try:
+                    if transaction is not None:
+                        await transaction.start()
+                    result = await work(dbapi.PgTx(raw, self._dialect))
+                except BaseException:
+                    if raw.is_closed():
+                        await conn.invalidate()
+                        if not retried and mode != _SINGLE:
+                            retried = True
+                            log.warning("database connection lost; retrying the transaction")
+                            continue
+                    elif transaction is not None:
+                        await transaction.rollback()
+                    raise
+                if transaction is not None:
+                    await transaction.commit()
+                return result
+
     # -- flavors ---------------------------------------------------------------------------
 
     async def create_flavor(self, flavor: Flavor) -> Flavor:
@@ -281,7 +391,7 @@ class Store:
         return flavor
 
     async def get_flavor(self, flavor_id: str) -> Flavor:
-        row = await self._read(lambda conn: conn.execute(_FLAVOR, {"id": flavor_id}).first())
+        row = await self._fast_read(lambda tx: tx.first(_FLAVOR, {"id": flavor_id}))
         if row is None:
             raise errors.FlavorNotFound(flavor_id=flavor_id)
         return records.flavor_record(row)
@@ -299,7 +409,7 @@ class Store:
         return image
 
     async def get_image(self, image_id: str) -> Image | None:
-        row = await self._read(lambda conn: conn.execute(_IMAGE, {"id": image_id}).first())
+        row = await self._fast_read(lambda tx: tx.first(_IMAGE, {"id": image_id}))
         return None if row is None else records.image_record(row)
 
     async def list_images(self, filters: ImageFilters) -> list[Image]:
@@ -417,7 +527,7 @@ class Store:
         """The server, or ServerNotFound (also for another project's server, as Nova does)."""
         query = _SERVER[project_id is not None, include_deleted]
         params = {"id": server_id, "project": project_id}
-        row = await self._read(lambda conn: conn.execute(query, params).first())
+        row = await self._fast_read(lambda tx: tx.first(query, params))
         if row is None:
             raise errors.ServerNotFound(server_id=server_id)
         return records.server_record(row)
@@ -504,43 +614,27 @@ class Store:
         params = {f"v_{key}": value for key, value in SERVERS.values(values).items()}
         params["server_id"] = server_id
 
-        def work(conn: Connection) -> Server:
-            row = conn.execute(statement, params).first()
+        async def work(tx: dbapi.Tx) -> Server:
+            row = await tx.first(statement, params)
             if row is None:
-                current = conn.execute(
-                    select(SERVERS.c.deleted, SERVERS.c.vm_state, SERVERS.c.task_state).where(
-                        SERVERS.c.id == server_id
-                    )
-                ).first()
+                current = await tx.first(_CURRENT_STATE, {"id": server_id})
                 raise _mismatch(server_id, action, current, expected_vm_state)
             if new_action is not None:
-                conn.execute(
-                    insert(ACTIONS.table).values(_action_values(server_id, new_action, now))
-                )
+                await tx.run(_INSERT_ACTION, _bound(_action_values(server_id, new_action, now)))
             for bdm_id, bdm_values in (block_device_changes or {}).items():
-                conn.execute(
-                    update(DEVICES.table)
-                    .where(DEVICES.c.id == bdm_id, DEVICES.c.server_id == server_id)
-                    .values(DEVICES.values({**bdm_values, "updated_at": now}))
+                bdm = {**DEVICES.values(bdm_values), "updated_at": now}
+                await tx.run(
+                    _device_update(tuple(sorted(bdm))),
+                    {"bdm_id": bdm_id, "server_id": server_id, **_bound(bdm)},
                 )
             if job is not None:
-                conn.execute(
-                    _UPDATE_ACTION_BY_REQUEST.values(job_state=job[1]), {"rid": job[0], "now": now}
-                )
+                await tx.run(_SET_JOB_STATE, {"rid": job[0], "now": now, "v_job_state": job[1]})
             if fault is not None:
-                conn.execute(
-                    insert(FAULTS.table).values(
-                        server_id=server_id,
-                        code=fault.code,
-                        message=fault.message[:255],
-                        details=fault.details,
-                        host=row.host,
-                        created_at=fault.created_at,
-                    )
-                )
+                await tx.run(_INSERT_FAULT, _bound(_fault_values(server_id, fault, row.host)))
             return records.server_record(row)
 
-        return await self._write(work)
+        alone = not (new_action or block_device_changes or job or fault)
+        return await self._fast_write(work, single=alone)
 
     async def set_lock(
         self,
@@ -570,7 +664,7 @@ class Store:
     # -- block devices ---------------------------------------------------------------------
 
     async def get_block_devices(self, server_id: str) -> list[BlockDevice]:
-        rows = await self._read(lambda conn: conn.execute(_DEVICES, {"id": server_id}).all())
+        rows = await self._fast_read(lambda tx: tx.all(_DEVICES, {"id": server_id}))
         return [records.block_device_record(row) for row in rows]
 
     async def paths_in_use(self) -> set[str]:
@@ -639,21 +733,22 @@ class Store:
         success, and ``notifications`` go to the outbox in order."""
         now = utcnow()
 
-        def work(conn: Connection) -> None:
-            action_id = _touch_action(conn, _TOUCH_ACTION, request_id, now)
+        async def work(tx: dbapi.Tx) -> None:
+            action_id = await _touch_action(tx, _TOUCH_ACTION, request_id, now)
             if after is not None:
-                conn.execute(_FINISH_EVENT, _finished(action_id, after, now, "Success"))
+                await tx.run(_FINISH_EVENT, _finished(action_id, after, now, "Success"))
             for notification in notifications:
-                _add_notification(conn, notification, now)
-            if conn.execute(_OPEN_EVENT, {"aid": action_id, "event": event_name}).first():
+                await _add_notification(tx, notification, now)
+            if await tx.first(_OPEN_EVENT, {"aid": action_id, "event": event_name}):
                 return
-            conn.execute(
-                insert(EVENTS.table).values(
-                    action_id=action_id, event=event_name, start_time=now, host=host
-                )
+            await tx.run(
+                _INSERT_EVENT,
+                _bound(
+                    {"action_id": action_id, "event": event_name, "start_time": now, "host": host}
+                ),
             )
 
-        await self._write(work)
+        await self._fast_write(work)
 
     async def finish_event(
         self,
@@ -671,27 +766,24 @@ class Store:
         now = utcnow()
         finish = _FINISH_ACTION if finish_action else _TOUCH_ACTION
 
-        def work(conn: Connection) -> None:
-            action_id = _touch_action(conn, finish, request_id, now)
-            conn.execute(
+        async def work(tx: dbapi.Tx) -> None:
+            action_id = await _touch_action(tx, finish, request_id, now)
+            await tx.run(
                 _FINISH_EVENT, _finished(action_id, event_name, now, result, traceback, details)
             )
-            _add_notification(conn, notification, now)
+            await _add_notification(tx, notification, now)
 
-        await self._write(work)
+        await self._fast_write(work)
 
     # -- jobs: journal, recovery, idempotency ---------------------------------------------------
 
     async def save_journal(self, request_id: str, journal: dict[str, Any]) -> None:
-        await self._update_action(request_id, journal=journal)
+        params = {"rid": request_id, "now": utcnow(), "v_journal": journal}
+        await self._fast_write(lambda tx: tx.run(_SAVE_JOURNAL, params), single=True)
 
     async def set_job_state(self, request_id: str, job_state: str) -> None:
-        await self._update_action(request_id, job_state=job_state)
-
-    async def _update_action(self, request_id: str, **values: Any) -> None:
-        statement = _UPDATE_ACTION_BY_REQUEST.values(**values)
-        params = {"rid": request_id, "now": utcnow()}
-        await self._write(lambda conn: conn.execute(statement, params))
+        params = {"rid": request_id, "now": utcnow(), "v_job_state": job_state}
+        await self._fast_write(lambda tx: tx.run(_SET_JOB_STATE, params), single=True)
 
     async def in_flight_actions(self) -> list[InstanceAction]:
         """Actions whose job had not ended (running) or not cleaned up (cleaning)."""
@@ -767,20 +859,30 @@ async def _uncancelled(future: asyncio.Future[T]) -> T:
     return result
 
 
-def _add_notification(
-    conn: Connection, notification: Notification | None, now: dt.datetime
+async def _add_notification(
+    tx: dbapi.Tx, notification: Notification | None, now: dt.datetime
 ) -> None:
     if notification is not None:
-        conn.execute(
-            insert(NOTIFICATIONS.table).values(
-                event_type=notification.event_type,
-                priority=notification.priority,
-                publisher_id=notification.publisher_id,
-                server_id=notification.server_id,
-                payload=notification.payload,
-                created_at=now,
-            )
-        )
+        values = {
+            "event_type": notification.event_type,
+            "priority": notification.priority,
+            "publisher_id": notification.publisher_id,
+            "server_id": notification.server_id,
+            "payload": notification.payload,
+            "created_at": now,
+        }
+        await tx.run(_INSERT_NOTIFICATION, _bound(values))
+
+
+def _fault_values(server_id: str, fault: Fault, host: str) -> dict[str, Any]:
+    return {
+        "server_id": server_id,
+        "code": fault.code,
+        "message": fault.message[:255],
+        "details": fault.details,
+        "host": host,
+        "created_at": fault.created_at,
+    }
 
 
 def _finished(
@@ -802,11 +904,13 @@ def _finished(
     }
 
 
-def _touch_action(conn: Connection, statement: Any, request_id: str, now: dt.datetime) -> int:
-    action_id = conn.execute(statement, {"rid": request_id, "now": now}).scalar()
-    if action_id is None:
+async def _touch_action(
+    tx: dbapi.Tx, statement: dbapi.Statement, request_id: str, now: dt.datetime
+) -> int:
+    row = await tx.first(statement, {"rid": request_id, "now": now})
+    if row is None:
         raise LookupError(f"no instance action {request_id}")
-    return int(action_id)
+    return int(row.id)
 
 
 def _action_values(server_id: str, action: NewAction, now: dt.datetime) -> dict[str, Any]:
@@ -823,17 +927,18 @@ def _swap_statement(
     columns: tuple[str, ...],
     expected_task_state: tuple[str | None, ...],
     expected_vm_state: tuple[str, ...] | None,
-) -> Any:
+) -> dbapi.Statement:
     """The compare-and-swap UPDATE for one shape of transition, built once: the shapes come
-    from the code's fixed vocabulary of states and columns, never from a request."""
+    from the code's fixed vocabulary of states and columns, never from a request (so the
+    expected states are bound as constants)."""
     conditions = [
         SERVERS.c.id == bindparam("server_id"),
         SERVERS.c.deleted == False,  # noqa: E712
         _task_state_clause(expected_task_state),
     ]
     if expected_vm_state is not None:
-        conditions.append(SERVERS.c.vm_state.in_(list(expected_vm_state)))
-    return (
+        conditions.append(SERVERS.c.vm_state.in_([literal(s) for s in expected_vm_state]))
+    return dbapi.Statement(
         update(SERVERS.table)
         .where(*conditions)
         .values({SERVERS.keys[name]: bindparam(f"v_{SERVERS.keys[name]}") for name in columns})
@@ -841,8 +946,19 @@ def _swap_statement(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _device_update(keys: tuple[str, ...]) -> dbapi.Statement:
+    """An UPDATE of one block device's ``keys`` (column keys, bound as ``p_<key>``)."""
+    return dbapi.Statement(
+        update(DEVICES.table)
+        .where(DEVICES.c.id == bindparam("bdm_id"), DEVICES.c.server_id == bindparam("server_id"))
+        .values({k: bindparam(f"p_{k}") for k in keys})
+    )
+
+
 def _task_state_clause(expected: Collection[str | None]) -> Any:
-    named = [s for s in expected if s is not None]
+    # One bound constant each, not an IN list expanded at execution (dbapi.py).
+    named = [literal(s) for s in expected if s is not None]
     clauses = []
     if named:
         clauses.append(col(ServerRow.task_state).in_(named))

@@ -1,0 +1,78 @@
+"""The Store's hot statements on the raw DB-API connection (rebuildd/dbapi.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects import sqlite
+
+from rebuildd import dbapi
+from rebuildd.states import TaskState
+from rebuildd.storage import SERVERS, Store
+from tests.test_store import _action, _add
+
+
+class TestStatement:
+    def test_an_expanding_in_list_is_refused(self) -> None:
+        """A statement whose IN list would expand at execution cannot be precompiled."""
+        statement = dbapi.Statement(select(SERVERS.c.id).where(SERVERS.c.id.in_(["a", "b"])))
+        with pytest.raises(ValueError, match="expanding"):
+            statement.compiled(sqlite.dialect())
+
+    def test_values_go_through_sqlalchemys_bind_and_result_processors(self) -> None:
+        """A JSON column is sent as SQLAlchemy serialises it and read back as it parses it."""
+        statement = dbapi.Statement(
+            select(SERVERS.c.flavor.label("flavor")).where(SERVERS.c.id == bindparam("id"))
+        )
+        compiled = statement.compiled(sqlite.dialect())
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE servers (id TEXT, flavor TEXT)")
+        conn.execute("""INSERT INTO servers VALUES ('s', '{"ram": 512}')""")
+        tx = dbapi.SqliteTx(conn, sqlite.dialect())
+        row = dbapi.run_now(tx.first(statement, {"id": "s"}))
+        assert row is not None and row.flavor == {"ram": 512}
+        assert compiled.args({"id": "s"}) == ["s"]
+
+
+class TestRunNow:
+    def test_work_that_suspends_is_refused(self) -> None:
+        """A SQLite transaction's work must finish without yielding to the event loop."""
+
+        async def suspends() -> None:
+            import asyncio
+
+            await asyncio.sleep(0)
+
+        with pytest.raises(RuntimeError, match="suspended"):
+            dbapi.run_now(suspends())
+
+
+class TestTransactions:
+    async def test_a_failed_statement_rolls_back_the_swap_before_it(self, store: Store) -> None:
+        """When the action insert fails (a duplicate request id), the compare-and-swap that
+        ran before it in the same transaction is not committed."""
+        server = await _add(store)
+        other = await _add(store)
+        action = _action("rebuild")
+        changes: dict[str, Any] = {"name": "renamed"}
+        await store.transition(
+            other.id,
+            action="rebuild",
+            expected_task_state=(None,),
+            task_state=TaskState.REBUILDING,
+            new_action=action,
+        )
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+            await store.transition(
+                server.id,
+                action="rebuild",
+                expected_task_state=(None,),
+                task_state=TaskState.REBUILDING,
+                changes=changes,
+                new_action=action,
+            )
+        after = await store.get_server(server.id)
+        assert (after.task_state, after.name) == (None, "vm")
