@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.types import TypeEngine
 
 T = TypeVar("T")
 _NO_DEFAULT = object()
@@ -32,12 +33,15 @@ class Row(Protocol):
     def __getattr__(self, name: str) -> Any: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Compiled:
     sql: str
     params: tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]  # name, processor, default
     row: Callable[..., Row] | None  # None: the statement returns no rows
-    results: tuple[Callable[[Any], Any] | None, ...]
+    types: tuple[TypeEngine[Any], ...]  # of the result columns
+    # The result columns' processors; None until known. SQLAlchemy gives them the type code
+    # the driver reports for each column: none on SQLite, PostgreSQL's type OID on asyncpg.
+    results: tuple[Callable[[Any], Any] | None, ...] | None = None
 
     def args(self, values: Mapping[str, Any]) -> list[Any]:
         out = []
@@ -46,8 +50,14 @@ class Compiled:
             out.append(value if process is None else process(value))
         return out
 
+    def resolve(self, dialect: Dialect, type_codes: Sequence[Any]) -> None:
+        self.results = tuple(
+            t.dialect_impl(dialect).result_processor(dialect, code)
+            for t, code in zip(self.types, type_codes, strict=True)
+        )
+
     def make_row(self, raw: Sequence[Any]) -> Row:
-        assert self.row is not None
+        assert self.row is not None and self.results is not None
         return self.row(
             *[v if p is None or v is None else p(v) for v, p in zip(raw, self.results, strict=True)]
         )
@@ -81,8 +91,10 @@ def _compile(core: ClauseElement, dialect: Dialect) -> Compiled:
         params.append((name, process, default))
     columns = list(getattr(core, "exported_columns", ()))
     row = _row_type([c.key for c in columns]) if columns else None
-    results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
-    return Compiled(compiled.string, tuple(params), row, results)
+    found = Compiled(compiled.string, tuple(params), row, tuple(c.type for c in columns))
+    if dialect.name == "sqlite":
+        found.resolve(dialect, [None] * len(columns))
+    return found
 
 
 def _row_type(keys: list[str]) -> Callable[..., Row]:
@@ -134,13 +146,22 @@ class PgTx:
         self.dialect = dialect
 
     async def all(self, statement: Statement, values: Mapping[str, Any] = _EMPTY) -> list[Row]:
-        c = statement.compiled(self.dialect)
+        c = await self._compiled(statement)
         return [c.make_row(r) for r in await self.conn.fetch(c.sql, *c.args(values))]
 
     async def first(self, statement: Statement, values: Mapping[str, Any] = _EMPTY) -> Row | None:
-        c = statement.compiled(self.dialect)
+        c = await self._compiled(statement)
         raw = await self.conn.fetchrow(c.sql, *c.args(values))
         return None if raw is None else c.make_row(raw)
+
+    async def _compiled(self, statement: Statement) -> Compiled:
+        """The statement compiled, its result processors found (once per process) from the
+        column types PostgreSQL reports when it prepares the statement."""
+        c = statement.compiled(self.dialect)
+        if c.results is None:
+            prepared = await self.conn.prepare(c.sql)
+            c.resolve(self.dialect, [a.type.oid for a in prepared.get_attributes()])
+        return c
 
     async def run(self, statement: Statement, values: Mapping[str, Any] = _EMPTY) -> int:
         c = statement.compiled(self.dialect)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import sqlite
 
 from rebuildd import dbapi
+from rebuildd.models import Flavor, Image, utcnow
 from rebuildd.states import TaskState
 from rebuildd.storage import SERVERS, Store
 from tests.test_store import _action, _add
@@ -76,3 +78,37 @@ class TestTransactions:
             )
         after = await store.get_server(server.id)
         assert (after.task_state, after.name) == (None, "vm")
+
+
+class TestHotReads:
+    async def test_flavors_images_and_devices_read_back_as_written(self, store: Store) -> None:
+        """Every column type the hot reads return (floats, JSON, booleans, times) comes back
+        as it went in, on both databases."""
+        flavor = Flavor(id="f1", name="m1.x", vcpus=2, ram=1024, disk=5, rxtx_factor=1.5)
+        await store.create_flavor(flavor)
+        now = utcnow()
+        image = Image(
+            id=str(uuid.uuid4()),
+            name="img",
+            status="active",
+            disk_format="qcow2",
+            container_format="bare",
+            size=1,
+            virtual_size=None,
+            checksum=None,
+            os_hash_algo=None,
+            os_hash_value=None,
+            min_disk=0,
+            min_ram=0,
+            visibility="public",
+            protected=True,
+            owner=None,
+            properties={"os_distro": "x"},
+            created_at=now,
+            updated_at=now,
+        )
+        await store.create_image(image)
+        server = await _add(store)
+        assert await store.get_flavor("f1") == flavor
+        assert await store.get_image(image.id) == image
+        assert [d.device_name for d in await store.get_block_devices(server.id)] == ["vda"]
