@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -24,7 +24,7 @@ import structlog
 
 from rebuildd import errors, notifications, ports
 from rebuildd.metrics import Metrics
-from rebuildd.models import Fault, Notification, RequestContext, Server, utcnow
+from rebuildd.models import Fault, NewAction, Notification, RequestContext, Server, utcnow
 
 log = structlog.get_logger("rebuildd.runner")
 C = TypeVar("C")
@@ -41,6 +41,28 @@ RUNNING, CLEANING, DONE, ROLLED_BACK, FAILED = (
 
 class Interrupted(errors.OperationFailed):
     template = "Interrupted: the compute service {when} during the operation."
+
+
+class JobStore(ports.Store, Protocol):
+    """The Store as the runner uses it: a job's last compare-and-swap also ends the job's
+    action, its last event and that event's notification, in one transaction."""
+
+    async def transition(
+        self,
+        server_id: str,
+        *,
+        action: str,
+        expected_task_state: Collection[str | None],
+        task_state: str | None,
+        expected_vm_state: Collection[str] | None = None,
+        changes: Mapping[str, Any] | None = None,
+        new_action: NewAction | None = None,
+        fault: Fault | None = None,
+        block_device_changes: Mapping[str, Mapping[str, Any]] | None = None,
+        job: tuple[str, str] | None = None,
+        end_event: str | None = None,
+        notification: Callable[[Server], Notification] | None = None,
+    ) -> Server: ...
 
 
 class Facts(Protocol):
@@ -124,7 +146,7 @@ class Runner:
 
     def __init__(
         self,
-        store: ports.Store,
+        store: JobStore,
         notifier: ports.Notifier,
         *,
         host: str,
@@ -195,7 +217,6 @@ class Runner:
         )
         task_state = task_state or job.task_state
         stage = job.stages[0]
-        server: Server | None = None
         # A stage that ended, to be recorded with the next stage's start (one transaction).
         ended: tuple[str, Notification | None] | None = None
         try:
@@ -224,25 +245,14 @@ class Runner:
                     notifications.sent(notification)
                 for step, after in zip(pending, [*pending[1:], None], strict=True):
                     task_state = await self._step(job, step, after, journal, task_state)
-                if last:
-                    outcome = await job.succeed(job.context)
-                    final = CLEANING if job.cleanup else DONE
-                    server = await self._transition(job, task_state, None, outcome, job_state=final)
-                    task_state = None
-                ending = None
-                if stage.notify_end:
-                    ending = await self._notification(job, stage.notify_end, server)
                 if not last:
+                    ending = None
+                    if stage.notify_end:
+                        ending = await self._notification(job, stage.notify_end)
                     ended = (stage.event, ending)
                     continue
-                await self.store.finish_event(
-                    job.request.request_id,
-                    stage.event,
-                    result="Success",
-                    finish_action=True,
-                    notification=ending,
-                )
-                notifications.sent(ending)
+                await self._succeed(job, stage, task_state)
+                task_state = None
         except BaseException as exc:
             if task_state is None:  # the final state is written; only bookkeeping failed
                 bound.exception("job bookkeeping after success failed")
@@ -256,6 +266,31 @@ class Runner:
         bound.info("job finished", result="Success")
         self.metrics.jobs.labels(action=job.action, result="success").inc()
         await self._cleanup(job, bound)
+
+    async def _succeed(self, job: Job[C], stage: Stage[C], task_state: str | None) -> None:
+        """The final state (task_state None), the job's end, the last event's end and its
+        notification: one transaction."""
+        outcome = await job.succeed(job.context)
+        built: list[Notification] = []
+
+        def ending(server: Server) -> Notification:
+            assert stage.notify_end is not None
+            built[:] = [self._build(job, stage.notify_end, server)]  # once, if PG retries
+            return built[0]
+
+        await self.store.transition(
+            job.server_id,
+            action=job.action,
+            expected_task_state=(task_state,),
+            task_state=None,
+            changes=outcome.changes,
+            block_device_changes=outcome.block_device_changes,
+            job=(job.request.request_id, CLEANING if job.cleanup else DONE),
+            end_event=stage.event,
+            notification=ending if stage.notify_end else None,
+        )
+        for notification in built:
+            notifications.sent(notification)
 
     async def _finish_ended(
         self, job: Job[C], ended: tuple[str, Notification | None], bound: Any
@@ -449,6 +484,17 @@ class Runner:
     ) -> Notification:
         if server is None:
             server = await self.store.get_server(job.server_id, include_deleted=True)
+        return self._build(job, event_type, server, priority=priority, extra=extra)
+
+    def _build(
+        self,
+        job: Job[C],
+        event_type: str,
+        server: Server,
+        *,
+        priority: str = "INFO",
+        extra: Mapping[str, Any] | None = None,
+    ) -> Notification:
         return self.notifier.build(
             event_type, server, context=job.request, priority=priority, extra=extra
         )

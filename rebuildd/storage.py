@@ -235,6 +235,17 @@ _FINISH_ACTION = dbapi.Statement(
     .returning(ACTIONS.c.id)
 )
 _SET_JOB_STATE = _update_action("job_state")
+# A job's end: its state, and the action's updated_at and finish_time, returning the action's id.
+_END_JOB = dbapi.Statement(
+    update(ACTIONS.table)
+    .where(ACTIONS.c.request_id == bindparam("rid"))
+    .values(
+        updated_at=bindparam("now"),
+        finish_time=bindparam("now"),
+        job_state=bindparam("v_job_state"),
+    )
+    .returning(ACTIONS.c.id)
+)
 _SAVE_JOURNAL = _update_action("journal")
 _OPEN_EVENT = dbapi.Statement(
     select(EVENTS.c.id).where(
@@ -591,6 +602,8 @@ class Store:
         fault: Fault | None = None,
         block_device_changes: Mapping[str, Mapping[str, Any]] | None = None,
         job: tuple[str, str] | None = None,
+        end_event: str | None = None,
+        notification: Callable[[Server], Notification] | None = None,
     ) -> Server:
         """The compare-and-swap every task_state change goes through.
 
@@ -598,12 +611,16 @@ class Store:
         ``expected_task_state`` (and its vm_state one of ``expected_vm_state``), in one UPDATE;
         with it, in the same transaction, records ``new_action``, ``fault`` and the changes to
         block devices (by id) in ``block_device_changes``, and the new state of a job's action
-        (``job``: request id, job state). When the row did
+        (``job``: request id, job state). A job's last swap may also end it: ``end_event``
+        finishes that open event as a success and the action with it, and ``notification``,
+        built from the server as the swap left it, goes to the outbox. When the row did
         not match, raises InstanceInvalidState naming what differed (409), or ServerNotFound.
         """
         values = dict(changes or {})
         if "task_state" in values or not set(values) <= _SERVER_COLUMNS:
             raise ValueError(f"bad server changes: {sorted(values)}")
+        if end_event is not None and job is None:
+            raise ValueError("end_event needs the job whose action it ends")
         now = utcnow()
         values.update(task_state=task_state, updated_at=now)
         statement = _swap_statement(
@@ -627,11 +644,18 @@ class Store:
                     _device_update(tuple(sorted(bdm))),
                     {"bdm_id": bdm_id, "server_id": server_id, **_bound(bdm)},
                 )
-            if job is not None:
+            if job is not None and end_event is None:
                 await tx.run(_SET_JOB_STATE, {"rid": job[0], "now": now, "v_job_state": job[1]})
             if fault is not None:
                 await tx.run(_INSERT_FAULT, _bound(_fault_values(server_id, fault, row.host)))
-            return records.server_record(row)
+            server = records.server_record(row)
+            if job is not None and end_event is not None:
+                ended = {"rid": job[0], "now": now, "v_job_state": job[1]}
+                action_id = int((await _first(tx, _END_JOB, ended, job[0])).id)
+                await tx.run(_FINISH_EVENT, _finished(action_id, end_event, now, "Success"))
+                if notification is not None:
+                    await _add_notification(tx, notification(server), now)
+            return server
 
         alone = not (new_action or block_device_changes or job or fault)
         return await self._fast_write(work, single=alone)
@@ -907,10 +931,17 @@ def _finished(
 async def _touch_action(
     tx: dbapi.Tx, statement: dbapi.Statement, request_id: str, now: dt.datetime
 ) -> int:
-    row = await tx.first(statement, {"rid": request_id, "now": now})
+    return int((await _first(tx, statement, {"rid": request_id, "now": now}, request_id)).id)
+
+
+async def _first(
+    tx: dbapi.Tx, statement: dbapi.Statement, values: Mapping[str, Any], request_id: str
+) -> dbapi.Row:
+    """The row an UPDATE ... RETURNING of one action found, or LookupError."""
+    row = await tx.first(statement, values)
     if row is None:
         raise LookupError(f"no instance action {request_id}")
-    return int(row.id)
+    return row
 
 
 def _action_values(server_id: str, action: NewAction, now: dt.datetime) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from rebuildd import errors, migrations
-from rebuildd.models import BlockDevice, Fault, Flavor, NewAction, Server, utcnow
+from rebuildd.models import BlockDevice, Fault, Flavor, NewAction, Notification, Server, utcnow
 from rebuildd.states import PowerState, TaskState, VmState
 from rebuildd.storage import ServerFilters, Store, create_engine
 from tests.conftest import POSTGRES_ADMIN_URL
@@ -178,6 +178,52 @@ class TestTransition:
         )
         assert (await store.latest_faults([server.id]))[server.id].message == "boom"
         assert (await store.get_block_devices(server.id))[0].path == "/new/root.qcow2"
+
+    async def test_a_jobs_last_swap_ends_its_action_event_and_notification_with_it(
+        self, store: Store
+    ) -> None:
+        """With ``end_event``, the final swap also finishes the job's action and that event
+        and writes the notification built from the swapped server, in one transaction; a swap
+        that does not match writes none of them."""
+        server = await _add(store)
+        action = NewAction("rebuild", f"req-{uuid.uuid4()}", "u", "p", params={})
+        await store.transition(
+            server.id,
+            action="rebuild",
+            expected_task_state=(None,),
+            task_state=TaskState.REBUILD_SPAWNING,
+            new_action=action,
+        )
+        await store.start_event(action.request_id, "compute_rebuild_instance", "h")
+
+        def note(swapped: Server) -> Notification:
+            return Notification(
+                "instance.rebuild.end",
+                "INFO",
+                "compute.h",
+                swapped.id,
+                {"task": swapped.task_state},
+            )
+
+        for expected in (TaskState.REBUILDING, TaskState.REBUILD_SPAWNING):
+            with contextlib.suppress(errors.InstanceInvalidState):
+                await store.transition(
+                    server.id,
+                    action="rebuild",
+                    expected_task_state=(expected,),
+                    task_state=None,
+                    job=(action.request_id, "done"),
+                    end_event="compute_rebuild_instance",
+                    notification=note,
+                )
+            recorded = await store.get_action(server.id, action.request_id)
+            ended = expected == TaskState.REBUILD_SPAWNING
+            assert (recorded.finish_time is not None, recorded.job_state) == (
+                (True, "done") if ended else (False, "running")
+            )
+            assert recorded.events[0].result == ("Success" if ended else None)
+            outbox = await store.list_notifications(server.id)
+            assert outbox == ([("instance.rebuild.end", "INFO", {"task": None})] if ended else [])
 
     async def test_a_cancelled_caller_sees_the_swap_it_started_finish(self, store: Store) -> None:
         """Cancelling a caller mid-swap never cuts the transaction short: the caller gets its
