@@ -129,8 +129,9 @@ class Journal:
         data = data or {}
         return cls(started=list(data.get("started", [])), done=list(data.get("done", [])))
 
-    def dump(self, facts: Facts) -> dict[str, Any]:
-        return {"started": list(self.started), "done": list(self.done), "facts": facts.to_dict()}
+    def dump(self, facts: Mapping[str, Any]) -> dict[str, Any]:
+        """The journal as saved, with ``facts`` (the job's Facts.to_dict())."""
+        return {"started": list(self.started), "done": list(self.done), "facts": dict(facts)}
 
 
 class _NullObserver:
@@ -208,8 +209,8 @@ class Runner:
                 self.active -= 1
                 self.metrics.jobs_running.dec()
 
-    async def _save(self, job: Job[C], journal: Journal) -> None:
-        await self.store.save_journal(job.request.request_id, journal.dump(job.facts))
+    async def _save(self, job: Job[C], journal: Journal, facts: Mapping[str, Any]) -> None:
+        await self.store.save_journal(job.request.request_id, journal.dump(facts))
 
     async def _execute(self, job: Job[C], journal: Journal, task_state: str | None = None) -> None:
         bound = log.bind(
@@ -243,8 +244,11 @@ class Runner:
                 ended = None
                 for notification in sent:
                     notifications.sent(notification)
+                facts = job.facts.to_dict()
                 for step, after in zip(pending, [*pending[1:], None], strict=True):
-                    task_state = await self._step(job, step, after, journal, task_state)
+                    task_state, facts = await self._step(
+                        job, step, after, journal, task_state, facts
+                    )
                 if not last:
                     ending = None
                     if stage.notify_end:
@@ -311,8 +315,10 @@ class Runner:
         after: Step[C] | None,
         journal: Journal,
         task_state: str | None,
-    ) -> str | None:
-        """One step with its transition and journal entries; returns the task_state after it.
+        facts: dict[str, Any],
+    ) -> tuple[str | None, dict[str, Any]]:
+        """One step with its transition and journal entries; returns the task_state and the
+        facts (``Facts.to_dict()``, as ``facts`` is before it) after it.
 
         The journal is written only where recovery would otherwise act differently: before a
         step with an undo starts (folded into the write after the step before it, as nothing
@@ -327,8 +333,7 @@ class Runner:
         if step.name not in journal.started:
             journal.started.append(step.name)
             if step.undo is not None:
-                await self._save(job, journal)
-        facts = job.facts.to_dict()
+                await self._save(job, journal, facts)
         if step.run is not None:
             log.debug("step", step=step.name, request_id=job.request.request_id)
             with self.metrics.step_seconds.labels(action=job.action, step=step.name).time():
@@ -339,14 +344,15 @@ class Runner:
         if after is not None and after.undo is not None and after.name not in journal.started:
             journal.started.append(after.name)
             announce = True
+        now = job.facts.to_dict()
         if (
             announce
-            or job.facts.to_dict() != facts
+            or now != facts
             or job.resume_forward(before) != job.resume_forward(frozenset(journal.done))
         ):
-            await self._save(job, journal)
+            await self._save(job, journal, now)
         await self.observer.after_step(job.action, step.name, job.server_id)
-        return task_state
+        return task_state, now
 
     async def _cleanup(self, job: Job[C], bound: Any) -> None:
         for step in job.cleanup:

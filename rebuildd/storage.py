@@ -344,13 +344,15 @@ class Store:
 
     async def _fast_write(self, work: _Work[T], *, single: bool = False) -> T:
         """A write transaction of the hot statements on the raw connection. ``single``: the
-        work runs one statement, which PostgreSQL commits by itself (no BEGIN and COMMIT
-        round trips)."""
+        work runs one statement, which the database commits by itself (no BEGIN and COMMIT:
+        on PostgreSQL two round trips)."""
         with self._writes.time():
             conn = self._raw
             if conn is None:
                 mode = _SINGLE if single else _WRITE
                 return await _uncancelled(asyncio.ensure_future(self._pg(work, mode)))
+            if single:
+                return dbapi.run_now(work(dbapi.SqliteTx(conn, self._dialect)))
             conn.execute("BEGIN")
             try:
                 result = dbapi.run_now(work(dbapi.SqliteTx(conn, self._dialect)))
