@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import SQLModel, col
 
-from rebuildd import dbapi, errors, records
+from rebuildd import dbapi, errors, pgwrites, records
 from rebuildd.metrics import Metrics
 from rebuildd.models import (
     BlockDevice,
@@ -660,7 +660,81 @@ class Store:
             return server
 
         alone = not (new_action or block_device_changes or job or fault)
+        if self._raw is None and not alone:
+            return await self._pg_transition(
+                server_id,
+                action,
+                statement,
+                params,
+                now,
+                expected_vm_state=expected_vm_state,
+                new_action=new_action,
+                fault=fault,
+                block_device_changes=block_device_changes or {},
+                job=job,
+                end_event=end_event,
+                notification=notification,
+            )
         return await self._fast_write(work, single=alone)
+
+    async def _pg_transition(
+        self,
+        server_id: str,
+        action: str,
+        swap: dbapi.Statement,
+        params: dict[str, Any],
+        now: dt.datetime,
+        *,
+        expected_vm_state: Collection[str] | None,
+        new_action: NewAction | None,
+        fault: Fault | None,
+        block_device_changes: Mapping[str, Mapping[str, Any]],
+        job: tuple[str, str] | None,
+        end_event: str | None,
+        notification: Callable[[Server], Notification] | None,
+    ) -> Server:
+        """:meth:`transition` on PostgreSQL: the swap and what goes with it in one statement
+        (pgwrites.py); a transaction only when the job's end must be found, or its
+        notification (built from the swapped server) written after it."""
+        values = dict(params)
+        if new_action is not None:
+            action_row = _action_values(server_id, new_action, now)
+            values.update({f"a_{k}": v for k, v in action_row.items()})
+        devices = []
+        for i, (bdm_id, changes) in enumerate(block_device_changes.items()):
+            bdm = {**DEVICES.values(changes), "updated_at": now}
+            devices.append(tuple(sorted(bdm)))
+            values[f"b{i}_id"] = bdm_id
+            values.update({f"b{i}_{k}": v for k, v in bdm.items()})
+        if job is not None:
+            values.update(rid=job[0], now=now, j_state=job[1])
+        if end_event is not None:
+            values.update(ev=end_event, res="Success", tb=None, why=None)
+        if fault is not None:
+            faulted = _fault_values(server_id, fault, "")
+            values.update({f"f_{k}": v for k, v in faulted.items() if k != "host"})
+        statement = pgwrites.swap_with(
+            swap,
+            new_action=_ACTION_KEYS if new_action is not None else None,
+            devices=tuple(devices),
+            job=job is not None,
+            end_event=end_event is not None,
+            fault=fault is not None,
+        )
+
+        async def work(tx: dbapi.Tx) -> Server:
+            row = await tx.first(statement, values)
+            if row is None:
+                current = await tx.first(_CURRENT_STATE, {"id": server_id})
+                raise _mismatch(server_id, action, current, expected_vm_state)
+            if end_event is not None and row.ended is None:
+                raise LookupError(f"no instance action {values['rid']}")
+            server = records.server_record(row)
+            if notification is not None:
+                await _add_notification(tx, notification(server), now)
+            return server
+
+        return await self._fast_write(work, single=end_event is None)
 
     async def set_lock(
         self,
@@ -758,6 +832,18 @@ class Store:
         In the same transaction: ``after``, the event of the stage before, is finished as a
         success, and ``notifications`` go to the outbox in order."""
         now = utcnow()
+        if self._raw is None:
+            values: dict[str, Any] = {"rid": request_id, "now": now, "event": event_name}
+            values["host"] = host
+            if after is not None:
+                values.update(ev=after, res="Success", tb=None, why=None)
+            for i, each in enumerate(notifications):
+                values.update(pgwrites.notification_params(i, _notification_values(each, now)))
+            statement = pgwrites.start_event(len(notifications), after is not None)
+            await self._fast_write(
+                lambda tx: _first(tx, statement, values, request_id), single=True
+            )
+            return
 
         async def work(tx: dbapi.Tx) -> None:
             action_id = await _touch_action(tx, _TOUCH_ACTION, request_id, now)
@@ -791,6 +877,18 @@ class Store:
         to the outbox in the same transaction."""
         now = utcnow()
         finish = _FINISH_ACTION if finish_action else _TOUCH_ACTION
+        if self._raw is None:
+            values = {"rid": request_id, "now": now, "ev": event_name, "res": result}
+            values.update(tb=traceback, why=details)
+            if notification is not None:
+                values.update(
+                    pgwrites.notification_params(0, _notification_values(notification, now))
+                )
+            statement = pgwrites.finish_event(finish_action, notification is not None)
+            await self._fast_write(
+                lambda tx: _first(tx, statement, values, request_id), single=True
+            )
+            return
 
         async def work(tx: dbapi.Tx) -> None:
             action_id = await _touch_action(tx, finish, request_id, now)
@@ -889,15 +987,18 @@ async def _add_notification(
     tx: dbapi.Tx, notification: Notification | None, now: dt.datetime
 ) -> None:
     if notification is not None:
-        values = {
-            "event_type": notification.event_type,
-            "priority": notification.priority,
-            "publisher_id": notification.publisher_id,
-            "server_id": notification.server_id,
-            "payload": notification.payload,
-            "created_at": now,
-        }
-        await tx.run(_INSERT_NOTIFICATION, _bound(values))
+        await tx.run(_INSERT_NOTIFICATION, _bound(_notification_values(notification, now)))
+
+
+def _notification_values(notification: Notification, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "event_type": notification.event_type,
+        "priority": notification.priority,
+        "publisher_id": notification.publisher_id,
+        "server_id": notification.server_id,
+        "payload": notification.payload,
+        "created_at": now,
+    }
 
 
 def _fault_values(server_id: str, fault: Fault, host: str) -> dict[str, Any]:
