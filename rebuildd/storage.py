@@ -1077,7 +1077,7 @@ async def _first(
 
 
 def _action_values(server_id: str, action: NewAction, now: dt.datetime) -> dict[str, Any]:
-    values = ACTIONS.row(records.action_row(server_id, action, now))
+    values = ACTIONS.values(records.action_values(server_id, action, now))
     del values["id"]
     return values
 

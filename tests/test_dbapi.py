@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import sqlite
 
-from rebuildd import dbapi
-from rebuildd.models import Flavor, Image, utcnow
+from rebuildd import dbapi, records
+from rebuildd.models import Flavor, Image, NewAction, utcnow
 from rebuildd.states import TaskState
 from rebuildd.storage import SERVERS, Store
+from rebuildd.tables import InstanceActionRow
 from tests.test_store import _action, _add
 
 
@@ -112,3 +113,29 @@ class TestHotReads:
         assert await store.get_flavor("f1") == flavor
         assert await store.get_image(image.id) == image
         assert [d.device_name for d in await store.get_block_devices(server.id)] == ["vda"]
+
+
+class TestRecords:
+    def test_action_values_are_the_rows_with_its_defaults(self) -> None:
+        """The plain values an action is inserted with are those of its SQLModel row."""
+        now = utcnow()
+        for action in (
+            NewAction("rebuild", "req-1", "u", "p", params={"image_id": "i"}, idempotency_key="k"),
+            NewAction("lock", "req-2", "u", "p", message="why"),
+        ):
+            row = InstanceActionRow(
+                server_id="s",
+                action=action.action,
+                request_id=action.request_id,
+                user_id=action.user_id,
+                project_id=action.project_id,
+                message=action.message,
+                start_time=now,
+                updated_at=now,
+                job_state="running" if action.params is not None else None,
+                job_params=action.params,
+                journal={} if action.params is not None else None,
+                idempotency_key=action.idempotency_key,
+            )
+            expected = {name: getattr(row, name) for name in InstanceActionRow.model_fields}
+            assert records.action_values("s", action, now) == expected
