@@ -22,6 +22,7 @@ from sqlalchemy import (
     URL,
     Connection,
     Engine,
+    Integer,
     Row,
     Select,
     Table,
@@ -575,6 +576,8 @@ class Store:
         return records.server_record(row)
 
     async def list_servers(self, filters: ServerFilters) -> list[Server]:
+        if filters.name is None:
+            return await self._list_servers(filters)
         query = SERVERS.select()
         if filters.project_id is not None:
             query = query.where(SERVERS.c.project_id == filters.project_id)
@@ -619,6 +622,38 @@ class Store:
             return found
 
         return [records.server_record(row) for row in await self._read(work)]
+
+    async def _list_servers(self, filters: ServerFilters) -> list[Server]:
+        """:meth:`list_servers` without a name filter: one statement per shape of filters,
+        compiled once, on the raw connection (a status poll over 1,000 servers took 1.2 ms of
+        CPU through Core, 0.4 ms of it SQLite's; bench/, see the README)."""
+        statement = _list_statement(
+            by_project=filters.project_id is not None,
+            with_deleted=filters.include_deleted,
+            image=filters.image is not None,
+            flavor=filters.flavor is not None,
+            since=filters.changes_since is not None,
+            states=None if filters.states is None else tuple(filters.states),
+            marker=filters.marker is not None,
+            limit=filters.limit is not None,
+        )
+        values = {
+            "project": filters.project_id,
+            "image": filters.image,
+            "flavor": filters.flavor,
+            "since": filters.changes_since,
+            "limit": filters.limit,
+        }
+
+        async def work(tx: dbapi.Tx) -> list[dbapi.Row]:
+            if filters.marker is not None:
+                marker = await tx.first(_MARKER, {"id": filters.marker})
+                if marker is None:
+                    raise errors.Invalid(f"marker [{filters.marker}] not found")
+                values.update(m_created=marker.created_at, m_id=marker.id)
+            return await tx.all(statement, values)
+
+        return [records.server_record(row) for row in await self._fast_read(work)]
 
     async def transition(
         self,
@@ -1119,6 +1154,46 @@ def _device_update(keys: tuple[str, ...]) -> dbapi.Statement:
     )
 
 
+@functools.lru_cache(maxsize=128)
+def _list_statement(
+    *,
+    by_project: bool,
+    with_deleted: bool,
+    image: bool,
+    flavor: bool,
+    since: bool,
+    states: tuple[tuple[str, str | None], ...] | None,
+    marker: bool,
+    limit: bool,
+) -> dbapi.Statement:
+    """The servers list for one shape of filters (Store._list_servers binds the values)."""
+    query = SERVERS.select()
+    if by_project:
+        query = query.where(SERVERS.c.project_id == bindparam("project"))
+    if not with_deleted:
+        query = query.where(SERVERS.c.deleted == False)  # noqa: E712
+    if image:
+        query = query.where(SERVERS.c.image_ref == bindparam("image"))
+    if flavor:
+        query = query.where(SERVERS.c.flavor_id == bindparam("flavor"))
+    if since:
+        query = query.where(SERVERS.c.updated_at >= bindparam("since"))
+    if states is not None:
+        query = query.where(_states_clause(states, constants=True))
+    if marker:
+        created = bindparam("m_created", type_=SERVERS.c.created_at.type)
+        query = query.where(_before(SERVERS.c, created, bindparam("m_id")))
+    query = query.order_by(SERVERS.c.created_at.desc(), SERVERS.c.id.desc())
+    if limit:
+        query = query.limit(bindparam("limit", type_=Integer))
+    return dbapi.Statement(query)
+
+
+_MARKER = dbapi.Statement(
+    select(SERVERS.c.created_at, SERVERS.c.id).where(SERVERS.c.id == bindparam("id"))
+)
+
+
 def _task_state_clause(expected: Collection[str | None]) -> Any:
     # One bound constant each, not an IN list expanded at execution (dbapi.py).
     named = [literal(s) for s in expected if s is not None]
@@ -1132,8 +1207,9 @@ def _task_state_clause(expected: Collection[str | None]) -> Any:
     return or_(*clauses)
 
 
-def _states_clause(pairs: Sequence[tuple[str, str | None]]) -> Any:
-    """(vm_state, task_state) pairs; a None task_state is any state not listed for that vm."""
+def _states_clause(pairs: Sequence[tuple[str, str | None]], *, constants: bool = False) -> Any:
+    """(vm_state, task_state) pairs; a None task_state is any state not listed for that vm.
+    ``constants``: the states as bound constants, with no IN list expanded at execution."""
     explicit: dict[str, list[str]] = {}
     for vm_state, task_state in pairs:
         if task_state is not None:
@@ -1145,7 +1221,12 @@ def _states_clause(pairs: Sequence[tuple[str, str | None]]) -> Any:
                 and_(col(ServerRow.vm_state) == vm_state, col(ServerRow.task_state) == task_state)
             )
         else:
-            listed = explicit_task_states(vm_state)
+            listed: list[Any] = list(explicit_task_states(vm_state))
+            if not listed:  # every task_state shows the default status
+                clauses.append(col(ServerRow.vm_state) == vm_state)
+                continue
+            if constants:
+                listed = [literal(s) for s in listed]
             clauses.append(
                 and_(
                     col(ServerRow.vm_state) == vm_state,
@@ -1158,8 +1239,8 @@ def _states_clause(pairs: Sequence[tuple[str, str | None]]) -> Any:
     return or_(*clauses) if clauses else col(ServerRow.id).is_(None)
 
 
-def _before(columns: Any, created_at: dt.datetime, row_id: str) -> Any:
-    """Rows after a marker in (created_at desc, id desc) order."""
+def _before(columns: Any, created_at: Any, row_id: Any) -> Any:
+    """Rows after a marker (values, or bound parameters) in (created_at desc, id desc) order."""
     return or_(
         columns.created_at < created_at,
         and_(columns.created_at == created_at, columns.id < row_id),

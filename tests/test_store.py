@@ -274,6 +274,29 @@ class TestQueries:
         rest = await store.list_servers(ServerFilters(limit=2, marker=first[-1].id))
         assert [s.id for s in first + rest] == [c.id, b.id, a.id]
 
+    async def test_every_status_filter_lists_the_servers_showing_it(self, store: Store) -> None:
+        """Each status Nova filters by finds exactly the servers that show it, BUILD (whose
+        vm_state shows it whatever the task_state) included, with and without other filters."""
+        from rebuildd.states import states_for_status, status_from_state
+
+        servers = [
+            await _add(store, vm_state=VmState.BUILDING, task_state=TaskState.SPAWNING),
+            await _add(store),
+            await _add(store, task_state=TaskState.REBUILDING),
+            await _add(store, vm_state=VmState.STOPPED, power_state=PowerState.SHUTDOWN),
+            await _add(store, vm_state=VmState.ERROR),
+        ]
+        for status in ("BUILD", "ACTIVE", "REBUILD", "SHUTOFF", "ERROR"):
+            expected = {
+                s.id for s in servers if status_from_state(s.vm_state, s.task_state) == status
+            }
+            assert expected, status
+            for filters in (
+                ServerFilters(states=states_for_status(status)),
+                ServerFilters(states=states_for_status(status), project_id="p", limit=10),
+            ):
+                assert {s.id for s in await store.list_servers(filters)} == expected, status
+
     async def test_name_filter_is_a_case_sensitive_regex_with_literal_fallback(
         self, store: Store
     ) -> None:
