@@ -266,10 +266,34 @@ async def get_context(request: Request) -> RequestContext:
 
 
 async def get_base_url(request: Request) -> str:
-    services = _services(request)
+    return _base_url(request, _services(request))
+
+
+def _base_url(request: Request, services: Services) -> str:
     if services.public_url:
         return services.public_url.rstrip("/")
     return str(request.base_url).rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What a route needs of its request, resolved as one dependency: FastAPI's cost grows
+    with the number of dependencies a route has (bench/, see the README)."""
+
+    services: Services
+    context: RequestContext
+    version: Version
+    base: str
+
+
+async def get_call(request: Request) -> Call:
+    services = _services(request)
+    return Call(
+        services=services,
+        context=await get_context(request),
+        version=await get_version(request),
+        base=_base_url(request, services),
+    )
 
 
 def _digits(value: Any) -> Any:
@@ -297,6 +321,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 VersionDep = Annotated[Version, Depends(get_version)]
 ContextDep = Annotated[RequestContext, Depends(get_context)]
 BaseUrlDep = Annotated[str, Depends(get_base_url)]
+CallDep = Annotated[Call, Depends(get_call)]
 
 
 async def read_json(request: Request) -> Any:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from rebuildd import boot_volumes, errors, lifecycle, microversion, pipeline, schemas, views
 from rebuildd.api import (
     BaseUrlDep,
+    CallDep,
     ContextDep,
     LimitQuery,
     ServicesDep,
@@ -204,18 +205,17 @@ async def list_servers_detail(
     name="show_server",
     responses={**views.openapi_json(views.SERVER_BODY), **faults(404)},
 )
-async def show_server(
-    server_id: str, services: ServicesDep, ctx: ContextDep, version: VersionDep, base: BaseUrlDep
-) -> dict[str, Any]:
-    project = None if ctx.is_admin else ctx.project_id
-    server = await services.store.get_server(server_id, project_id=project)
-    latest = await services.store.latest_faults([server.id] if server.vm_state == "error" else [])
+async def show_server(server_id: str, call: CallDep) -> dict[str, Any]:
+    ctx, services = call.context, call.services
+    store = services.store
+    server = await store.get_server(server_id, project_id=None if ctx.is_admin else ctx.project_id)
+    latest = await store.latest_faults([server.id] if server.vm_state == "error" else [])
     volumes = await services.volume_store.volume_devices([server.id])
     return {
         "server": views.server_show(
             server,
-            base,
-            version,
+            call.base,
+            call.version,
             latest.get(server.id),
             is_admin=ctx.is_admin,
             volumes=volumes.get(server.id, ()),
@@ -403,14 +403,8 @@ _ACTIONS = ("rebuild", "os-stop", "os-start")
         }
     },
 )
-async def server_action(
-    server_id: str,
-    request: Request,
-    services: ServicesDep,
-    ctx: ContextDep,
-    version: VersionDep,
-    base: BaseUrlDep,
-) -> Response:
+async def server_action(server_id: str, request: Request, call: CallDep) -> Response:
+    services, ctx, version, base = call.services, call.context, call.version, call.base
     body = await read_json(request)
     if not isinstance(body, dict) or len(body) != 1:
         raise errors.MalformedBody()

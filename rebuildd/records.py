@@ -25,20 +25,32 @@ RowLike = Any
 
 
 def action_row(server_id: str, action: NewAction, now: dt.datetime) -> InstanceActionRow:
-    return InstanceActionRow(
-        server_id=server_id,
-        action=action.action,
-        request_id=action.request_id,
-        user_id=action.user_id,
-        project_id=action.project_id,
-        message=action.message,
-        start_time=now,
-        updated_at=now,
-        job_state="running" if action.params is not None else None,
-        job_params=action.params,
-        journal={} if action.params is not None else None,
-        idempotency_key=action.idempotency_key,
-    )
+    return InstanceActionRow(**action_values(server_id, action, now))
+
+
+def action_values(server_id: str, action: NewAction, now: dt.datetime) -> dict[str, Any]:
+    """What :func:`action_row` holds, by attribute, every field's default applied — without
+    building the SQLModel row, which costs a hundred times more (bench/, see the README)."""
+    defaults = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in InstanceActionRow.model_fields.items()
+        if not field.is_required()
+    }
+    return {
+        **defaults,
+        "server_id": server_id,
+        "action": action.action,
+        "request_id": action.request_id,
+        "user_id": action.user_id,
+        "project_id": action.project_id,
+        "message": action.message,
+        "start_time": now,
+        "updated_at": now,
+        "job_state": "running" if action.params is not None else None,
+        "job_params": action.params,
+        "journal": {} if action.params is not None else None,
+        "idempotency_key": action.idempotency_key,
+    }
 
 
 def server_values(server: Server) -> dict[str, Any]:

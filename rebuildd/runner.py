@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -24,7 +24,7 @@ import structlog
 
 from rebuildd import errors, notifications, ports
 from rebuildd.metrics import Metrics
-from rebuildd.models import Fault, Notification, RequestContext, Server, utcnow
+from rebuildd.models import Fault, NewAction, Notification, RequestContext, Server, utcnow
 
 log = structlog.get_logger("rebuildd.runner")
 C = TypeVar("C")
@@ -41,6 +41,28 @@ RUNNING, CLEANING, DONE, ROLLED_BACK, FAILED = (
 
 class Interrupted(errors.OperationFailed):
     template = "Interrupted: the compute service {when} during the operation."
+
+
+class JobStore(ports.Store, Protocol):
+    """The Store as the runner uses it: a job's last compare-and-swap also ends the job's
+    action, its last event and that event's notification, in one transaction."""
+
+    async def transition(
+        self,
+        server_id: str,
+        *,
+        action: str,
+        expected_task_state: Collection[str | None],
+        task_state: str | None,
+        expected_vm_state: Collection[str] | None = None,
+        changes: Mapping[str, Any] | None = None,
+        new_action: NewAction | None = None,
+        fault: Fault | None = None,
+        block_device_changes: Mapping[str, Mapping[str, Any]] | None = None,
+        job: tuple[str, str] | None = None,
+        end_event: str | None = None,
+        notification: Callable[[Server], Notification] | None = None,
+    ) -> Server: ...
 
 
 class Facts(Protocol):
@@ -107,8 +129,9 @@ class Journal:
         data = data or {}
         return cls(started=list(data.get("started", [])), done=list(data.get("done", [])))
 
-    def dump(self, facts: Facts) -> dict[str, Any]:
-        return {"started": list(self.started), "done": list(self.done), "facts": facts.to_dict()}
+    def dump(self, facts: Mapping[str, Any]) -> dict[str, Any]:
+        """The journal as saved, with ``facts`` (the job's Facts.to_dict())."""
+        return {"started": list(self.started), "done": list(self.done), "facts": dict(facts)}
 
 
 class _NullObserver:
@@ -124,7 +147,7 @@ class Runner:
 
     def __init__(
         self,
-        store: ports.Store,
+        store: JobStore,
         notifier: ports.Notifier,
         *,
         host: str,
@@ -186,8 +209,8 @@ class Runner:
                 self.active -= 1
                 self.metrics.jobs_running.dec()
 
-    async def _save(self, job: Job[C], journal: Journal) -> None:
-        await self.store.save_journal(job.request.request_id, journal.dump(job.facts))
+    async def _save(self, job: Job[C], journal: Journal, facts: Mapping[str, Any]) -> None:
+        await self.store.save_journal(job.request.request_id, journal.dump(facts))
 
     async def _execute(self, job: Job[C], journal: Journal, task_state: str | None = None) -> None:
         bound = log.bind(
@@ -195,7 +218,6 @@ class Runner:
         )
         task_state = task_state or job.task_state
         stage = job.stages[0]
-        server: Server | None = None
         # A stage that ended, to be recorded with the next stage's start (one transaction).
         ended: tuple[str, Notification | None] | None = None
         try:
@@ -222,27 +244,19 @@ class Runner:
                 ended = None
                 for notification in sent:
                     notifications.sent(notification)
+                facts = job.facts.to_dict()
                 for step, after in zip(pending, [*pending[1:], None], strict=True):
-                    task_state = await self._step(job, step, after, journal, task_state)
-                if last:
-                    outcome = await job.succeed(job.context)
-                    final = CLEANING if job.cleanup else DONE
-                    server = await self._transition(job, task_state, None, outcome, job_state=final)
-                    task_state = None
-                ending = None
-                if stage.notify_end:
-                    ending = await self._notification(job, stage.notify_end, server)
+                    task_state, facts = await self._step(
+                        job, step, after, journal, task_state, facts
+                    )
                 if not last:
+                    ending = None
+                    if stage.notify_end:
+                        ending = await self._notification(job, stage.notify_end)
                     ended = (stage.event, ending)
                     continue
-                await self.store.finish_event(
-                    job.request.request_id,
-                    stage.event,
-                    result="Success",
-                    finish_action=True,
-                    notification=ending,
-                )
-                notifications.sent(ending)
+                await self._succeed(job, stage, task_state)
+                task_state = None
         except BaseException as exc:
             if task_state is None:  # the final state is written; only bookkeeping failed
                 bound.exception("job bookkeeping after success failed")
@@ -256,6 +270,31 @@ class Runner:
         bound.info("job finished", result="Success")
         self.metrics.jobs.labels(action=job.action, result="success").inc()
         await self._cleanup(job, bound)
+
+    async def _succeed(self, job: Job[C], stage: Stage[C], task_state: str | None) -> None:
+        """The final state (task_state None), the job's end, the last event's end and its
+        notification: one transaction."""
+        outcome = await job.succeed(job.context)
+        built: list[Notification] = []
+
+        def ending(server: Server) -> Notification:
+            assert stage.notify_end is not None
+            built[:] = [self._build(job, stage.notify_end, server)]  # once, if PG retries
+            return built[0]
+
+        await self.store.transition(
+            job.server_id,
+            action=job.action,
+            expected_task_state=(task_state,),
+            task_state=None,
+            changes=outcome.changes,
+            block_device_changes=outcome.block_device_changes,
+            job=(job.request.request_id, CLEANING if job.cleanup else DONE),
+            end_event=stage.event,
+            notification=ending if stage.notify_end else None,
+        )
+        for notification in built:
+            notifications.sent(notification)
 
     async def _finish_ended(
         self, job: Job[C], ended: tuple[str, Notification | None], bound: Any
@@ -276,8 +315,10 @@ class Runner:
         after: Step[C] | None,
         journal: Journal,
         task_state: str | None,
-    ) -> str | None:
-        """One step with its transition and journal entries; returns the task_state after it.
+        facts: dict[str, Any],
+    ) -> tuple[str | None, dict[str, Any]]:
+        """One step with its transition and journal entries; returns the task_state and the
+        facts (``Facts.to_dict()``, as ``facts`` is before it) after it.
 
         The journal is written only where recovery would otherwise act differently: before a
         step with an undo starts (folded into the write after the step before it, as nothing
@@ -292,8 +333,7 @@ class Runner:
         if step.name not in journal.started:
             journal.started.append(step.name)
             if step.undo is not None:
-                await self._save(job, journal)
-        facts = job.facts.to_dict()
+                await self._save(job, journal, facts)
         if step.run is not None:
             log.debug("step", step=step.name, request_id=job.request.request_id)
             with self.metrics.step_seconds.labels(action=job.action, step=step.name).time():
@@ -304,14 +344,15 @@ class Runner:
         if after is not None and after.undo is not None and after.name not in journal.started:
             journal.started.append(after.name)
             announce = True
+        now = job.facts.to_dict()
         if (
             announce
-            or job.facts.to_dict() != facts
+            or now != facts
             or job.resume_forward(before) != job.resume_forward(frozenset(journal.done))
         ):
-            await self._save(job, journal)
+            await self._save(job, journal, now)
         await self.observer.after_step(job.action, step.name, job.server_id)
-        return task_state
+        return task_state, now
 
     async def _cleanup(self, job: Job[C], bound: Any) -> None:
         for step in job.cleanup:
@@ -449,6 +490,17 @@ class Runner:
     ) -> Notification:
         if server is None:
             server = await self.store.get_server(job.server_id, include_deleted=True)
+        return self._build(job, event_type, server, priority=priority, extra=extra)
+
+    def _build(
+        self,
+        job: Job[C],
+        event_type: str,
+        server: Server,
+        *,
+        priority: str = "INFO",
+        extra: Mapping[str, Any] | None = None,
+    ) -> Notification:
         return self.notifier.build(
             event_type, server, context=job.request, priority=priority, extra=extra
         )

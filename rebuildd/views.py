@@ -7,13 +7,14 @@ Owns response shapes only: it takes records and returns dicts; no I/O, no HTTP o
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rebuildd import imageprops
-from rebuildd.microversion import Version
+from rebuildd.microversion import Version, parse
 from rebuildd.models import (
     BlockDevice,
     Fault,
@@ -24,6 +25,9 @@ from rebuildd.models import (
     Server,
 )
 from rebuildd.states import status_from_state
+
+# A microversion a view tests, parsed once (Version.at_least parses its argument per call).
+_v = functools.cache(parse)
 
 JSON = dict[str, Any]
 
@@ -57,7 +61,7 @@ def server_brief(server: Server, base: str) -> JSON:
 
 
 def _flavor_ref(flavor: Flavor, base: str, version: Version) -> JSON:
-    if version.at_least("2.47"):
+    if version >= _v("2.47"):
         return {
             "vcpus": flavor.vcpus,
             "ram": flavor.ram,
@@ -97,7 +101,7 @@ def _image_ref(server: Server, base: str, version: Version) -> JSON | str:
         "id": server.image_ref,
         "links": [{"rel": "bookmark", "href": f"{base}/images/{server.image_ref}"}],
     }
-    if version.at_least("2.98"):
+    if version >= _v("2.98"):
         view["properties"] = imageprops.shown(server.image_properties)
     return view
 
@@ -153,28 +157,28 @@ def _server_view(
 def _microversion_fields(server: Server, version: Version, *, is_admin: bool, show: _Show) -> JSON:
     """What microversions 2.9 and later add to the server view."""
     view: JSON = {}
-    if version.at_least("2.9"):
+    if version >= _v("2.9"):
         view["locked"] = server.locked
-    if show.full and is_admin and version.at_least("2.16"):
+    if show.full and is_admin and version >= _v("2.16"):
         # rebuildd is the host's compute service and it is up while it answers.
         view["host_status"] = "UP" if server.host else ""
-    if version.at_least("2.19"):
+    if version >= _v("2.19"):
         view["description"] = server.description
-    if version.at_least("2.26"):
+    if version >= _v("2.26"):
         view["tags"] = []  # rebuildd has no server tags: Nova's value for an untagged server
-    if version.at_least("2.63"):
+    if version >= _v("2.63"):
         certs = server.trusted_certs
         view["trusted_image_certificates"] = None if certs is None else list(certs)
     if show.server_groups:
         view["server_groups"] = []  # rebuildd has no server groups: Nova's value for none
-    if version.at_least("2.73"):
+    if version >= _v("2.73"):
         view["locked_reason"] = server.locked_reason
-    if version.at_least("2.90") and not (show.full and is_admin):
+    if version >= _v("2.90") and not (show.full and is_admin):
         view["OS-EXT-SRV-ATTR:hostname"] = server.hostname
-    if show.full and version.at_least("2.96"):
+    if show.full and version >= _v("2.96"):
         # No availability zone is requested at boot in rebuildd: Nova's value for an unpinned one.
         view["pinned_availability_zone"] = None
-    if version.at_least("2.100"):
+    if version >= _v("2.100"):
         view["scheduler_hints"] = {}  # scheduler hints are not stored: Nova's value for none
     return view
 
@@ -212,7 +216,7 @@ def _admin_attributes(server: Server, version: Version, *, user_data: bool) -> J
         "OS-EXT-SRV-ATTR:hypervisor_hostname": server.node,
         "OS-EXT-SRV-ATTR:instance_name": server.domain_name,
     }
-    if version.at_least("2.3"):
+    if version >= _v("2.3"):
         view.update(
             {
                 "OS-EXT-SRV-ATTR:hostname": server.hostname,
@@ -238,9 +242,7 @@ def server_show(
     volumes: Sequence[BlockDevice] = (),
 ) -> JSON:
     """GET /servers/{id}."""
-    show = _Show(
-        full=True, key_name=True, server_groups=version.at_least("2.71"), ext_user_data=True
-    )
+    show = _Show(full=True, key_name=True, server_groups=version >= _v("2.71"), ext_user_data=True)
     return _server_view(server, base, version, fault, is_admin=is_admin, show=show, volumes=volumes)
 
 
@@ -269,20 +271,20 @@ def server_rebuilt(
     """The rebuild 202's server (without adminPass): the base view below 2.75, the GET view
     from 2.75, and user_data (not OS-EXT-SRV-ATTR:user_data) from 2.57."""
     show = _Show(
-        full=version.at_least("2.75"),
-        key_name=version.at_least("2.54"),
-        server_groups=version.at_least("2.71"),
+        full=version >= _v("2.75"),
+        key_name=version >= _v("2.54"),
+        server_groups=version >= _v("2.71"),
         ext_user_data=False,
     )
     view = _server_view(server, base, version, None, is_admin=is_admin, show=show, volumes=volumes)
-    if version.at_least("2.57"):
+    if version >= _v("2.57"):
         view["user_data"] = server.user_data
     return view
 
 
 def flavor_brief(flavor: Flavor, base: str, version: Version) -> JSON:
     view: JSON = {"id": flavor.id, "name": flavor.name, "links": _links(base, "flavors", flavor.id)}
-    if version.at_least("2.55"):
+    if version >= _v("2.55"):
         view["description"] = flavor.description
     return view
 
@@ -301,7 +303,7 @@ def flavor_detail(flavor: Flavor, base: str, version: Version) -> JSON:
             "os-flavor-access:is_public": flavor.is_public,
         }
     )
-    if version.at_least("2.61"):
+    if version >= _v("2.61"):
         view["extra_specs"] = dict(flavor.extra_specs)
     return view
 
@@ -312,7 +314,7 @@ def keypair_view(keypair: KeyPair, version: Version) -> JSON:
         "public_key": keypair.public_key,
         "fingerprint": keypair.fingerprint,
     }
-    if version.at_least("2.2"):
+    if version >= _v("2.2"):
         view["type"] = keypair.type
     return view
 
@@ -335,7 +337,7 @@ def action_view(
         "start_time": microtime(action.start_time),
         "message": action.message,
     }
-    if version.at_least("2.58"):
+    if version >= _v("2.58"):
         view["updated_at"] = microtime(action.updated_at)
     if events == "none":
         return view
@@ -349,11 +351,11 @@ def action_view(
         }
         if events == "full":
             item["traceback"] = event.traceback
-            if version.at_least("2.62"):
+            if version >= _v("2.62"):
                 item["host"] = event.host
-        if version.at_least("2.62"):
+        if version >= _v("2.62"):
             item["hostId"] = hashlib.sha224((action.project_id + event.host).encode()).hexdigest()
-        if show_details and version.at_least("2.84"):
+        if show_details and version >= _v("2.84"):
             item["details"] = event.details
         items.append(item)
     view["events"] = items

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from rebuildd import errors, migrations
-from rebuildd.models import BlockDevice, Fault, Flavor, NewAction, Server, utcnow
+from rebuildd.models import BlockDevice, Fault, Flavor, NewAction, Notification, Server, utcnow
 from rebuildd.states import PowerState, TaskState, VmState
 from rebuildd.storage import ServerFilters, Store, create_engine
 from tests.conftest import POSTGRES_ADMIN_URL
@@ -179,6 +179,52 @@ class TestTransition:
         assert (await store.latest_faults([server.id]))[server.id].message == "boom"
         assert (await store.get_block_devices(server.id))[0].path == "/new/root.qcow2"
 
+    async def test_a_jobs_last_swap_ends_its_action_event_and_notification_with_it(
+        self, store: Store
+    ) -> None:
+        """With ``end_event``, the final swap also finishes the job's action and that event
+        and writes the notification built from the swapped server, in one transaction; a swap
+        that does not match writes none of them."""
+        server = await _add(store)
+        action = NewAction("rebuild", f"req-{uuid.uuid4()}", "u", "p", params={})
+        await store.transition(
+            server.id,
+            action="rebuild",
+            expected_task_state=(None,),
+            task_state=TaskState.REBUILD_SPAWNING,
+            new_action=action,
+        )
+        await store.start_event(action.request_id, "compute_rebuild_instance", "h")
+
+        def note(swapped: Server) -> Notification:
+            return Notification(
+                "instance.rebuild.end",
+                "INFO",
+                "compute.h",
+                swapped.id,
+                {"task": swapped.task_state},
+            )
+
+        for expected in (TaskState.REBUILDING, TaskState.REBUILD_SPAWNING):
+            with contextlib.suppress(errors.InstanceInvalidState):
+                await store.transition(
+                    server.id,
+                    action="rebuild",
+                    expected_task_state=(expected,),
+                    task_state=None,
+                    job=(action.request_id, "done"),
+                    end_event="compute_rebuild_instance",
+                    notification=note,
+                )
+            recorded = await store.get_action(server.id, action.request_id)
+            ended = expected == TaskState.REBUILD_SPAWNING
+            assert (recorded.finish_time is not None, recorded.job_state) == (
+                (True, "done") if ended else (False, "running")
+            )
+            assert recorded.events[0].result == ("Success" if ended else None)
+            outbox = await store.list_notifications(server.id)
+            assert outbox == ([("instance.rebuild.end", "INFO", {"task": None})] if ended else [])
+
     async def test_a_cancelled_caller_sees_the_swap_it_started_finish(self, store: Store) -> None:
         """Cancelling a caller mid-swap never cuts the transaction short: the caller gets its
         result or CancelledError, and either way the swap it started is whole."""
@@ -227,6 +273,29 @@ class TestQueries:
         first = await store.list_servers(ServerFilters(limit=2))
         rest = await store.list_servers(ServerFilters(limit=2, marker=first[-1].id))
         assert [s.id for s in first + rest] == [c.id, b.id, a.id]
+
+    async def test_every_status_filter_lists_the_servers_showing_it(self, store: Store) -> None:
+        """Each status Nova filters by finds exactly the servers that show it, BUILD (whose
+        vm_state shows it whatever the task_state) included, with and without other filters."""
+        from rebuildd.states import states_for_status, status_from_state
+
+        servers = [
+            await _add(store, vm_state=VmState.BUILDING, task_state=TaskState.SPAWNING),
+            await _add(store),
+            await _add(store, task_state=TaskState.REBUILDING),
+            await _add(store, vm_state=VmState.STOPPED, power_state=PowerState.SHUTDOWN),
+            await _add(store, vm_state=VmState.ERROR),
+        ]
+        for status in ("BUILD", "ACTIVE", "REBUILD", "SHUTOFF", "ERROR"):
+            expected = {
+                s.id for s in servers if status_from_state(s.vm_state, s.task_state) == status
+            }
+            assert expected, status
+            for filters in (
+                ServerFilters(states=states_for_status(status)),
+                ServerFilters(states=states_for_status(status), project_id="p", limit=10),
+            ):
+                assert {s.id for s in await store.list_servers(filters)} == expected, status
 
     async def test_name_filter_is_a_case_sensitive_regex_with_literal_fallback(
         self, store: Store
