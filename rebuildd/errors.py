@@ -21,6 +21,8 @@ on Nova's messages keeps working.
     │       AdoptionRefused
     ├── VersionNotAcceptable    406 notAcceptable
     ├── PayloadTooLarge         413 overLimit
+    ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
+    │   └── ImageServiceUnavailable                      answer the request is down)
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
         └── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
 """
@@ -256,6 +258,19 @@ class PayloadTooLarge(RebuilddError):
     template = "Request is too large."
 
 
+class ServiceUnavailable(RebuilddError):
+    template = "The server is currently unavailable. Please try again at a later time."
+
+
+class ImageServiceUnavailable(ServiceUnavailable):
+    """Glance could not be reached, timed out, failed (5xx) or answered what rebuildd cannot
+    read. Nova raises GlanceConnectionFailed here and its API answers 500 "Unexpected API
+    Error" (not one of the rebuild's expected errors); rebuildd answers 503 before the 202,
+    and records it as the fault of a rebuild it fails after the 202."""
+
+    template = "The image service (Glance at {url}) failed: {reason}"
+
+
 class OperationFailed(RebuilddError):
     template = "{step} failed: {reason}"
 
@@ -282,6 +297,7 @@ HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
     VersionNotAcceptable: (406, "notAcceptable"),
     Conflict: (409, "conflictingRequest"),
     PayloadTooLarge: (413, "overLimit"),
+    ServiceUnavailable: (503, "serviceUnavailable"),
     OperationFailed: (500, "computeFault"),
 }
 
