@@ -61,3 +61,10 @@ postgres:
 
 clean:
 	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache
+
+## glance-venv: real Glance (pinned, scripts/glance-venv.sh) in a cached venv outside the repo,
+## for the tests; a prerequisite of test (kept in its own block so other services' venvs merge)
+.PHONY: glance-venv
+test: glance-venv
+glance-venv:
+	PYTHON=$(PYTHON) scripts/glance-venv.sh
