@@ -1,7 +1,8 @@
 """rebuildd on ``image_backend=glance`` against a real Glance (tests/glance.py; glance 33.0.0
-from the venv ``make test`` installs) and real guests on libvirtd + QEMU: servers boot from
+from the venv ``make test`` installs). On real guests (libvirtd + QEMU): servers boot from
 Glance images and are rebuilt onto others, the api stage checks Glance's fields, and a corrupt
-image or a Glance that stops mid-rebuild fails the rebuild cleanly, the old disk kept."""
+image or a Glance that stops mid-rebuild fails the rebuild cleanly, the old disk kept. On the
+test driver: rebuildd's image API answers from Glance, and a Glance that is down is a 503."""
 
 from __future__ import annotations
 
@@ -259,3 +260,77 @@ def test_the_api_stage_checks_glances_fields(
     assert response.json()["badRequest"]["message"].startswith(message)
     server = live.server(server_id)
     assert (server["status"], server["image"]["id"]) == ("ACTIVE", live.image_ids[0])
+
+
+# -- rebuildd's image API and the api stage on the test driver ------------------------------
+
+
+@pytest.fixture
+def api(
+    tmp_path: Path, glance: Glance, glance_images: list[dict[str, Any]]
+) -> Iterator[LiveDaemon]:
+    """rebuildd on test:///default whose images are Glance's (image_ids: Glance's A and B)."""
+    live = start_live_daemon(tmp_path, image_backend="glance", glance_url=glance.url)
+    live.image_ids.extend(image["id"] for image in glance_images)
+    try:
+        yield live
+    finally:
+        live.stop()
+        if glance.process is None:
+            glance.start()
+
+
+def test_the_image_api_answers_from_glance(api: LiveDaemon, glance: Glance) -> None:
+    """/image/v2/images and novaclient's /v2.1/v2/images list and show Glance's images."""
+    listed = api.client.get("/image/v2/images", params={"name": "glance-image-b"}).json()
+    assert [i["id"] for i in listed["images"]] == [api.image_ids[1]]
+    names = {i["name"] for i in api.client.get("/image/v2/images").json()["images"]}
+    assert {"glance-image-a", "glance-image-b"} <= names
+    expected = glance.show(api.image_ids[1])
+    for path in ("/image/v2/images", "/v2.1/v2/images"):
+        shown = api.client.get(f"{path}/{api.image_ids[1]}").json()
+        assert {k: shown[k] for k in ("id", "name", "size", "os_hash_value", "status")} == {
+            k: expected[k] for k in ("id", "name", "size", "os_hash_value", "status")
+        }
+    missing = api.client.get(f"/image/v2/images/{uuid.uuid4()}")
+    assert missing.status_code == 404
+
+
+def test_an_image_download_through_rebuildd_is_glances_bytes(
+    api: LiveDaemon, glance: Glance
+) -> None:
+    """GET /image/v2/images/{id}/file streams the bytes Glance holds."""
+    with api.client.stream("GET", f"/image/v2/images/{api.image_ids[0]}/file") as response:
+        assert response.status_code == 200
+        digest = hashlib.sha512()
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+    assert digest.hexdigest() == glance.show(api.image_ids[0])["os_hash_value"]
+
+
+def test_image_writes_through_rebuildd_are_refused_naming_glance(
+    api: LiveDaemon, glance: Glance
+) -> None:
+    """Images are Glance's to create and delete: rebuildd's image API answers 403."""
+    body = {"name": "x", "disk_format": "qcow2", "container_format": "bare"}
+    created = api.client.post("/image/v2/images", json=body)
+    assert created.status_code == 403
+    assert f"in Glance at {glance.url}" in created.json()["forbidden"]["message"]
+    assert api.client.delete(f"/image/v2/images/{api.image_ids[0]}").status_code == 403
+    assert glance.show(api.image_ids[0])["status"] == "active"
+
+
+def test_a_rebuild_while_glance_is_down_is_a_503_naming_it(api: LiveDaemon, glance: Glance) -> None:
+    """Glance refusing connections at the api stage is 503 serviceUnavailable (Nova: 500),
+    and the server is untouched."""
+    server_id = api.create_server(image=0)
+    glance.stop()
+    response = api.client.post(
+        f"/v2.1/servers/{server_id}/action", json={"rebuild": {"imageRef": api.image_ids[1]}}
+    )
+    assert response.status_code == 503, response.text
+    message = response.json()["serviceUnavailable"]["message"]
+    assert message.startswith(f"The image service (Glance at {glance.url}) failed: ConnectError")
+    server = api.server(server_id)
+    assert (server["status"], server["OS-EXT-STS:task_state"]) == ("ACTIVE", None)
+    assert api.client.get("/image/v2/images").status_code == 503
