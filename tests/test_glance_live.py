@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests import glance as real_glance
+from tests import test_real_clients as real_clients
 from tests.conftest import require
 from tests.glance import Glance, start_glance
 from tests.live import LiveDaemon, start_live_daemon
@@ -334,3 +335,21 @@ def test_a_rebuild_while_glance_is_down_is_a_503_naming_it(api: LiveDaemon, glan
     server = api.server(server_id)
     assert (server["status"], server["OS-EXT-STS:task_state"]) == ("ACTIVE", None)
     assert api.client.get("/image/v2/images").status_code == 503
+
+
+@pytest.mark.skipif(
+    not (real_clients.OPENSTACK.exists() and real_clients.NOVA.exists()),
+    reason="python-openstackclient and python-novaclient are not installed (the dev extra)",
+)
+def test_real_clients_rebuild_onto_a_glance_image_by_name(
+    api: LiveDaemon, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``openstack server rebuild --image NAME`` and ``nova rebuild SERVER NAME`` find the
+    Glance image by name through rebuildd's image API and rebuild onto it."""
+    clients = real_clients.Clients(api, tmp_path_factory.mktemp("home"), None)
+    server_id = api.create_server("by-name", image=0)
+    clients.openstack("server", "rebuild", "--image", "glance-image-b", "--wait", server_id)
+    assert api.wait_for(server_id, "ACTIVE")["image"]["id"] == api.image_ids[1]
+    out = clients.nova("rebuild", "--poll", "by-name", "glance-image-a")
+    assert "Finished" in out or "ACTIVE" in out, out
+    assert api.wait_for(server_id, "ACTIVE")["image"]["id"] == api.image_ids[0]
