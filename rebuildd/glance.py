@@ -159,20 +159,11 @@ class GlanceImageService:
 
     async def download(self, image_id: str, dest: Path) -> None:
         """Stream the image's data to ``dest``, one chunk in memory at a time."""
-        key = _uuid(image_id) or image_id
         with map_glance_errors(self.url):
-            async with self.client.stream("GET", f"/v2/images/{key}/file") as response:
-                if response.status_code in (204, 404):
-                    reason = "Glance has no such image" if response.status_code == 404 else ""
-                    raise errors.ImageFetchError(
-                        image_id=image_id, reason=reason or "the image has no data in Glance"
-                    )
-                if response.status_code != 200:
-                    await response.aread()
-                    self._check(response)
-                async with await anyio.open_file(dest, "wb") as out:
-                    async for chunk in response.aiter_raw(CHUNK):
-                        await out.write(chunk)
+            # The file is opened only once Glance has answered 200.
+            async with self._data(image_id) as response, await anyio.open_file(dest, "wb") as out:
+                async for chunk in response.aiter_raw(CHUNK):
+                    await out.write(chunk)
 
     # -- the image API's operations (reads answered from Glance; writes belong to Glance) ------
 
@@ -204,12 +195,8 @@ class GlanceImageService:
 
     async def read(self, image_id: str) -> AsyncIterator[bytes]:
         """The image's data from Glance, chunk by chunk (for the download route)."""
-        key = _uuid(image_id) or image_id
         with map_glance_errors(self.url):
-            async with self.client.stream("GET", f"/v2/images/{key}/file") as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    self._check(response)
+            async with self._data(image_id) as response:
                 async for chunk in response.aiter_raw(CHUNK):
                     yield chunk
 
@@ -223,6 +210,24 @@ class GlanceImageService:
         raise self._read_only()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _data(self, image_id: str) -> AsyncIterator[httpx.Response]:
+        """``GET /v2/images/{id}/file`` with its body still to be read: a 200, or an error
+        (no such image or no data in Glance fails the fetch; anything else is Glance's)."""
+        key = _uuid(image_id)
+        if key is None:
+            raise errors.ImageFetchError(image_id=image_id, reason="not a Glance image id")
+        async with self.client.stream("GET", f"/v2/images/{key}/file") as response:
+            if response.status_code in (204, 404):
+                missing = "Glance has no such image" if response.status_code == 404 else ""
+                raise errors.ImageFetchError(
+                    image_id=image_id, reason=missing or "the image has no data in Glance"
+                )
+            if response.status_code != 200:
+                await response.aread()
+                self._check(response)
+            yield response
 
     def _read_only(self) -> errors.Forbidden:
         return errors.Forbidden(

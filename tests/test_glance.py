@@ -158,10 +158,11 @@ class TestErrors:
     async def test_a_download_of_an_image_glance_lost_is_a_fetch_error(
         self, tmp_path: Path
     ) -> None:
-        """The file's 404 fails the fetch (the rebuild rolls back), naming the image."""
+        """The file's 404 fails the fetch (the rebuild rolls back), naming the image; no file."""
         images = service(lambda request: httpx.Response(404))
         with pytest.raises(errors.ImageFetchError, match=IMAGE_ID):
             await images.download(IMAGE_ID, tmp_path / "base")
+        assert not (tmp_path / "base").exists()
 
 
 class TestDownload:

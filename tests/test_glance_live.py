@@ -337,15 +337,13 @@ def test_a_rebuild_while_glance_is_down_is_a_503_naming_it(api: LiveDaemon, glan
     assert api.client.get("/image/v2/images").status_code == 503
 
 
-@pytest.mark.skipif(
-    not (real_clients.OPENSTACK.exists() and real_clients.NOVA.exists()),
-    reason="python-openstackclient and python-novaclient are not installed (the dev extra)",
-)
 def test_real_clients_rebuild_onto_a_glance_image_by_name(
     api: LiveDaemon, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """``openstack server rebuild --image NAME`` and ``nova rebuild SERVER NAME`` find the
     Glance image by name through rebuildd's image API and rebuild onto it."""
+    if not (real_clients.OPENSTACK.exists() and real_clients.NOVA.exists()):
+        require("openstack and nova", "python-openstackclient/novaclient (the dev extra)")
     clients = real_clients.Clients(api, tmp_path_factory.mktemp("home"), None)
     server_id = api.create_server("by-name", image=0)
     clients.openstack("server", "rebuild", "--image", "glance-image-b", "--wait", server_id)
