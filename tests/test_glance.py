@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +23,8 @@ from rebuildd.daemon import open_daemon
 from rebuildd.glance import CHUNK, GlanceImageService
 from rebuildd.models import RequestContext
 from rebuildd.settings import Settings
-from rebuildd.storage import ImageFilters
+from rebuildd.storage import ImageFilters, Store, create_engine
+from tests.process import BIN
 
 URL = "http://glance.test:9292"
 IMAGE_ID = "22772c05-18b1-4ef0-a602-f1202c5c5104"
@@ -266,3 +269,30 @@ class TestDaemon:
 
         with pytest.raises(ValueError, match="REBUILDD_GLANCE_URL"):
             glance_endpoint(Settings(state_dir=tmp_path, image_backend="glance"))
+
+
+class TestSeedDemo:
+    def test_seed_demo_on_glance_makes_the_flavors_and_no_local_image(self, tmp_path: Path) -> None:
+        """``rebuildd seed-demo`` with the glance backend seeds flavors only (images are
+        Glance's), so nothing lands in the unused local store."""
+        env = {
+            **os.environ,
+            "REBUILDD_STATE_DIR": str(tmp_path),
+            "REBUILDD_IMAGE_BACKEND": "glance",
+            "REBUILDD_GLANCE_URL": URL,
+        }
+        for command in (["db", "upgrade"], ["seed-demo"]):
+            done = subprocess.run(
+                [str(BIN), *command], env=env, check=True, capture_output=True, timeout=120
+            )
+        assert done.stdout == b""
+        assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+        async def flavors() -> list[str]:
+            store = Store(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'rebuildd.db'}"))
+            try:
+                return [f.name for f in await store.list_flavors()]
+            finally:
+                await store.close()
+
+        assert asyncio.run(flavors()) == ["m1.tiny", "m1.small"]
