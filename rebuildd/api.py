@@ -16,9 +16,9 @@ import json
 import re
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, Protocol, TypeVar
 
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
@@ -31,13 +31,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rebuildd import errors, microversion
 from rebuildd.auth import Authenticator, Policy
-from rebuildd.images import LocalImageService
 from rebuildd.lifecycle import DomainSettings
 from rebuildd.metrics import CONTENT_TYPE
 from rebuildd.microversion import Version
-from rebuildd.models import RequestContext
+from rebuildd.models import Image, RequestContext
 from rebuildd.pipeline import Deps
-from rebuildd.storage import Store
+from rebuildd.storage import ImageFilters, Store
 from rebuildd.volumes import LocalVolumeService
 from rebuildd.volumestore import VolumeStore
 
@@ -60,13 +59,30 @@ _UNEXPECTED: Final = (
 )
 
 
+class ImageAPI(Protocol):
+    """What the Glance-compatible image routes call: images.LocalImageService, or
+    glance.GlanceImageService (reads answered from Glance, writes refused)."""
+
+    async def get(self, context: RequestContext | None, image_id: str) -> Image | None: ...
+
+    async def list(self, filters: ImageFilters) -> list[Image]: ...
+
+    async def create(self, context: RequestContext, fields: dict[str, Any]) -> Image: ...
+
+    async def upload(self, image_id: str, chunks: AsyncIterator[bytes]) -> Image: ...
+
+    def read(self, image_id: str) -> AsyncIterator[bytes]: ...
+
+    async def delete(self, image_id: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Services:
     """Everything the routes need, built once by the daemon."""
 
     deps: Deps
     store: Store
-    images: LocalImageService
+    images: ImageAPI
     domain: DomainSettings
     public_url: str | None
     project_id: str
@@ -101,7 +117,7 @@ _FAULT_DESCRIPTIONS: Final = {
     406: "notAcceptable: the requested microversion is out of range",
     409: "conflictingRequest: the resource's state does not allow it",
     413: "overLimit: the body is larger than REBUILDD_MAX_BODY_BYTES",
-    503: "serviceUnavailable: Keystone did not answer (REBUILDD_AUTH=keystone)",
+    503: "serviceUnavailable: an upstream service (Keystone, Glance) failed to answer",
 }
 
 

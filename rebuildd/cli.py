@@ -66,7 +66,8 @@ def upgrade(revision: str) -> None:
 
 @main.command("seed-demo")
 def seed_demo() -> None:
-    """Create the demo flavors and two demo images (idempotent)."""
+    """Create the demo flavors and two demo images (idempotent); with
+    REBUILDD_IMAGE_BACKEND=glance only the flavors (images are uploaded to Glance)."""
     from rebuildd import demo
     from rebuildd.disks import DiskManager
     from rebuildd.images import LocalImageService
@@ -77,6 +78,9 @@ def seed_demo() -> None:
     async def run() -> list[str]:
         store = Store(create_engine(settings.effective_database_url))
         try:
+            if settings.image_backend == "glance":
+                await demo.seed_flavors(store)
+                return []
             disks = DiskManager(settings.state_dir / "instances", qemu_img=settings.qemu_img)
             images = LocalImageService(store, settings.state_dir / "images", disks)
             return await demo.seed(store, images, disks)

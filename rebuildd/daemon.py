@@ -13,17 +13,18 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import structlog
 import uvicorn
 from fastapi import FastAPI
 
-from rebuildd import recovery
-from rebuildd.api import Services, create_app
+from rebuildd import glance, recovery
+from rebuildd.api import ImageAPI, Services, create_app
 from rebuildd.auth import Authenticator, Policy, TokenTable
 from rebuildd.disks import DiskManager, blank_base_name
+from rebuildd.glance import GlanceImageService
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
 from rebuildd.instance_events import InstanceEvents
@@ -51,11 +52,13 @@ class Daemon:
     hypervisor: LibvirtHypervisor
     services: Services
     cache: ImageCache
+    # The long-lived clients of upstream services (Glance), closed last.
+    http_clients: list[httpx.AsyncClient] = field(default_factory=list)
     closed: bool = False
 
     async def close(self, *, drain_timeout: float) -> None:
-        """Drain running jobs, then close libvirt, Keystone's client and the database
-        (idempotent)."""
+        """Drain running jobs, then close libvirt, the upstream clients (Keystone, Glance) and
+        the database (idempotent)."""
         if self.closed:
             return
         self.closed = True
@@ -63,6 +66,8 @@ class Daemon:
         await self.hypervisor.close()
         if self.services.authenticator is not None:
             await self.services.authenticator.aclose()
+        for client in self.http_clients:
+            await client.aclose()
         await self.store.close()
         log.info("daemon closed")
 
@@ -73,10 +78,12 @@ async def open_daemon(
     observer: StepObserver | None = None,
     hypervisor_port: Callable[[LibvirtHypervisor], Hypervisor] | None = None,
     keystone_transport: httpx.AsyncBaseTransport | None = None,
+    glance_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Daemon:
     """Open every service and run restart recovery. ``observer`` and ``hypervisor_port`` let
     tests watch step boundaries and put a fault injector in front of libvirt;
-    ``keystone_transport`` carries the calls to Keystone (default: the network)."""
+    ``keystone_transport`` and ``glance_transport`` carry the calls to Keystone and Glance
+    (default: the network)."""
     state = settings.state_dir
     for sub in ("images", "_base", "instances", "volumes"):
         (state / sub).mkdir(parents=True, exist_ok=True)
@@ -95,7 +102,16 @@ async def open_daemon(
         qemu_img=settings.qemu_img,
         retention_seconds=settings.old_root_disk_retention,
     )
-    images = LocalImageService(store, state / "images", disks)
+    http_clients: list[httpx.AsyncClient] = []
+    images: ImageAPI
+    if settings.image_backend == "glance":
+        client = glance.new_client(
+            glance_endpoint(settings), timeout=settings.glance_timeout, transport=glance_transport
+        )
+        http_clients.append(client)
+        images = GlanceImageService(client)
+    else:
+        images = LocalImageService(store, state / "images", disks)
     notifier = Notifier(host=host)
     if settings.test_kill_at:
         observer = KillAt(settings.test_kill_at)
@@ -158,9 +174,15 @@ async def open_daemon(
         libvirt_uri=settings.libvirt_uri,
         state_dir=str(state),
         host=host,
+        image_backend=settings.image_backend,
     )
     return Daemon(
-        settings=settings, store=store, hypervisor=hypervisor, services=services, cache=cache
+        settings=settings,
+        store=store,
+        hypervisor=hypervisor,
+        services=services,
+        cache=cache,
+        http_clients=http_clients,
     )
 
 
@@ -194,6 +216,15 @@ def _authenticator(
         )
         return KeystoneAuthenticator(config, transport=transport)
     return None
+
+
+def glance_endpoint(settings: Settings) -> str:
+    """Glance's URL for ``image_backend=glance``: ``REBUILDD_GLANCE_URL``. The seam for the
+    Keystone catalog (the ``image`` service's public endpoint, as Nova's ``get_api_servers``
+    reads it) is here: once rebuildd holds a service token, an unset URL comes from there."""
+    if not settings.glance_url:
+        raise ValueError("REBUILDD_IMAGE_BACKEND=glance needs REBUILDD_GLANCE_URL")
+    return glance.endpoint(settings.glance_url)
 
 
 def build_app(daemon: Daemon) -> FastAPI:

@@ -32,13 +32,7 @@ DEMO_IMAGES = (("demo-image-a", 0xAA), ("demo-image-b", 0xBB))
 
 async def seed(store: Store, images: LocalImageService, disks: DiskManager) -> list[str]:
     """Create what is missing; return the ids of the demo images."""
-    existing = {f.id for f in await store.list_flavors()}
-    for flavor in DEMO_FLAVORS:
-        if flavor.id not in existing:
-            try:
-                await store.create_flavor(flavor)
-            except errors.Duplicate:
-                log.warning("flavor name taken; skipped", name=flavor.name)
+    await seed_flavors(store)
     context = RequestContext(request_id="req-seed-demo", user_id="admin", project_id="admin")
     ids = []
     for name, pattern in DEMO_IMAGES:
@@ -50,7 +44,7 @@ async def seed(store: Store, images: LocalImageService, disks: DiskManager) -> l
             continue
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.qcow2"
-            await _make_image(disks.qemu_img, path, pattern)
+            await make_image(disks.qemu_img, path, pattern)
             image = await images.create(
                 context,
                 {
@@ -66,7 +60,19 @@ async def seed(store: Store, images: LocalImageService, disks: DiskManager) -> l
     return ids
 
 
-async def _make_image(qemu_img: str, path: Path, pattern: int) -> None:
+async def seed_flavors(store: Store) -> None:
+    """Create the demo flavors that are missing (images may live elsewhere, e.g. in Glance)."""
+    existing = {f.id for f in await store.list_flavors()}
+    for flavor in DEMO_FLAVORS:
+        if flavor.id not in existing:
+            try:
+                await store.create_flavor(flavor)
+            except errors.Duplicate:
+                log.warning("flavor name taken; skipped", name=flavor.name)
+
+
+async def make_image(qemu_img: str, path: Path, pattern: int) -> None:
+    """A 64 MiB qcow2 whose first MiB is ``pattern`` (how every demo image is made)."""
     sibling = Path(qemu_img).with_name("qemu-io")
     qemu_io = str(sibling) if "/" in qemu_img and sibling.exists() else "qemu-io"
     for argv in (

@@ -22,7 +22,8 @@ on Nova's messages keeps working.
     ├── VersionNotAcceptable    406 notAcceptable
     ├── PayloadTooLarge         413 overLimit
     ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
-    │   └── IdentityUnavailable                          answer the request is down)
+    │   ├── IdentityUnavailable                          answer the request is down)
+    │   └── ImageServiceUnavailable
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
         ├── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
         └── ExternalEventTimeout, ExternalEventFailed
@@ -267,6 +268,15 @@ class IdentityUnavailable(ServiceUnavailable):
     """Keystone did not answer a token validation (keystonemiddleware's 503 and words)."""
 
     template = "The Keystone service is temporarily unavailable."
+
+
+class ImageServiceUnavailable(ServiceUnavailable):
+    """Glance could not be reached, timed out, failed (5xx) or answered what rebuildd cannot
+    read. Nova raises GlanceConnectionFailed here and its API answers 500 "Unexpected API
+    Error" (not one of the rebuild's expected errors); rebuildd answers 503 before the 202,
+    and records it as the fault of a rebuild it fails after the 202."""
+
+    template = "The image service (Glance at {url}) failed: {reason}"
 
 
 class OperationFailed(RebuilddError):

@@ -154,6 +154,22 @@ class Settings(BaseSettings):
         description="An unused base file is removed only once it has not been used for this "
         "many seconds (Nova's remove_unused_original_minimum_age_seconds).",
     )
+    image_backend: Literal["local", "glance"] = Field(
+        default="local",
+        description="local: rebuildd's own image store (served at /image); glance: images "
+        "come from the Glance at glance_url, and /image answers reads from it.",
+    )
+    glance_url: str | None = Field(
+        default=None,
+        description="Glance's endpoint for image_backend=glance (e.g. http://glance:9292; a "
+        "trailing /v2 is dropped). Required until the Keystone catalog is read.",
+    )
+    glance_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds rebuildd waits for Glance to connect or to send the next bytes "
+        "(of an answer or of an image download).",
+    )
     reimage_timeout_per_gb: float = Field(
         default=20.0,
         gt=0,

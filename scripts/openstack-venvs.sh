@@ -3,9 +3,11 @@
 # its own virtual environment with pinned versions, installed once into a cache directory
 # outside the repository ($REBUILDD_TEST_CACHE, default /var/cache/rebuildd-test):
 #   keystone -> $REBUILDD_TEST_CACHE/keystone-30.0.0 (keystone, gunicorn)
+#   glance   -> $REBUILDD_TEST_CACHE/glance-33.0.0 (glance, gunicorn)
 # Without arguments: all of them. Idempotent: a venv whose marker names the same pins is kept
 # (a fast no-op); a half-installed one is removed and installed again. The tests find a venv
-# through the same path (tests/keystone.py), so the pins live here and there only.
+# through the same path (tests/keystone.py, tests/glance.py), so the pins live here and there
+# only.
 set -euo pipefail
 
 cache="${REBUILDD_TEST_CACHE:-/var/cache/rebuildd-test}"
@@ -13,9 +15,11 @@ python="${PYTHON:-python3}"
 
 declare -A pins=(
   [keystone]="keystone==30.0.0 gunicorn==27.0.1"
+  [glance]="glance==33.0.0 gunicorn==27.0.1"
 )
 declare -A dirs=(
   [keystone]="keystone-30.0.0"
+  [glance]="glance-33.0.0"
 )
 
 services=("$@")

@@ -113,7 +113,9 @@ def start_live_daemon(
     hypervisor_port: Callable[[Any], Any] | None = None,
     **overrides: Any,
 ) -> LiveDaemon:
-    """Migrate, seed the demo data and serve; return once the port answers."""
+    """Migrate, seed the demo data and serve; return once the port answers. With
+    ``image_backend="glance"`` only the demo flavors are seeded: the images are Glance's (the
+    caller uploads them and fills ``image_ids``)."""
     settings = Settings(state_dir=state_dir, **overrides)
     state_dir.mkdir(parents=True, exist_ok=True)
     migrations.upgrade(settings.effective_database_url)
@@ -124,11 +126,15 @@ def start_live_daemon(
     async def main() -> None:
         daemon = await open_daemon(settings, observer=observer, hypervisor_port=hypervisor_port)
         try:
-            holder["images"] = await demo.seed(
-                daemon.store,
-                daemon.services.images,
-                daemon.services.deps.disks,  # type: ignore[arg-type]
-            )
+            if settings.image_backend == "glance":
+                await demo.seed_flavors(daemon.store)
+                holder["images"] = []
+            else:
+                holder["images"] = await demo.seed(
+                    daemon.store,
+                    daemon.services.images,  # type: ignore[arg-type]
+                    daemon.services.deps.disks,  # type: ignore[arg-type]
+                )
             holder["daemon"] = daemon
             # A long keep-alive: pooled test clients never race the server closing idle sockets.
             config = uvicorn.Config(
