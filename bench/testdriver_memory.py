@@ -10,6 +10,7 @@ the daemon's peak RSS is the hypervisor's rather than rebuildd's.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 import uuid
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import libvirt
 
-from rebuildd import domxml
+from rebuildd import domxml, novameta
 
 
 def rss_kib() -> int:
@@ -43,7 +44,27 @@ def measure(count: int) -> dict[str, float]:
                 items=(("server_id", server_id), ("image_ref", str(uuid.uuid4())))
             ),
         )
-        conn.defineXML(domxml.to_string(domxml.build_domain(spec))).create()
+        root = domxml.build_domain(spec)
+        # Nova's metadata, as the daemon writes it beside its own: the same XML per domain.
+        image_id = str(uuid.uuid4())
+        novameta.write(
+            root,
+            novameta.NovaInstance(
+                name="bench",
+                creation_time=dt.datetime.now(dt.UTC).replace(microsecond=0),
+                flavor=novameta.NovaFlavor("m1.tiny", 512, 1, 0, 0, 1, id="1"),
+                user_uuid="demo",
+                user_name="demo",
+                project_uuid="demo",
+                project_name="demo",
+                root_type="image",
+                root_uuid=image_id,
+                package="rebuildd 0.1.0",
+                image=novameta.NovaImage(image_id, "bare", "qcow2", 0, 0, ()),
+                ports=(),
+            ),
+        )
+        conn.defineXML(domxml.to_string(root)).create()
         if i == 0:
             first = rss_kib()
     after = rss_kib()

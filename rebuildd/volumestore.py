@@ -322,9 +322,16 @@ class VolumeStore:
         await self.store._write(lambda conn: conn.execute(statement))
 
     async def volume_devices(self, server_ids: Collection[str]) -> dict[str, list[BlockDevice]]:
-        """The volume mappings of many servers in one query (for list views), by server."""
+        """The volume mappings of many servers in one query (for list views), by server. One
+        server's (GET /servers/{id}, polled by every client) come from the Store's prebuilt
+        statement for its block devices: building this query costs ~10x more (bench/)."""
         if not server_ids:
             return {}
+        if len(server_ids) == 1:
+            (server_id,) = server_ids
+            devices = await self.store.get_block_devices(server_id)
+            volumes = [d for d in devices if d.destination_type == "volume"]
+            return {server_id: volumes} if volumes else {}
         query = (
             DEVICES.select()
             .where(
