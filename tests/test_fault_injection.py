@@ -108,7 +108,8 @@ def _set_vm_state(db: Path, server_id: str, vm_state: str) -> None:
         conn.commit()
 
 
-def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as: str) -> None:
+def _armed_daemon(tmp_path: Path, boundary: str) -> DaemonProcess:
+    """A daemon on real QEMU that SIGKILLs itself at ``boundary`` of a rebuild."""
     daemon = DaemonProcess(
         tmp_path,
         libvirt_uri=URI,
@@ -118,6 +119,11 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
     )
     daemon.prepare()
     daemon.start(test_kill_at=f"rebuild:{boundary}")
+    return daemon
+
+
+def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as: str) -> None:
+    daemon = _armed_daemon(tmp_path, boundary)
     server_id = ""
     try:
         with daemon.client() as client:
@@ -225,15 +231,7 @@ VOLUME_BACKED_BOUNDARIES = [
 def test_sigkill_of_a_volume_backed_rebuild(qemu: Any, tmp_path: Path, boundary: str) -> None:
     """A volume-backed server re-imaged at 2.93, killed at this boundary and restarted: it is
     ACTIVE on its root volume, which is in-use with exactly one attachment, never available."""
-    daemon = DaemonProcess(
-        tmp_path,
-        libvirt_uri=URI,
-        domain_type="qemu",
-        domain_name_prefix="rebuildd-test-",
-        shutdown_timeout="0.5",
-    )
-    daemon.prepare()
-    daemon.start(test_kill_at=f"rebuild:{boundary}")
+    daemon = _armed_daemon(tmp_path, boundary)
     server_id = ""
     try:
         with daemon.client() as client:
