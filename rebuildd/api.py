@@ -88,7 +88,9 @@ class Services:
     project_id: str
     user_id: str
     policy: Policy
-    volumes: LocalVolumeService  # behind the Cinder-compatible API at /volume
+    # Behind the Cinder-compatible API at /volume; None with the cinder backend (Cinder's own
+    # API is the one to use then, and /volume is not served).
+    volumes: LocalVolumeService | None
     volume_store: VolumeStore
     authenticator: Authenticator | None = None  # None: authentication is off
     max_body_bytes: int = 114688  # Nova's (oslo.middleware sizelimit) default
@@ -268,14 +270,20 @@ async def get_context(request: Request) -> RequestContext:
     if cached is not None:
         return cached
     services = _services(request)
+    token: str | None = None
     if services.authenticator is None:
         user_id, project_id = services.user_id, services.project_id
         roles: tuple[str, ...] = ("admin", "member", "reader")
     else:
-        identity = await services.authenticator.authenticate(request.headers.get("x-auth-token"))
+        token = request.headers.get("x-auth-token")
+        identity = await services.authenticator.authenticate(token)
         user_id, project_id, roles = identity.user_id, identity.project_id, identity.roles
     context = RequestContext(
-        request_id=request.state.request_id, user_id=user_id, project_id=project_id, roles=roles
+        request_id=request.state.request_id,
+        user_id=user_id,
+        project_id=project_id,
+        roles=roles,
+        auth_token=token,
     )
     request.state.context = context
     return context
@@ -384,7 +392,8 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     }
     app.include_router(api_servers.versions)
     app.include_router(api_images.versions, prefix="/image")
-    app.include_router(api_volumes.versions, prefix="/volume")
+    if services.volumes is not None:
+        app.include_router(api_volumes.versions, prefix="/volume")
     app.include_router(api_servers.router, prefix="/v2.1", **authenticated)
     app.include_router(api_actions.router, prefix="/v2.1", **authenticated)
     app.include_router(api_events.router, prefix="/v2.1", **authenticated)
@@ -392,7 +401,8 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     app.include_router(api_images.router, prefix="/image", **authenticated)
     app.include_router(api_images.compute_alias, prefix="/v2.1", **authenticated)
     app.include_router(api_volume_attachments.router, prefix="/v2.1", **authenticated)
-    app.include_router(api_volumes.router, prefix="/volume", **authenticated)
+    if services.volumes is not None:
+        app.include_router(api_volumes.router, prefix="/volume", **authenticated)
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rebuildd import errors, schemas, views
 from rebuildd.api import BaseUrlDep, ContextDep, Services, ServicesDep, faults, read_json
 from rebuildd.models import RequestContext, Volume
+from rebuildd.volumes import LocalVolumeService
 
 versions = APIRouter(tags=["volumes"])  # no authentication: clients discover with it
 router = APIRouter(tags=["volumes"])
@@ -174,6 +175,12 @@ def _project(ctx: RequestContext, project_id: str | None) -> None:
         raise errors.Invalid("Malformed request url")
 
 
+def _local(services: Services) -> LocalVolumeService:
+    """The local volumes (these routes are served only with them: api.create_app)."""
+    assert services.volumes is not None
+    return services.volumes
+
+
 async def _volume(services: Services, ctx: RequestContext, volume_id: str) -> Volume:
     project = None if ctx.is_admin else ctx.project_id
     volume = await services.volume_store.get(volume_id, project_id=project)
@@ -216,7 +223,7 @@ async def create_volume(
             "(size argument must be an integer (or string representation of an integer) and "
             "greater than zero)."
         )
-    volume = await services.volumes.create(
+    volume = await _local(services).create(
         ctx, size=size, name=model.name, image=image, description=model.description
     )
     return JSONResponse(
@@ -297,5 +304,5 @@ async def delete_volume(
 ) -> Response:
     _project(ctx, project_id)
     volume = await _volume(services, ctx, volume_id)
-    await services.volumes.delete(volume.id)
+    await _local(services).delete(volume.id)
     return Response(status_code=202)

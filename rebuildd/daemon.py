@@ -14,26 +14,34 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 import httpx
 import structlog
 import uvicorn
 from fastapi import FastAPI
 
-from rebuildd import glance, recovery
+from rebuildd import cinder, glance, recovery
 from rebuildd.api import ImageAPI, Services, create_app
 from rebuildd.auth import Authenticator, Policy, TokenTable
+from rebuildd.cinder import CinderVolumeService
 from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.glance import GlanceImageService
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
 from rebuildd.instance_events import InstanceEvents
-from rebuildd.keystone import KeystoneAuthenticator, KeystoneConfig
+from rebuildd.keystone import (
+    TIMEOUT,
+    KeystoneAuthenticator,
+    KeystoneConfig,
+    ServiceSession,
+    ServiceTokenAuth,
+)
 from rebuildd.lifecycle import DomainSettings
 from rebuildd.metrics import Metrics
 from rebuildd.notifications import Notifier
 from rebuildd.pipeline import Deps
-from rebuildd.ports import Hypervisor, StepObserver
+from rebuildd.ports import Hypervisor, StepObserver, VolumeService
 from rebuildd.runner import Runner
 from rebuildd.settings import Settings
 from rebuildd.storage import Store, create_engine
@@ -79,11 +87,25 @@ async def open_daemon(
     hypervisor_port: Callable[[LibvirtHypervisor], Hypervisor] | None = None,
     keystone_transport: httpx.AsyncBaseTransport | None = None,
     glance_transport: httpx.AsyncBaseTransport | None = None,
+    cinder_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Daemon:
     """Open every service and run restart recovery. ``observer`` and ``hypervisor_port`` let
     tests watch step boundaries and put a fault injector in front of libvirt;
-    ``keystone_transport`` and ``glance_transport`` carry the calls to Keystone and Glance
-    (default: the network)."""
+    ``keystone_transport``, ``glance_transport`` and ``cinder_transport`` carry the calls to
+    Keystone, Glance and Cinder (default: the network)."""
+    # Identity and the upstream endpoints first: a setting that is wrong fails the start
+    # before anything is opened.
+    http_clients: list[httpx.AsyncClient] = []
+    authenticator, session = _identity(settings, keystone_transport, http_clients)
+    try:
+        upstream = await _upstream(settings, session)
+    except BaseException:
+        if authenticator is not None:
+            await authenticator.aclose()
+        for opened in http_clients:
+            await opened.aclose()
+        raise
+    service_auth = ServiceTokenAuth(session) if session is not None else None
     state = settings.state_dir
     for sub in ("images", "_base", "instances", "volumes"):
         (state / sub).mkdir(parents=True, exist_ok=True)
@@ -102,11 +124,14 @@ async def open_daemon(
         qemu_img=settings.qemu_img,
         retention_seconds=settings.old_root_disk_retention,
     )
-    http_clients: list[httpx.AsyncClient] = []
     images: ImageAPI
     if settings.image_backend == "glance":
+        assert upstream.glance_url is not None
         client = glance.new_client(
-            glance_endpoint(settings), timeout=settings.glance_timeout, transport=glance_transport
+            upstream.glance_url,
+            timeout=settings.glance_timeout,
+            transport=glance_transport,
+            auth=service_auth,
         )
         http_clients.append(client)
         images = GlanceImageService(client)
@@ -124,13 +149,29 @@ async def open_daemon(
         metrics=metrics,
     )
     policy = Policy.load(settings.policy_file)
-    authenticator = _authenticator(settings, keystone_transport)
     cache = ImageCache(state / "_base", images, disks, metrics=metrics)
     volume_store = VolumeStore(store)
     instance_events = InstanceEvents()
-    volumes = LocalVolumeService(
-        volume_store, state / "volumes", disks, cache, events=instance_events
-    )
+    local_volumes: LocalVolumeService | None = None
+    volumes: VolumeService
+    if settings.volume_backend == "cinder":
+        assert upstream.cinder_url is not None
+        client = cinder.new_client(
+            upstream.cinder_url,
+            timeout=settings.cinder_timeout,
+            transport=cinder_transport,
+            auth=service_auth,
+        )
+        http_clients.append(client)
+        volumes = CinderVolumeService(
+            client,
+            nfs_mount_point_base=settings.nfs_mount_point_base or state / "mnt",
+            wait_timeout=settings.cinder_wait_timeout,
+        )
+    else:
+        volumes = local_volumes = LocalVolumeService(
+            volume_store, state / "volumes", disks, cache, events=instance_events
+        )
     deps = Deps(
         store=store,
         hypervisor=hypervisor_port(hypervisor) if hypervisor_port else hypervisor,
@@ -164,7 +205,7 @@ async def open_daemon(
         policy=policy,
         authenticator=authenticator,
         max_body_bytes=settings.max_body_bytes,
-        volumes=volumes,
+        volumes=local_volumes,
         volume_store=volume_store,
     )
     await recovery.recover(deps, domain, volumes=volume_store)
@@ -175,6 +216,7 @@ async def open_daemon(
         state_dir=str(state),
         host=host,
         image_backend=settings.image_backend,
+        volume_backend=settings.volume_backend,
     )
     return Daemon(
         settings=settings,
@@ -186,45 +228,112 @@ async def open_daemon(
     )
 
 
-def _authenticator(
-    settings: Settings, transport: httpx.AsyncBaseTransport | None
-) -> Authenticator | None:
-    """The authenticator of ``REBUILDD_AUTH`` (None: authentication is off)."""
+def _identity(
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport | None,
+    http_clients: list[httpx.AsyncClient],
+) -> tuple[Authenticator | None, ServiceSession | None]:
+    """The authenticator of ``REBUILDD_AUTH`` (None: authentication is off), and rebuildd's own
+    Keystone session when the service credentials are set (for Glance, Cinder and the
+    catalog; with ``auth=keystone`` the authenticator's)."""
+    config = keystone_config(settings)
+    authenticator: Authenticator | None = None
     if settings.auth == "token":
         if settings.tokens_file is None:
             raise ValueError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
-        return TokenTable.load(settings.tokens_file)
+        authenticator = TokenTable.load(settings.tokens_file)
+    if config is None:
+        return authenticator, None
     if settings.auth == "keystone":
-        required = {
-            "REBUILDD_KEYSTONE_URL": settings.keystone_url,
-            "REBUILDD_KEYSTONE_USERNAME": settings.keystone_username,
-            "REBUILDD_KEYSTONE_PASSWORD": settings.keystone_password,
-            "REBUILDD_KEYSTONE_PROJECT_NAME": settings.keystone_project_name,
-        }
-        missing = [name for name, value in required.items() if not value]
-        if missing:
-            raise ValueError(f"REBUILDD_AUTH=keystone needs {', '.join(missing)}")
-        assert settings.keystone_password is not None  # checked just above
-        config = KeystoneConfig(
-            url=str(settings.keystone_url),
-            username=str(settings.keystone_username),
-            password=settings.keystone_password.get_secret_value(),
-            project_name=str(settings.keystone_project_name),
-            user_domain_name=settings.keystone_user_domain_name,
-            project_domain_name=settings.keystone_project_domain_name,
-            cache_seconds=settings.keystone_cache_seconds,
+        keystone_auth = KeystoneAuthenticator(config, transport=transport)
+        return keystone_auth, keystone_auth.session
+    client = httpx.AsyncClient(base_url=config.api_url, transport=transport, timeout=TIMEOUT)
+    http_clients.append(client)
+    return authenticator, ServiceSession(config, client)
+
+
+def keystone_config(settings: Settings) -> KeystoneConfig | None:
+    """rebuildd's Keystone credentials (the ``REBUILDD_KEYSTONE_*`` settings): required for
+    ``auth=keystone`` and ``volume_backend=cinder``, otherwise used when all are set."""
+    required = {
+        "REBUILDD_KEYSTONE_URL": settings.keystone_url,
+        "REBUILDD_KEYSTONE_USERNAME": settings.keystone_username,
+        "REBUILDD_KEYSTONE_PASSWORD": settings.keystone_password,
+        "REBUILDD_KEYSTONE_PROJECT_NAME": settings.keystone_project_name,
+    }
+    missing = [name for name, value in required.items() if not value]
+    needed_by = [
+        name
+        for name, needs in (
+            ("REBUILDD_AUTH=keystone", settings.auth == "keystone"),
+            ("REBUILDD_VOLUME_BACKEND=cinder", settings.volume_backend == "cinder"),
         )
-        return KeystoneAuthenticator(config, transport=transport)
-    return None
+        if needs
+    ]
+    if missing:
+        if needed_by:
+            raise ValueError(f"{' and '.join(needed_by)} needs {', '.join(missing)}")
+        return None
+    assert settings.keystone_password is not None  # checked just above
+    return KeystoneConfig(
+        url=str(settings.keystone_url),
+        username=str(settings.keystone_username),
+        password=settings.keystone_password.get_secret_value(),
+        project_name=str(settings.keystone_project_name),
+        user_domain_name=settings.keystone_user_domain_name,
+        project_domain_name=settings.keystone_project_domain_name,
+        cache_seconds=settings.keystone_cache_seconds,
+    )
 
 
-def glance_endpoint(settings: Settings) -> str:
-    """Glance's URL for ``image_backend=glance``: ``REBUILDD_GLANCE_URL``. The seam for the
-    Keystone catalog (the ``image`` service's public endpoint, as Nova's ``get_api_servers``
-    reads it) is here: once rebuildd holds a service token, an unset URL comes from there."""
-    if not settings.glance_url:
-        raise ValueError("REBUILDD_IMAGE_BACKEND=glance needs REBUILDD_GLANCE_URL")
-    return glance.endpoint(settings.glance_url)
+# Catalog service types, in the order keystoneauth's service-types authority aliases them.
+CATALOG_TYPES: Final = {
+    "glance": ("image",),
+    "cinder": ("block-storage", "volumev3", "volume"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    glance_url: str | None
+    cinder_url: str | None
+
+
+async def _upstream(settings: Settings, session: ServiceSession | None) -> _Upstream:
+    """The URLs of the backends in use (None for one not in use)."""
+    glance_url = cinder_url = None
+    if settings.image_backend == "glance":
+        glance_url = await service_endpoint(
+            settings.glance_url, session, settings, service="glance"
+        )
+    if settings.volume_backend == "cinder":
+        cinder_url = await service_endpoint(
+            settings.cinder_url, session, settings, service="cinder"
+        )
+    return _Upstream(glance_url=glance_url, cinder_url=cinder_url)
+
+
+async def service_endpoint(
+    url: str | None, session: ServiceSession | None, settings: Settings, *, service: str
+) -> str:
+    """An upstream service's URL: its ``REBUILDD_<SERVICE>_URL``, else the Keystone catalog's
+    endpoint of its type (``catalog_interface``, ``catalog_region``), as Nova finds Glance
+    and Cinder through keystoneauth."""
+    if url:
+        return url
+    name = f"REBUILDD_{service.upper()}_URL"
+    if session is None:
+        raise ValueError(f"{service} needs {name} or the REBUILDD_KEYSTONE_* credentials")
+    try:
+        found = await session.endpoint(
+            CATALOG_TYPES[service],
+            interface=settings.catalog_interface,
+            region=settings.catalog_region,
+        )
+    except LookupError as exc:
+        raise ValueError(f"{service}: {exc}; set {name}") from None
+    log.info("endpoint from the catalog", service=service, url=found)
+    return found
 
 
 def build_app(daemon: Daemon) -> FastAPI:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from lxml import etree
 
@@ -280,15 +280,20 @@ def disk_target(disk: Element) -> str:
     return _target_of(disk)
 
 
+# Cinder driver types whose volume is a file on this host once connected.
+FILE_VOLUME_TYPES: Final = frozenset({"file", "nfs"})
+
+
 def volume_disk(
     target: str, connection_info: dict[str, object], *, volume_id: str, bus: str = "virtio"
 ) -> Element:
-    """The ``<disk>`` of a volume from its Cinder connection_info (the ``file`` driver type:
-    ``data.device_path`` and ``data.format``), with the volume id as its serial, as Nova's
-    libvirt volume drivers write it; read-only for an ``ro`` access mode."""
+    """The ``<disk>`` of a volume from its Cinder connection_info — the ``file`` driver type,
+    or ``nfs`` once connector.connect_volume has mounted the share and set the file's
+    ``data.device_path`` (Nova's LibvirtNFSVolumeDriver) — with ``data.format``, the volume id
+    as its serial, as Nova's libvirt volume drivers write it; read-only for ``ro`` access."""
     data = connection_info.get("data")
-    if connection_info.get("driver_volume_type") != "file" or not isinstance(data, dict):
-        kind = connection_info.get("driver_volume_type")
+    kind = connection_info.get("driver_volume_type")
+    if kind not in FILE_VOLUME_TYPES or not isinstance(data, dict) or not data.get("device_path"):
         raise ValueError(f"unsupported connection_info: {kind}")
     fmt = str(data.get("format") or "raw")
     disk = etree.Element("disk", type="file", device="disk")

@@ -23,9 +23,11 @@ on Nova's messages keeps working.
     ├── PayloadTooLarge         413 overLimit
     ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
     │   ├── IdentityUnavailable                          answer the request is down)
-    │   └── ImageServiceUnavailable
+    │   ├── ImageServiceUnavailable
+    │   └── VolumeServiceUnavailable
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
         ├── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
+        ├── VolumeNotCreated, VolumeNotDeleted
         └── ExternalEventTimeout, ExternalEventFailed
 """
 
@@ -279,6 +281,14 @@ class ImageServiceUnavailable(ServiceUnavailable):
     template = "The image service (Glance at {url}) failed: {reason}"
 
 
+class VolumeServiceUnavailable(ServiceUnavailable):
+    """Cinder could not be reached, timed out, failed (5xx), refused rebuildd's credentials
+    or answered what rebuildd cannot read. A 503 before the 202; the named fault of a job
+    that fails after it."""
+
+    template = "The volume service (Cinder at {url}) failed: {reason}"
+
+
 class OperationFailed(RebuilddError):
     template = "{step} failed: {reason}"
 
@@ -293,6 +303,17 @@ class DiskError(OperationFailed):
 
 class ImageFetchError(OperationFailed):
     template = "Fetching image {image_id} failed: {reason}"
+
+
+class VolumeNotCreated(OperationFailed):
+    template = (
+        "Volume {volume_id} did not finish being created even after we waited {seconds} "
+        "seconds. And its status is {volume_status}."
+    )
+
+
+class VolumeNotDeleted(OperationFailed):
+    template = "Volume {volume_id} was not deleted within {seconds} seconds."
 
 
 class ExternalEventTimeout(OperationFailed):

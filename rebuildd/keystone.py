@@ -10,6 +10,12 @@ verbatim). Keystone's 404 (unknown, expired or revoked token) is a 401 with
 ``WWW-Authenticate: Keystone uri="..."``; a Keystone that does not answer, or refuses
 rebuildd's own credentials, is a 503 (keystonemiddleware answers 503 there too), never a 500.
 It must not know FastAPI or the policy: it returns an :class:`~rebuildd.auth.Identity`.
+
+:class:`ServiceSession` is rebuildd's own identity towards the other services, as Nova's
+``[service_user]`` and ``[cinder]``/``[glance]`` keystoneauth sessions are: one token (with its
+catalog, where the endpoints of Glance and Cinder are found), renewed before it expires or once
+a service answers 401 to it; :class:`ServiceTokenAuth` puts it on httpx requests as
+``X-Service-Token`` (and as ``X-Auth-Token`` unless the request carries a user's token).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -100,8 +106,7 @@ class KeystoneAuthenticator:
         )
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
-        self._service_token: tuple[str, dt.datetime] | None = None
-        self._service_lock = asyncio.Lock()
+        self.session = ServiceSession(config, self._client, clock=clock)
 
     @property
     def challenge(self) -> str:
@@ -136,8 +141,9 @@ class KeystoneAuthenticator:
 
     async def _validate(self, token: str) -> _Token:
         """``GET /v3/auth/tokens``; once more with a new service token if Keystone says 401."""
-        for attempt in (1, 2):
-            service = await self._service(renew=attempt == 2)
+        service: str | None = None
+        for _attempt in (1, 2):
+            service = await self.session.token(stale=service)
             headers = {"X-Auth-Token": service, "X-Subject-Token": token}
             with _unavailable("validate token"):
                 response = await self._client.get(
@@ -159,45 +165,6 @@ class KeystoneAuthenticator:
         else:
             log.error("keystone failed to validate a token", status=response.status_code)
         raise errors.IdentityUnavailable()
-
-    async def _service(self, *, renew: bool) -> str:
-        """rebuildd's own token, from password auth; one request at a time renews it."""
-        async with self._service_lock:
-            held = self._service_token
-            if held is not None and not renew and self._clock() < held[1] - RENEW_BEFORE:
-                return held[0]
-            self._service_token = await self._password_auth()
-            return self._service_token[0]
-
-    async def _password_auth(self) -> tuple[str, dt.datetime]:
-        c = self.config
-        body = {
-            "auth": {
-                "identity": {
-                    "methods": ["password"],
-                    "password": {
-                        "user": {
-                            "name": c.username,
-                            "domain": {"name": c.user_domain_name},
-                            "password": c.password,
-                        }
-                    },
-                },
-                "scope": {
-                    "project": {"name": c.project_name, "domain": {"name": c.project_domain_name}}
-                },
-            }
-        }
-        with _unavailable("service token"):
-            response = await self._client.post(
-                "/v3/auth/tokens", json=body, params={"nocatalog": ""}
-            )
-        token = response.headers.get("x-subject-token")
-        if response.status_code != 201 or not token:
-            log.error("keystone refused rebuildd's credentials", status=response.status_code)
-            raise errors.IdentityUnavailable()
-        log.info("service token obtained", user=c.username, project=c.project_name)
-        return token, _parse(response, "service token").expires_at
 
 
 def _identity(token: _Token) -> Identity:
@@ -228,3 +195,157 @@ def _unavailable(call: str) -> Iterator[None]:
     except httpx.TransportError as exc:
         log.error("keystone unreachable", call=call, error=type(exc).__name__, detail=str(exc))
         raise errors.IdentityUnavailable() from None
+
+
+class _Endpoint(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    interface: str
+    url: str
+    region_id: str | None = None
+    region: str | None = None
+
+
+class _Service(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    endpoints: list[_Endpoint] = []
+
+
+class _ServiceToken(_Token):
+    catalog: list[_Service] = []
+
+
+class _ServiceTokenBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    token: _ServiceToken
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    token: str
+    expires_at: dt.datetime
+    project_id: str | None
+    catalog: tuple[_Service, ...]
+
+
+class ServiceSession:
+    """rebuildd's own token: password auth with the service credentials, one renewal at a
+    time, the catalog of the last token kept for endpoint lookups."""
+
+    def __init__(
+        self,
+        config: KeystoneConfig,
+        client: httpx.AsyncClient,
+        *,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self._client = client
+        self._clock = clock
+        self._held: _Held | None = None
+        self._lock = asyncio.Lock()
+
+    async def token(self, *, stale: str | None = None) -> str:
+        """The current token; a new one if it is about to expire, or if it is ``stale`` (a
+        service refused it) — unless another request has renewed it meanwhile."""
+        return (await self._current(stale)).token
+
+    async def project_id(self) -> str | None:
+        return (await self._current(None)).project_id
+
+    async def endpoint(
+        self, service_types: tuple[str, ...], *, interface: str, region: str | None
+    ) -> str:
+        """The URL of the first of ``service_types`` (in that order, as keystoneauth's
+        service-types aliases are tried) the catalog lists for ``interface`` (and ``region``),
+        as Nova's ``get_endpoint`` finds Glance and Cinder."""
+        held = await self._current(None)
+        for wanted in service_types:
+            for service in held.catalog:
+                if service.type != wanted:
+                    continue
+                for ep in service.endpoints:
+                    if ep.interface == interface and region in (None, ep.region_id, ep.region):
+                        return ep.url
+        raise LookupError(
+            f"the Keystone catalog lists no {interface} endpoint of "
+            f"{' or '.join(service_types)}" + (f" in region {region}" if region else "")
+        )
+
+    async def _current(self, stale: str | None) -> _Held:
+        async with self._lock:
+            held = self._held
+            fresh = held is not None and self._clock() < held.expires_at - RENEW_BEFORE
+            if held is not None and fresh and (stale is None or held.token != stale):
+                return held
+            self._held = await self._password_auth()
+            return self._held
+
+    async def _password_auth(self) -> _Held:
+        c = self.config
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {
+                            "name": c.username,
+                            "domain": {"name": c.user_domain_name},
+                            "password": c.password,
+                        }
+                    },
+                },
+                "scope": {
+                    "project": {"name": c.project_name, "domain": {"name": c.project_domain_name}}
+                },
+            }
+        }
+        with _unavailable("service token"):
+            response = await self._client.post("/v3/auth/tokens", json=body)
+        token = response.headers.get("x-subject-token")
+        if response.status_code != 201 or not token:
+            log.error("keystone refused rebuildd's credentials", status=response.status_code)
+            raise errors.IdentityUnavailable()
+        try:
+            parsed = _ServiceTokenBody.model_validate_json(response.content).token
+        except ValidationError as exc:
+            log.error(
+                "keystone answered an unreadable token", call="service token", error=str(exc)[:200]
+            )
+            raise errors.IdentityUnavailable() from None
+        log.info("service token obtained", user=c.username, project=c.project_name)
+        return _Held(
+            token=token,
+            expires_at=parsed.expires_at,
+            project_id=parsed.project.id if parsed.project else None,
+            catalog=tuple(parsed.catalog),
+        )
+
+
+class ServiceTokenAuth(httpx.Auth):
+    """rebuildd's service token on each request: ``X-Service-Token`` always (Nova's
+    ``send_service_user_token``; Cinder wants it to delete an attachment), ``X-Auth-Token``
+    too unless the request already carries a user's. A 401 renews the token and retries once."""
+
+    def __init__(self, session: ServiceSession) -> None:
+        self.session = session
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        user_token = "x-auth-token" in request.headers
+        token: str | None = None
+        for attempt in (1, 2):
+            token = await self.session.token(stale=token if attempt == 2 else None)
+            request.headers["X-Service-Token"] = token
+            if not user_token:
+                request.headers["X-Auth-Token"] = token
+            response = yield request
+            if response.status_code != 401:
+                return
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        raise RuntimeError("ServiceTokenAuth needs an httpx.AsyncClient")
+        yield request  # pragma: no cover - makes this a generator

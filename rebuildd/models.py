@@ -216,6 +216,9 @@ class RequestContext:
     user_id: str
     project_id: str
     roles: tuple[str, ...] = ()
+    # The caller's Keystone token, in memory only (never journalled): what a volume created
+    # for the request is created with, so it is the caller's. None after a restart.
+    auth_token: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_admin(self) -> bool:

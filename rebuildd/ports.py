@@ -154,7 +154,8 @@ class VolumeService(Protocol):
     async def delete(self, volume_id: str) -> None: ...
 
     async def reimage(self, volume_id: str, image: Image, *, reimage_reserved: bool) -> None:
-        """Returns when the volume holds the image."""
+        """Starts the re-image; its end is announced as ``volume-reimaged`` to the server's
+        instance events (Cinder posts it; the local volumes deliver it before returning)."""
         ...
 
 

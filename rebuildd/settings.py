@@ -94,6 +94,14 @@ class Settings(BaseSettings):
         description="Seconds a validated token is trusted without asking Keystone again (never "
         "past its expiry); 0 validates every request.",
     )
+    catalog_interface: Literal["public", "internal", "admin"] = Field(
+        default="public",
+        description="Which endpoints of the Keystone catalog rebuildd calls (for Glance and "
+        "Cinder URLs that are not set).",
+    )
+    catalog_region: str | None = Field(
+        default=None, description="The catalog region to take endpoints from (any if unset)."
+    )
     policy_file: Path | None = Field(
         default=None, description="TOML file overriding policy rules (see README)."
     )
@@ -162,13 +170,41 @@ class Settings(BaseSettings):
     glance_url: str | None = Field(
         default=None,
         description="Glance's endpoint for image_backend=glance (e.g. http://glance:9292; a "
-        "trailing /v2 is dropped). Required until the Keystone catalog is read.",
+        "trailing /v2 is dropped). Unset: the catalog's image endpoint (needs the keystone_* "
+        "service credentials).",
     )
     glance_timeout: float = Field(
         default=60.0,
         gt=0,
         description="Seconds rebuildd waits for Glance to connect or to send the next bytes "
         "(of an answer or of an image download).",
+    )
+    volume_backend: Literal["local", "cinder"] = Field(
+        default="local",
+        description="local: rebuildd's own volumes (files under the state dir, served at "
+        "/volume); cinder: the Cinder at cinder_url, with rebuildd's service token (the "
+        "keystone_* credentials; the service user needs the admin and service roles).",
+    )
+    cinder_url: str | None = Field(
+        default=None,
+        description="Cinder's endpoint for volume_backend=cinder (e.g. "
+        "http://cinder:8776/v3; a project id after /v3 is dropped). Unset: the catalog's "
+        "block-storage (volumev3) endpoint.",
+    )
+    cinder_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds rebuildd waits for one answer of Cinder."
+    )
+    cinder_wait_timeout: float = Field(
+        default=180.0,
+        gt=0,
+        description="Seconds a volume Cinder creates or deletes may take (Nova's "
+        "block_device_allocate_retries x interval).",
+    )
+    nfs_mount_point_base: Path | None = Field(
+        default=None,
+        description="Where this host mounts the NFS shares of Cinder volumes, each at "
+        "<base>/<md5 of the share> (Nova's [libvirt] nfs_mount_point_base); default "
+        "<state_dir>/mnt.",
     )
     reimage_timeout_per_gb: float = Field(
         default=20.0,

@@ -263,12 +263,18 @@ class TestDaemon:
             await daemon.close(drain_timeout=5)
         assert images.client.is_closed
 
-    def test_glance_without_a_url_is_refused_at_start(self, tmp_path: Path) -> None:
-        """REBUILDD_IMAGE_BACKEND=glance without REBUILDD_GLANCE_URL fails loudly."""
-        from rebuildd.daemon import glance_endpoint
+    async def test_glance_without_a_url_or_keystone_is_refused_at_start(
+        self, tmp_path: Path
+    ) -> None:
+        """REBUILDD_IMAGE_BACKEND=glance with neither REBUILDD_GLANCE_URL nor Keystone
+        credentials (for the catalog) fails loudly at start."""
+        from rebuildd.daemon import open_daemon
 
-        with pytest.raises(ValueError, match="REBUILDD_GLANCE_URL"):
-            glance_endpoint(Settings(state_dir=tmp_path, image_backend="glance"))
+        settings = Settings(
+            state_dir=tmp_path, image_backend="glance", libvirt_uri="test:///default"
+        )
+        with pytest.raises(ValueError, match="REBUILDD_GLANCE_URL or the REBUILDD_KEYSTONE_"):
+            await open_daemon(settings)
 
 
 class TestSeedDemo:

@@ -75,7 +75,9 @@ def _wait(live: LiveDaemon, volume_id: str, status: str) -> dict[str, Any]:
 
 
 def _path(live: LiveDaemon, volume_id: str) -> Path:
-    return live.daemon.services.volumes.path(volume_id)
+    volumes = live.daemon.services.volumes
+    assert volumes is not None  # the local backend
+    return volumes.path(volume_id)
 
 
 def test_live_attach_verified_detach_and_bytes(qemu: LiveDaemon) -> None:
