@@ -147,6 +147,7 @@ async def open_daemon(
         limit=settings.max_concurrent_operations,
         observer=observer,
         metrics=metrics,
+        undo_retry_timeout=settings.undo_retry_timeout,
     )
     policy = Policy.load(settings.policy_file)
     cache = ImageCache(state / "_base", images, disks, metrics=metrics)

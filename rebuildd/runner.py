@@ -15,16 +15,21 @@ after a crash, a started step is either re-run (rolling forward) or undone (roll
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import structlog
 
 from rebuildd import errors, notifications, ports
 from rebuildd.metrics import Metrics
 from rebuildd.models import Fault, NewAction, Notification, RequestContext, Server, utcnow
+
+# Backoff of an undo waiting for an upstream service: first wait, longest wait (seconds).
+UNDO_RETRY_FIRST: Final = 0.5
+UNDO_RETRY_MAX: Final = 10.0
 
 log = structlog.get_logger("rebuildd.runner")
 C = TypeVar("C")
@@ -154,8 +159,12 @@ class Runner:
         limit: int,
         observer: ports.StepObserver | None = None,
         metrics: Metrics | None = None,
+        undo_retry_timeout: float = 300.0,
     ) -> None:
         self.store = store
+        # How long an undo that needs an upstream service (Cinder, Glance, Keystone) that is
+        # down is retried before the job gives up as not rolled back.
+        self.undo_retry_timeout = undo_retry_timeout
         self.metrics = metrics or Metrics()
         self.notifier = notifier
         self.host = host
@@ -416,18 +425,36 @@ class Runner:
         notifications.sent(error)
 
     async def _undo(self, job: Job[C], journal: Journal, bound: Any) -> bool:
-        """Undo every started step, newest first; True when every undo succeeded."""
+        """Undo every started step, newest first; True when every undo succeeded. An undo that
+        fails because an upstream service is down (ServiceUnavailable) is tried again, with
+        backoff, until the service is back or ``undo_retry_timeout`` has passed: a volume
+        must get its attachment back even if Cinder was what failed the job."""
         steps = {s.name: s for stage in job.stages for s in stage.steps}
         rolled_back = True
+        deadline = time.monotonic() + self.undo_retry_timeout
         for name in reversed(journal.started):
             step = steps.get(name)
             if step is None or step.undo is None:
                 continue
-            try:
-                await step.undo(job.context)
-            except Exception:
-                rolled_back = False
-                bound.exception("undo failed", step=name)
+            delay = UNDO_RETRY_FIRST
+            while True:
+                try:
+                    await step.undo(job.context)
+                except errors.ServiceUnavailable as exc:
+                    if time.monotonic() + delay > deadline:
+                        rolled_back = False
+                        bound.error("undo failed", step=name, reason=exc.message)
+                        break
+                    bound.warning(
+                        "undo waits for a service", step=name, reason=exc.message, retry_in=delay
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, UNDO_RETRY_MAX)
+                    continue
+                except Exception:
+                    rolled_back = False
+                    bound.exception("undo failed", step=name)
+                break
         return rolled_back
 
     # -- resuming after a crash ---------------------------------------------------------------

@@ -206,6 +206,13 @@ class Settings(BaseSettings):
         "<base>/<md5 of the share> (Nova's [libvirt] nfs_mount_point_base); default "
         "<state_dir>/mnt.",
     )
+    undo_retry_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds the rollback of a failed job keeps retrying an undo that needs an "
+        "upstream service (Cinder, Glance, Keystone) that is down, before it gives up and the "
+        "server goes to ERROR.",
+    )
     reimage_timeout_per_gb: float = Field(
         default=20.0,
         gt=0,

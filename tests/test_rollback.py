@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rebuildd.errors import HypervisorError
+from rebuildd.errors import HypervisorError, VolumeServiceUnavailable
 from tests.live import LiveDaemon, start_live_daemon
 from tests.xmlutil import disk_source, parse
 
@@ -25,11 +25,17 @@ class FaultyHypervisor:
     def __init__(self, real: Any) -> None:
         self.real = real
         self.plan: dict[str, int] = {}
+        self.unavailable: dict[str, range] = {}
         self.calls: collections.Counter[str] = collections.Counter()
 
     def arm(self, **plan: int) -> None:
         self.calls.clear()
         self.plan = plan
+        self.unavailable = {}
+
+    def arm_unavailable(self, name: str, calls: range) -> None:
+        """Calls ``calls`` of ``name`` fail as an upstream service that is down would."""
+        self.unavailable[name] = calls
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.real, name)
@@ -37,24 +43,29 @@ class FaultyHypervisor:
             return attr
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            if name in self.plan:
+            if name in self.plan or name in self.unavailable:
                 self.calls[name] += 1
-                if self.calls[name] == self.plan[name]:
+                if self.calls[name] == self.plan.get(name):
                     raise HypervisorError(call=name, reason=f"injected fault in {name}")
+                if self.calls[name] in self.unavailable.get(name, ()):
+                    raise VolumeServiceUnavailable(url="http://cinder.test", reason="down")
             return await attr(*args, **kwargs)
 
         return call
 
 
 @pytest.fixture
-def faulty(tmp_path: Path) -> Iterator[tuple[LiveDaemon, FaultyHypervisor]]:
+def faulty(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[LiveDaemon, FaultyHypervisor]]:
     holder: dict[str, FaultyHypervisor] = {}
 
     def port(real: Any) -> FaultyHypervisor:
         holder["hv"] = FaultyHypervisor(real)
         return holder["hv"]
 
-    live = start_live_daemon(tmp_path, hypervisor_port=port)
+    settings = getattr(request, "param", {})
+    live = start_live_daemon(tmp_path, hypervisor_port=port, **settings)
     try:
         yield live, holder["hv"]
     finally:
@@ -200,3 +211,36 @@ def test_failed_rollback_ends_in_error_and_a_retry_finishes(
     assert server["image"]["id"] == live.image_ids[1]
     root = _root(live, server_id)
     assert root.exists() and sorted(p.name for p in root.parent.iterdir()) == [root.name]
+
+
+def test_an_undo_waits_for_a_service_that_is_down_then_rolls_back(
+    faulty: tuple[LiveDaemon, FaultyHypervisor],
+) -> None:
+    """start fails, and putting the old disk back fails twice as if an upstream service were
+    down (503): the undo is retried with backoff until it works, and the rebuild rolls back to
+    ACTIVE on the old disk instead of ending in ERROR."""
+    live, hv = faulty
+    server_id = live.create_server()
+    old_disk = _root(live, server_id)
+    hv.arm(start=1)
+    hv.arm_unavailable("attach_disks", range(2, 4))  # #1 is the new disk; #2, #3 the undo's
+    request_id = _rebuild(live, server_id)
+    _assert_rolled_back(live, server_id, request_id, old_disk, "ACTIVE", "injected fault in start")
+    assert hv.calls["attach_disks"] == 4
+
+
+@pytest.mark.parametrize("faulty", [{"undo_retry_timeout": 0.0}], indirect=True)
+def test_an_undo_gives_up_on_a_service_down_past_the_retry_timeout(
+    faulty: tuple[LiveDaemon, FaultyHypervisor],
+) -> None:
+    """With REBUILDD_UNDO_RETRY_TIMEOUT=0 an undo whose service stays down is not retried:
+    the rebuild ends in ERROR with the fault of the step that failed."""
+    live, hv = faulty
+    server_id = live.create_server()
+    hv.arm(start=1)
+    hv.arm_unavailable("attach_disks", range(2, 100))
+    _rebuild(live, server_id)
+    server = _settled(live, server_id)
+    assert server["status"] == "ERROR"
+    assert "injected fault in start" in server["fault"]["message"]
+    assert hv.calls["attach_disks"] == 2
