@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -296,3 +297,196 @@ class TestAttachments:
         assert shown["attachments"][0]["server_id"] == instance
         assert caller.detach(attachment).status_code == 200
         assert caller.wait_for(volume["id"], "available")["attachments"] == []
+
+    def test_delete_without_a_service_token_and_no_nova_is_500(
+        self, caller: Caller, keystone: Keystone
+    ) -> None:
+        """Without X-Service-Token, deleting a connected attachment makes Cinder ask Nova; with
+        nothing listening at the catalog's compute endpoint that is a 500 (computeFault), and
+        the attachment and the in-use volume stay."""
+        keystone.point_catalog_at(f"http://127.0.0.1:{free_port()}")
+        volume = caller.volume()
+        attachment = caller.attach(volume["id"], str(uuid.uuid4()))
+        response = caller.detach(attachment, service=False)
+        assert response.status_code == 500, response.text
+        assert response.json()["computeFault"]["code"] == 500
+        assert caller.show(volume["id"])["status"] == "in-use"
+        assert caller.detach(attachment).status_code == 200
+
+    def test_delete_without_a_service_token_asks_nova_with_the_users_token(
+        self, caller: Caller, nova: FakeNova
+    ) -> None:
+        """Without X-Service-Token Cinder GETs /v2.1/servers/<instance>/os-volume_attachments/
+        <volume> at compute 2.89 with the user's own token; Nova's 404 lets the delete go on:
+        200, the volume available."""
+        volume = caller.volume()
+        instance = str(uuid.uuid4())
+        attachment = caller.attach(volume["id"], instance)
+        response = caller.detach(attachment, service=False)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"attachments": []}
+        asked = nova.wait_for(
+            "GET", f"/v2.1/servers/{instance}/os-volume_attachments/{volume['id']}"
+        )
+        assert asked.headers["OpenStack-API-Version"] == "compute 2.89"
+        assert asked.headers["X-Auth-Token"] != caller.token  # a new token, of the same user
+        assert caller.wait_for(volume["id"], "available")["attachments"] == []
+
+    def test_delete_without_a_service_token_of_what_nova_holds_is_409(
+        self, caller: Caller, nova: FakeNova
+    ) -> None:
+        """When Nova answers that the server holds this very attachment, the user's DELETE is a
+        409 (ConflictNovaUsingAttachment) and the volume stays in-use."""
+        volume = caller.volume()
+        instance = str(uuid.uuid4())
+        held: list[str] = []
+
+        def answer(request: Request) -> tuple[int, Any]:
+            if request.path == f"/v2.1/servers/{instance}/os-volume_attachments/{volume['id']}":
+                attached = {
+                    "id": volume["id"],
+                    "volumeId": volume["id"],
+                    "serverId": instance,
+                    "device": "/dev/vdb",
+                    "attachment_id": held[0],
+                }
+                return 200, {"volumeAttachment": attached}
+            return nova_answer(request)
+
+        nova.answer = answer
+        held.append(caller.attach(volume["id"], instance))
+        response = caller.detach(held[0], service=False)
+        assert response.status_code == 409, response.text
+        assert response.json()["conflictingRequest"]["message"] == (
+            f"ConflictNovaUsingAttachment: Detach volume from instance {instance} using the "
+            "Compute API"
+        )
+        assert caller.show(volume["id"])["status"] == "in-use"
+        assert caller.detach(held[0]).status_code == 200
+
+
+def _reserved_for_reimage(caller: Caller, volume_id: str, instance: str) -> str:
+    """Nova's order: attached via A; new empty attachment B; delete A: the volume reserved."""
+    old = caller.attach(volume_id, instance)
+    new = caller.reserve(volume_id, instance)
+    assert caller.detach(old).status_code == 200
+    assert caller.show(volume_id)["status"] == "reserved"
+    return new
+
+
+def _reimage(caller: Caller, volume_id: str, image_id: str) -> httpx.Response:
+    body = {"os-reimage": {"image_id": image_id, "reimage_reserved": True}}
+    with caller.client() as client:
+        return client.post(f"/volumes/{volume_id}/action", json=body)
+
+
+class TestReimage:
+    def test_reimage_posts_volume_reimaged_to_the_catalogs_compute_endpoint(
+        self, caller: Caller, nova: FakeNova, images: list[dict[str, Any]], keystone: Keystone
+    ) -> None:
+        """os-reimage of a reserved volume at 3.68: 202; Cinder writes the new image, then
+        POSTs volume-reimaged at compute 2.93 as the cinder user, and the volume is reserved
+        again with the new image's metadata."""
+        volume = caller.volume(images[0]["id"])
+        instance = str(uuid.uuid4())
+        _reserved_for_reimage(caller, volume["id"], instance)
+        response = _reimage(caller, volume["id"], images[1]["id"])
+        assert response.status_code == 202, response.text
+        event = nova.wait_for("POST", EVENTS)
+        assert event.body == {
+            "events": [{"name": "volume-reimaged", "server_uuid": instance, "tag": volume["id"]}]
+        }
+        assert event.headers["OpenStack-API-Version"] == "compute 2.93"
+        assert event.headers["X-OpenStack-Nova-API-Version"] == "2.93"
+        assert event.headers["Content-Type"] == "application/json"
+        assert event.headers["X-OpenStack-Request-ID"] == response.headers["X-OpenStack-Request-ID"]
+        assert _token_user(keystone, event.headers["X-Auth-Token"]) == caller.cinder_user
+        reimaged = caller.wait_for(volume["id"], "reserved")
+        assert reimaged["volume_image_metadata"]["image_id"] == images[1]["id"]
+        path = caller.cinder.volume_path(volume["id"])
+        assert _first_mib(path) == b"\xbb" * MIB
+        assert path.stat().st_size == 1024 * MIB
+        # Re-image copies with disable_sparse: the image's whole 64 MiB extent is allocated.
+        assert path.stat().st_blocks * 512 >= 64 * MIB
+
+    def test_the_compute_endpoint_is_looked_up_anew_for_every_post(
+        self, caller: Caller, nova: FakeNova, images: list[dict[str, Any]], keystone: Keystone
+    ) -> None:
+        """After Cinder has posted once, re-pointing the catalog's compute endpoint is seen by
+        its next post: the [nova] auth plugin, token and catalog are new for each."""
+        volume = caller.volume(images[0]["id"])
+        instance = str(uuid.uuid4())
+        _reserved_for_reimage(caller, volume["id"], instance)
+        assert _reimage(caller, volume["id"], images[1]["id"]).status_code == 202
+        nova.wait_for("POST", EVENTS)
+        caller.wait_for(volume["id"], "reserved")
+        second = FakeNova()
+        try:
+            keystone.point_catalog_at(second.url)
+            assert _reimage(caller, volume["id"], images[0]["id"]).status_code == 202
+            event = second.wait_for("POST", EVENTS)
+            assert event.body["events"][0]["tag"] == volume["id"]
+        finally:
+            second.stop()
+        assert len([r for r in nova.requests if r.path == EVENTS]) == 1
+        reimaged = caller.wait_for(volume["id"], "reserved")
+        assert reimaged["volume_image_metadata"]["image_id"] == images[0]["id"]
+
+    def test_with_no_nova_the_volume_stays_reserved_and_a_message_says_why(
+        self, caller: Caller, keystone: Keystone, images: list[dict[str, Any]]
+    ) -> None:
+        """When nothing answers at the compute endpoint, Cinder has already re-imaged and saved
+        the volume reserved; it logs the failed post and leaves a user message."""
+        volume = caller.volume(images[0]["id"])
+        _reserved_for_reimage(caller, volume["id"], str(uuid.uuid4()))
+        keystone.point_catalog_at(f"http://127.0.0.1:{free_port()}")
+        assert _reimage(caller, volume["id"], images[1]["id"]).status_code == 202
+        with caller.client() as client:
+            messages = _wait_for_messages(client, volume["id"])
+        assert [(m["event_id"], m["user_message"], m["message_level"]) for m in messages] == [
+            (
+                "VOLUME_VOLUME_016_028",
+                "reimage volume:Compute service failed to reimage volume.",
+                "ERROR",
+            )
+        ]
+        shown = caller.show(volume["id"])
+        assert shown["status"] == "reserved"  # not error: saved before the post
+        assert shown["volume_image_metadata"]["image_id"] == images[1]["id"]
+
+
+def _wait_for_messages(client: httpx.Client, volume_id: str) -> list[dict[str, Any]]:
+    """The user messages about a volume, once there is one (GET /messages, 3.3+)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = [
+            m for m in client.get("/messages").json()["messages"] if m["resource_uuid"] == volume_id
+        ]
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"no message about volume {volume_id} within 60 s")
+
+
+class TestData:
+    def test_bytes_written_into_the_volume_file_survive_attach_and_detach(
+        self, caller: Caller
+    ) -> None:
+        """A pattern written through the export directory reads back the same after the volume
+        was attached (connector, os-complete) and detached again."""
+        volume = caller.volume()
+        path = caller.cinder.volume_path(volume["id"])
+        pattern = bytes(range(256)) * 4096  # 1 MiB
+        with path.open("r+b") as f:
+            f.seek(512 * MIB)
+            f.write(pattern)
+        attachment = caller.attach(volume["id"], str(uuid.uuid4()))
+        with path.open("rb") as f:
+            f.seek(512 * MIB)
+            assert f.read(MIB) == pattern  # visible while attached
+        assert caller.detach(attachment).status_code == 200
+        caller.wait_for(volume["id"], "available")
+        with path.open("rb") as f:
+            f.seek(512 * MIB)
+            assert f.read(MIB) == pattern
+        assert path.stat().st_size == 1024 * MIB
