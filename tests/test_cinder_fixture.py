@@ -3,7 +3,14 @@ that rebuildd's Cinder client relies on, recorded against the service itself: vo
 Glance images on the NFS driver, the 3.44+ attachment flow and its NFS connection_info, what an
 attachment DELETE does with and without a service token, and ``os-reimage`` at 3.68 posting
 ``volume-reimaged`` to the catalog's compute endpoint (here a small real HTTP server that
-answers as Nova does, :class:`FakeNova`)."""
+answers as Nova does, :class:`FakeNova`).
+
+Where Cinder 29 differs from what one might expect (and from ../shared/OPENSTACK-SERVICES.md):
+the connector of ``PUT /attachments/<id>`` goes inside ``{"attachment": {...}}``; the
+attachments API returns connection_info FLAT (the NFS data keys beside ``driver_volume_type``
+and ``attachment_id``, no ``data``); and a re-image whose post to Nova fails leaves the volume
+``reserved`` with the new image (saved before the post) plus an ERROR user message, not
+``error``."""
 
 from __future__ import annotations
 
