@@ -4,7 +4,8 @@
 #         and mkswap for ephemeral and swap disks (e2fsprogs, util-linux),
 #         a working `python3 -m venv`, and qemu-img.
 #   test: run + a local libvirtd with the QEMU driver (TCG/KVM), virsh, tini, genisoimage,
-#         ssh-keygen (the real-client tests make a key pair).
+#         ssh-keygen (the real-client tests make a key pair), nfs-common (Cinder's NFS driver
+#         wants mount.nfs present; the tests' share is a bind mount, never NFS).
 # Idempotent: when everything is present this is a fast no-op (no apt-get update).
 set -euo pipefail
 
@@ -12,7 +13,7 @@ mode="${1:-run}"
 pkgs=(python3-dev gcc pkg-config libvirt-dev qemu-utils e2fsprogs util-linux)
 case "$mode" in
   run) ;;
-  test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage openssh-client) ;;
+  test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage openssh-client nfs-common) ;;
   *) echo "usage: $0 [run|test]" >&2; exit 2 ;;
 esac
 # python3 may be a non-Debian build (e.g. pyenv) that already has venv/ensurepip.

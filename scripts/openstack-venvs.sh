@@ -4,6 +4,8 @@
 # outside the repository ($REBUILDD_TEST_CACHE, default /var/cache/rebuildd-test):
 #   keystone -> $REBUILDD_TEST_CACHE/keystone-30.0.0 (keystone, gunicorn)
 #   glance   -> $REBUILDD_TEST_CACHE/glance-33.0.0 (glance, gunicorn)
+#   cinder   -> $REBUILDD_TEST_CACHE/cinder-29.0.0 (cinder, and fixtures, which cinder imports
+#               at run time without requiring it; served in-process, so no gunicorn)
 # Without arguments: all of them. Idempotent: a venv whose marker names the same pins is kept
 # (a fast no-op); a half-installed one is removed and installed again. The tests find a venv
 # through the same path (tests/keystone.py, tests/glance.py), so the pins live here and there
@@ -16,10 +18,12 @@ python="${PYTHON:-python3}"
 declare -A pins=(
   [keystone]="keystone==30.0.0 gunicorn==27.0.1"
   [glance]="glance==33.0.0 gunicorn==27.0.1"
+  [cinder]="cinder==29.0.0 fixtures==4.3.2"
 )
 declare -A dirs=(
   [keystone]="keystone-30.0.0"
   [glance]="glance-33.0.0"
+  [cinder]="cinder-29.0.0"
 )
 
 services=("$@")

@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from rebuildd import migrations
 from rebuildd.storage import Store, create_engine
+from tests import cinder as real_cinder
+from tests import glance as real_glance
 from tests import keystone as real_keystone
 from tests.live import LiveDaemon, start_live_daemon
 
@@ -106,6 +108,42 @@ def keystone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[real_keystone
     if not (real_keystone.VENV / "bin" / "keystone-manage").exists():
         require("Keystone", f"no venv at {real_keystone.VENV} (scripts/openstack-venvs.sh)")
     started = real_keystone.start_keystone(tmp_path_factory.mktemp("keystone"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="session")
+def cinder_glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[real_glance.Glance]:
+    """The real Glance (tests/glance.py) the session's Cinder reads images from (the Glance of
+    tests/test_glance_live.py is that module's own)."""
+    if not (real_glance.VENV / "bin" / "glance-manage").exists():
+        require("Glance", f"no venv at {real_glance.VENV} (scripts/openstack-venvs.sh)")
+    started = real_glance.start_glance(tmp_path_factory.mktemp("cinder-glance"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="session")
+def cinder(
+    keystone: real_keystone.Keystone,
+    cinder_glance: real_glance.Glance,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[real_cinder.Cinder]:
+    """A real Cinder (tests/cinder.py: NFS driver on a bind mount, Keystone auth, images from
+    ``cinder_glance``) for the whole session, in the catalog; torn down (and unmounted) after."""
+    if not (real_cinder.VENV / "bin" / "cinder-manage").exists():
+        require("Cinder", f"no venv at {real_cinder.VENV} (scripts/openstack-venvs.sh)")
+    if not Path("/sbin/mount.nfs").exists():
+        require("Cinder", "no mount.nfs (nfs-common: scripts/ensure-packages.sh test)")
+    if os.geteuid() != 0:
+        require("Cinder", "needs root for the bind mount of its NFS share")
+    started = real_cinder.start_cinder(
+        tmp_path_factory.mktemp("cinder"), keystone, cinder_glance.url
+    )
     try:
         yield started
     finally:

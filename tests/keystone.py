@@ -6,7 +6,9 @@ serving ``keystone.wsgi.api:application`` through a module that resets ``sys.arg
 
 :func:`start_keystone` also creates, with the admin token, the projects, users and roles the
 tests use (see :class:`Keystone`) and a catalog whose ``compute`` and ``image`` endpoints can be
-pointed at the rebuildd under test (:meth:`Keystone.point_catalog_at`).
+pointed at the rebuildd under test (:meth:`Keystone.point_catalog_at`), and ``block-storage``
+and ``volumev3`` endpoints (both named cinder, as devstack registers them) that tests/cinder.py
+points at a real Cinder (:meth:`Keystone.point_volume_at`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,15 @@ class Keystone:
                 endpoint = self._endpoints[service_type]
                 body = {"endpoint": {"url": url}}
                 response = admin.patch(f"/endpoints/{endpoint}", json=body)
+                assert response.status_code == 200, response.text
+
+    def point_volume_at(self, cinder_url: str) -> None:
+        """The catalog's block-storage and volumev3 endpoints: this Cinder's ``/v3`` root."""
+        url = f"{cinder_url}/%(project_id)s"
+        with self._admin() as admin:
+            for service_type in VOLUME_SERVICE_TYPES:
+                endpoint = self._endpoints[service_type]
+                response = admin.patch(f"/endpoints/{endpoint}", json={"endpoint": {"url": url}})
                 assert response.status_code == 200, response.text
 
     def stop(self) -> None:
@@ -201,6 +212,14 @@ USERS: Final = {
     "rebuildd": ("service", "service"),  # rebuildd's own service user
 }
 
+# The catalog's services: type -> name. The volume ones stay unset until a Cinder starts.
+VOLUME_SERVICE_TYPES: Final = ("block-storage", "volumev3")
+SERVICES: Final = {
+    "compute": "nova",
+    "image": "glance",
+    **{service_type: "cinder" for service_type in VOLUME_SERVICE_TYPES},
+}
+
 
 def _populate(keystone: Keystone) -> None:
     with keystone._admin() as admin:
@@ -226,7 +245,7 @@ def _populate(keystone: Keystone) -> None:
             project_id = keystone.projects[project]
             granted = admin.put(f"/projects/{project_id}/users/{user_id}/roles/{roles[role]}")
             assert granted.status_code == 204, granted.text
-        for service_type, name in (("compute", "nova"), ("image", "glance")):
+        for service_type, name in SERVICES.items():
             service = create("/services", "service", {"type": service_type, "name": name})
             body = {
                 "service_id": service,
