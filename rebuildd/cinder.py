@@ -258,7 +258,7 @@ class CinderVolumeService:
         volume_id: str | None = None,
         mountpoint: str | None = None,
     ) -> VolumeAttachment:
-        info = attachment.connection_info
+        info = _nested(attachment.connection_info)
         if info:
             info = await connector.connect_volume(
                 info, nfs_mount_point_base=self.nfs_mount_point_base
@@ -342,6 +342,17 @@ def _message(response: httpx.Response) -> str:
     return response.text[:300]
 
 
+def _nested(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Cinder's attachment API answers connection_info flat (``driver_volume_type`` beside the
+    driver's keys); Nova's and rebuildd's shape is ``{"driver_volume_type", "data": {...}}``
+    (what Nova's ``_translate_attachment_ref`` makes of it)."""
+    if not info or "data" in info:
+        return info or None
+    data = dict(info)
+    kind = data.pop("driver_volume_type", None)
+    return {"driver_volume_type": kind, "data": data}
+
+
 def _aware(value: dt.datetime | str | None) -> dt.datetime | None:
     if not isinstance(value, dt.datetime):
         return None
@@ -355,7 +366,7 @@ def _attachment_record(attachment: _Attachment) -> VolumeAttachment:
         server_id=attachment.instance or "",
         status=attachment.status,
         attach_mode=attachment.attach_mode or "rw",
-        connection_info=attachment.connection_info or None,
+        connection_info=_nested(attachment.connection_info),
         attached_at=_aware(attachment.attached_at),
     )
 

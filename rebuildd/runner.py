@@ -255,9 +255,10 @@ class Runner:
                     notifications.sent(notification)
                 facts = job.facts.to_dict()
                 for step, after in zip(pending, [*pending[1:], None], strict=True):
-                    task_state, facts = await self._step(
-                        job, step, after, journal, task_state, facts
-                    )
+                    # Moved to before the step runs, so a failure of the step is recorded from
+                    # the state it was in.
+                    task_state = await self._enter(job, step, task_state)
+                    facts = await self._step(job, step, after, journal, facts)
                 if not last:
                     ending = None
                     if stage.notify_end:
@@ -317,17 +318,25 @@ class Runner:
             return
         notifications.sent(ended[1])
 
+    async def _enter(self, job: Job[C], step: Step[C], task_state: str | None) -> str | None:
+        """The observer's look before a step, then the step's task_state transition; returns
+        the task_state the step runs in."""
+        await self.observer.before_step(job.action, step.name, job.server_id)
+        if step.task_state is not None and step.task_state != task_state:
+            await self._transition(job, task_state, step.task_state)
+            return step.task_state
+        return task_state
+
     async def _step(
         self,
         job: Job[C],
         step: Step[C],
         after: Step[C] | None,
         journal: Journal,
-        task_state: str | None,
         facts: dict[str, Any],
-    ) -> tuple[str | None, dict[str, Any]]:
-        """One step with its transition and journal entries; returns the task_state and the
-        facts (``Facts.to_dict()``, as ``facts`` is before it) after it.
+    ) -> dict[str, Any]:
+        """One step (entered: :meth:`_enter`) with its journal entries; returns the facts
+        (``Facts.to_dict()``, as ``facts`` is before it) after it.
 
         The journal is written only where recovery would otherwise act differently: before a
         step with an undo starts (folded into the write after the step before it, as nothing
@@ -335,10 +344,6 @@ class Runner:
         recorded facts, and when finishing it changes whether recovery rolls forward. A step
         whose end is not written is simply re-run or undone after a crash, as each must allow.
         """
-        await self.observer.before_step(job.action, step.name, job.server_id)
-        if step.task_state is not None and step.task_state != task_state:
-            await self._transition(job, task_state, step.task_state)
-            task_state = step.task_state
         if step.name not in journal.started:
             journal.started.append(step.name)
             if step.undo is not None:
@@ -361,7 +366,7 @@ class Runner:
         ):
             await self._save(job, journal, now)
         await self.observer.after_step(job.action, step.name, job.server_id)
-        return task_state, now
+        return now
 
     async def _cleanup(self, job: Job[C], bound: Any) -> None:
         for step in job.cleanup:

@@ -157,6 +157,7 @@ class Cinder:
     base: Path
     share: str  # as in nfs_shares_config, 127.0.0.1:BASE/export
     process: subprocess.Popen[bytes] | None
+    keystone: Keystone | None = None
 
     @property
     def export_dir(self) -> Path:
@@ -217,8 +218,35 @@ class Cinder:
         assert response.status_code == 202, response.text
         return self.wait_for(token, project_id, response.json()["volume"]["id"], "available")
 
-    def stop(self) -> None:
-        """Stop the launcher (SIGTERM, then SIGKILL) and unmount the share."""
+    def start(self) -> None:
+        """(Again) bind-mount the share if it is not, run the launcher, wait until it serves."""
+        if not _mounted(self.mount_point):
+            subprocess.run(
+                ["mount", "--bind", str(self.export_dir), str(self.mount_point)],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        log = (self.base / "launcher.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(VENV / "bin" / "python"), str(self.base / "cinder_all.py"), *self._conf],
+            env=self._env,
+            cwd=self.base,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        assert self.keystone is not None
+        _wait_until_up(self, self.keystone)
+
+    @property
+    def _conf(self) -> tuple[str, str]:
+        return ("--config-file", str(self.base / "cinder.conf"))
+
+    @property
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PATH": f"{self.base / 'bin'}:{VENV / 'bin'}:{os.environ['PATH']}"}
+
+    def stop(self, *, unmount: bool = True) -> None:
+        """Stop the launcher (SIGTERM, then SIGKILL) and, unless told not to (a Cinder outage
+        leaves a compute host's mounts alone), unmount the share."""
         if self.process is not None:
             self.process.terminate()
             try:
@@ -227,7 +255,7 @@ class Cinder:
                 self.process.kill()
                 self.process.wait()
             self.process = None
-        if _mounted(self.mount_point):
+        if unmount and _mounted(self.mount_point):
             subprocess.run(["umount", str(self.mount_point)], check=True, timeout=60)
 
 
@@ -271,28 +299,15 @@ def start_cinder(base: Path, keystone: Keystone, glance_url: str) -> Cinder:
         base=base,
         share=f"127.0.0.1:{base / 'export'}",
         process=None,
+        keystone=keystone,
     )
     _configure(base, cinder, port, keystone, glance_url)
-    env = {**os.environ, "PATH": f"{base / 'bin'}:{VENV / 'bin'}:{os.environ['PATH']}"}
-    conf = ("--config-file", str(base / "cinder.conf"))
     subprocess.run(
-        [str(VENV / "bin" / "cinder-manage"), *conf, "db", "sync"],
-        check=True, capture_output=True, env=env, timeout=300,
+        [str(VENV / "bin" / "cinder-manage"), *cinder._conf, "db", "sync"],
+        check=True, capture_output=True, env=cinder._env, timeout=300,
     )  # fmt: skip
-    subprocess.run(
-        ["mount", "--bind", str(cinder.export_dir), str(cinder.mount_point)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    log = (base / "launcher.log").open("ab")
     try:
-        cinder.process = subprocess.Popen(
-            [str(VENV / "bin" / "python"), str(base / "cinder_all.py"), *conf],
-            env=env,
-            cwd=base,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        _wait_until_up(cinder, keystone)
+        cinder.start()
         keystone.point_volume_at(cinder.url)
     except BaseException:
         cinder.stop()

@@ -211,6 +211,9 @@ USERS: Final = {
     "cinder": ("service", "service"),  # another service, as Cinder posts external events
     "rebuildd": ("service", "service"),  # rebuildd's own service user
 }
+# Roles beyond the one above: rebuildd acts on other projects' Cinder volumes, as Nova's
+# service user does, so it is an admin too (README: Volumes from Cinder).
+EXTRA_ROLES: Final = {"rebuildd": ("admin",)}
 
 # The catalog's services: type -> name. The volume ones stay unset until a Cinder starts.
 VOLUME_SERVICE_TYPES: Final = ("block-storage", "volumev3")
@@ -243,8 +246,9 @@ def _populate(keystone: Keystone) -> None:
             body = {"name": user, "password": PASSWORD, "domain_id": "default"}
             user_id = keystone.users[user] = create("/users", "user", body)
             project_id = keystone.projects[project]
-            granted = admin.put(f"/projects/{project_id}/users/{user_id}/roles/{roles[role]}")
-            assert granted.status_code == 204, granted.text
+            for name in (role, *EXTRA_ROLES.get(user, ())):
+                granted = admin.put(f"/projects/{project_id}/users/{user_id}/roles/{roles[name]}")
+                assert granted.status_code == 204, granted.text
         for service_type, name in SERVICES.items():
             service = create("/services", "service", {"type": service_type, "name": name})
             body = {
