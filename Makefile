@@ -60,7 +60,7 @@ libvirtd:
 postgres:
 	scripts/ensure-postgres.sh
 
-## openstack-venvs: real Keystone and Glance (pinned), each in a cached venv outside the repo
+## openstack-venvs: real Keystone, Glance and Cinder (pinned), each in a cached venv outside the repo
 openstack-venvs:
 	PYTHON=$(PYTHON) scripts/openstack-venvs.sh
 

@@ -76,9 +76,10 @@ class Keystone:
             response = admin.delete("/auth/tokens", headers={"X-Subject-Token": token})
             assert response.status_code == 204, response.text
 
-    def point_catalog_at(self, rebuildd_url: str) -> None:
-        """The catalog's compute (``/v2.1``) and image (``/image``) endpoints: this rebuildd."""
-        urls = {"compute": f"{rebuildd_url}/v2.1", "image": f"{rebuildd_url}/image"}
+    def point_catalog_at(self, rebuildd_url: str, *, image_url: str | None = None) -> None:
+        """The catalog's compute (``/v2.1``) endpoint: this rebuildd; its image endpoint:
+        ``image_url`` (a real Glance) or else this rebuildd's ``/image``."""
+        urls = {"compute": f"{rebuildd_url}/v2.1", "image": image_url or f"{rebuildd_url}/image"}
         with self._admin() as admin:
             for service_type, url in urls.items():
                 endpoint = self._endpoints[service_type]

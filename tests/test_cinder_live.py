@@ -98,12 +98,14 @@ def live(
     stopper: StopCinderAt,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveDaemon]:
-    """rebuildd on QEMU with Keystone auth, Glance images and Cinder volumes, found through the
-    catalog (no REBUILDD_CINDER_URL), and in the catalog as the compute endpoint."""
+    """rebuildd on QEMU with Keystone auth, Glance images and Cinder volumes, both found
+    through the catalog (no REBUILDD_GLANCE_URL, no REBUILDD_CINDER_URL), and in the catalog
+    as the compute endpoint."""
     try:
         libvirt.open(URI).close()
     except libvirt.libvirtError as exc:
         require("libvirtd with the QEMU driver", str(exc))
+    keystone.point_catalog_at("http://127.0.0.1:9/unset", image_url=cinder_glance.url)
     daemon = start_live_daemon(
         tmp_path_factory.mktemp("rebuildd"),
         observer=stopper,
@@ -117,12 +119,12 @@ def live(
         keystone_password=PASSWORD,
         keystone_project_name="service",
         image_backend="glance",
-        glance_url=cinder_glance.url,
         volume_backend="cinder",
         nfs_mount_point_base=str(cinder.mount_base),
         reimage_timeout_per_gb=60.0,
     )
-    keystone.point_catalog_at(daemon.url)
+    keystone.point_catalog_at(daemon.url, image_url=cinder_glance.url)
+    assert getattr(daemon.daemon.services.images, "url", None) == cinder_glance.url
     daemon.image_ids.extend(images)
     admin = {"X-Auth-Token": keystone.admin_token}
     assert daemon.client.post("/v2.1/flavors", json=FLAVOR, headers=admin).status_code == 200
