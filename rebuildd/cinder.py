@@ -220,7 +220,12 @@ class CinderVolumeService:
         headers = {"X-Auth-Token": context.auth_token} if context.auth_token else {}
         with self._calling("create volume"):
             response = await self.client.post("/v3/volumes", json={"volume": body}, headers=headers)
-            self._refused(response, errors.VolumeNotFound(volume_id="(new)"))
+            missing: errors.RebuilddError = (
+                errors.ImageNotFound(image_id=image.id)
+                if image is not None
+                else errors.InvalidVolume(reason=_message(response))
+            )
+            self._refused(response, missing)
             volume_id = self._read(response, _VolumeBody, "create volume").volume.id
         log.info("cinder volume creating", volume_id=volume_id, size=size)
         return await self._await_status(volume_id, "available", failed=("error",))

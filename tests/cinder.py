@@ -44,7 +44,7 @@ from typing import Any, Final
 import httpx
 
 from tests.keystone import PASSWORD, Keystone
-from tests.process import free_port
+from tests.process import free_port, stop_process
 
 CACHE: Final = Path(os.environ.get("REBUILDD_TEST_CACHE", "/var/cache/rebuildd-test"))
 VENV: Final = CACHE / "cinder-29.0.0"  # the pins live in scripts/openstack-venvs.sh
@@ -68,6 +68,10 @@ osapi_volume_listen_port = {port}
 osapi_volume_workers = 1
 enabled_backends = {backend}
 glance_api_servers = {glance_url}
+# One Cinder serves the whole session: no per-project limits (the default is 10 volumes).
+quota_volumes = -1
+quota_gigabytes = -1
+quota_snapshots = -1
 [database]
 connection = sqlite:///{base}/cinder.db
 [oslo_concurrency]
@@ -248,12 +252,7 @@ class Cinder:
         """Stop the launcher (SIGTERM, then SIGKILL) and, unless told not to (a Cinder outage
         leaves a compute host's mounts alone), unmount the share."""
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
             self.process = None
         if unmount and _mounted(self.mount_point):
             subprocess.run(["umount", str(self.mount_point)], check=True, timeout=60)

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import httpx
 
-from tests.process import free_port
+from tests.process import free_port, stop_process
 
 CACHE: Final = Path(os.environ.get("REBUILDD_TEST_CACHE", "/var/cache/rebuildd-test"))
 VENV: Final = CACHE / "glance-33.0.0"  # the pins live in scripts/openstack-venvs.sh
@@ -99,12 +99,7 @@ class Glance:
         """Stop gunicorn and wait until it is gone (its port then refuses connections)."""
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def client(self) -> httpx.Client:

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import httpx
 
-from tests.process import free_port
+from tests.process import free_port, stop_process
 
 CACHE: Final = Path(os.environ.get("REBUILDD_TEST_CACHE", "/var/cache/rebuildd-test"))
 VENV: Final = CACHE / "keystone-30.0.0"  # the pins live in scripts/openstack-venvs.sh
@@ -97,12 +97,7 @@ class Keystone:
                 assert response.status_code == 200, response.text
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def _password_token(url: str, user: str, password: str, project: str) -> str:

@@ -88,3 +88,25 @@ class DaemonProcess:
         response = httpx.get(f"{self.url}{path}", timeout=30)
         response.raise_for_status()
         return response.json()
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 30 s; returns once the process is gone (a service's port
+    then refuses connections)."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def request_errors() -> list[type[httpx.RequestError]]:
+    """Every class of httpx's request errors (for tests that no one escapes a boundary)."""
+    found: list[type[httpx.RequestError]] = []
+    stack: list[type[httpx.RequestError]] = [httpx.RequestError]
+    while stack:
+        cls = stack.pop()
+        found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found

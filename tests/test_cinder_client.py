@@ -22,6 +22,7 @@ from rebuildd import cinder, connector, domxml, errors
 from rebuildd.cinder import CinderVolumeService
 from rebuildd.keystone import KeystoneConfig, ServiceSession, ServiceTokenAuth
 from rebuildd.models import RequestContext
+from tests.process import request_errors
 from tests.test_volumes import _image
 
 URL = "http://cinder.test:8776/v3/0123456789abcdef0123456789abcdef"
@@ -164,17 +165,8 @@ class TestRequests:
             await service(handler, poll_interval=0).create(context, size=1)
 
 
-def _request_errors() -> list[type[httpx.RequestError]]:
-    found, stack = [], [httpx.RequestError]
-    while stack:
-        cls = stack.pop()
-        found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 class TestErrors:
-    @pytest.mark.parametrize("cls", _request_errors(), ids=lambda c: c.__name__)
+    @pytest.mark.parametrize("cls", request_errors(), ids=lambda c: c.__name__)
     async def test_every_request_error_becomes_volume_service_unavailable(
         self, cls: type[httpx.RequestError]
     ) -> None:

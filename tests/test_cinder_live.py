@@ -30,7 +30,7 @@ from tests.conftest import require
 from tests.glance import Glance
 from tests.keystone import PASSWORD, Keystone
 from tests.live import LiveDaemon, start_live_daemon
-from tests.xmlutil import disk_sources
+from tests.xmlutil import disk_sources, inactive_xml
 
 libvirt = pytest.importorskip("libvirt")
 URI = "qemu:///system"
@@ -176,12 +176,7 @@ def _first_mib(path: Path) -> bytes:
 
 
 def _xml(server_id: str) -> etree._Element:
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.lookupByName(f"{PREFIX}{server_id}")
-        return etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
-    finally:
-        conn.close()
+    return inactive_xml(URI, f"{PREFIX}{server_id}")
 
 
 def _create(live: LiveDaemon, mappings: list[dict[str, Any]], image: str | None = None) -> str:

@@ -24,7 +24,7 @@ from rebuildd.glance import CHUNK, GlanceImageService
 from rebuildd.models import RequestContext
 from rebuildd.settings import Settings
 from rebuildd.storage import ImageFilters, Store, create_engine
-from tests.process import BIN
+from tests.process import BIN, request_errors
 
 URL = "http://glance.test:9292"
 IMAGE_ID = "22772c05-18b1-4ef0-a602-f1202c5c5104"
@@ -118,18 +118,8 @@ class TestGet:
         assert seen == [f"http://cloud.test/image/v2/images/{IMAGE_ID}"]
 
 
-def _request_errors() -> list[type[httpx.RequestError]]:
-    found: list[type[httpx.RequestError]] = []
-    stack: list[type[httpx.RequestError]] = [httpx.RequestError]
-    while stack:
-        cls = stack.pop()
-        found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 class TestErrors:
-    @pytest.mark.parametrize("cls", _request_errors(), ids=lambda c: c.__name__)
+    @pytest.mark.parametrize("cls", request_errors(), ids=lambda c: c.__name__)
     async def test_every_request_error_becomes_image_service_unavailable(
         self, cls: type[httpx.RequestError]
     ) -> None:

@@ -21,7 +21,7 @@ from rebuildd.errors import HypervisorError
 from rebuildd.models import RequestContext, Volume
 from tests.conftest import require
 from tests.live import LiveDaemon, start_live_daemon
-from tests.xmlutil import disk_sources
+from tests.xmlutil import disk_sources, inactive_xml
 
 libvirt = pytest.importorskip("libvirt")
 URI = "qemu:///system"
@@ -153,12 +153,7 @@ def _create(live: LiveDaemon, mappings: list[dict[str, Any]], image: str | None 
 
 
 def _xml(server_id: str) -> etree._Element:
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.lookupByName(f"rebuildd-test-{server_id}")
-        return etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
-    finally:
-        conn.close()
+    return inactive_xml(URI, f"rebuildd-test-{server_id}")
 
 
 def _sha(path: Path) -> str:

@@ -67,3 +67,14 @@ def backing_file(path: Path) -> Path:
         text=True,
     ).stdout
     return Path(json.loads(out)["full-backing-filename"])
+
+
+def inactive_xml(uri: str, name: str) -> etree._Element:
+    """A domain's persistent (inactive) XML, read straight from libvirt."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        return parse(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    finally:
+        conn.close()
