@@ -600,7 +600,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await api.load_images()
                 if args.sequential:
                     print(f"sequential: {args.sequential} rebuilds", file=sys.stderr)
-                    with _profiled(daemon, args.profile):
+                    with _profiled(
+                        daemon,
+                        args.profile,
+                        all_threads=args.profile_all_threads,
+                        rate=args.profile_rate,
+                    ):
                         scenarios["sequential"] = await scenario_sequential(
                             api, daemon, args.sequential
                         )
@@ -644,9 +649,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _profiled(daemon: Daemon, out: Path | None) -> Iterator[None]:
-    """With ``--profile FILE.svg``: py-spy samples the daemon (threads holding the GIL) while
-    the block runs and writes a flame graph."""
+def _profiled(
+    daemon: Daemon, out: Path | None, *, all_threads: bool = False, rate: int = 250
+) -> Iterator[None]:
+    """With ``--profile FILE.svg``: py-spy samples the daemon (threads holding the GIL, or with
+    ``all_threads`` every thread not idle, so libvirt's calls in worker threads count too)
+    while the block runs and writes a flame graph; ``FILE.txt`` gets collapsed stacks instead
+    (``python -m bench.profile FILE.txt`` sums them by function)."""
     if out is None:
         yield
         return
@@ -659,10 +668,10 @@ def _profiled(daemon: Daemon, out: Path | None) -> Iterator[None]:
             "--output",
             str(out),
             "--format",
-            "flamegraph",
+            "raw" if out.suffix == ".txt" else "flamegraph",
             "--rate",
-            "250",
-            "--gil",
+            str(rate),
+            *(() if all_threads else ("--gil",)),
             "--nonblocking",
         ],
         stdout=subprocess.DEVNULL,
@@ -711,7 +720,16 @@ def main() -> None:
         type=Path,
         default=None,
         metavar="SVG",
-        help="py-spy flame graph of the daemon during the sequential scenario",
+        help="py-spy flame graph of the daemon during the sequential scenario (FILE.txt: "
+        "collapsed stacks, for python -m bench.profile)",
+    )
+    parser.add_argument(
+        "--profile-all-threads",
+        action="store_true",
+        help="profile every busy thread (libvirt's worker threads too), not only the GIL holder",
+    )
+    parser.add_argument(
+        "--profile-rate", type=int, default=250, metavar="HZ", help="py-spy samples per second"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()

@@ -133,8 +133,11 @@ class LibvirtHypervisor:
         """Clean shutdown, wait up to ``timeout`` seconds, then destroy (Nova's _clean_shutdown).
 
         A guest without an OS ignores ACPI, so the destroy is never optional. Returns True when
-        the guest shut down by itself (or was already off), False when it was destroyed.
+        the guest shut down by itself (or was already off), False when it was destroyed. With
+        no timeout the guest gets no request, and the look-up and the destroy are one call.
         """
+        if timeout <= 0:
+            return await self._call("destroy", functools.partial(self._destroy_now, name))
 
         def shutdown() -> bool:
             dom = self._lookup(name)
@@ -155,6 +158,14 @@ class LibvirtHypervisor:
                 return True
             await asyncio.sleep(_POLL_INTERVAL)
         await self.destroy(name)
+        return False
+
+    def _destroy_now(self, name: str) -> bool:
+        """True when the domain was already off, False when it had to be destroyed."""
+        dom = self._lookup(name)
+        if not dom.isActive():
+            return True
+        dom.destroy()
         return False
 
     async def undefine(self, name: str) -> None:

@@ -229,6 +229,9 @@ class Runner:
         stage = job.stages[0]
         # A stage that ended, to be recorded with the next stage's start (one transaction).
         ended: tuple[str, Notification | None] | None = None
+        # The server as read for that stage's end notification: the next stage's start
+        # notification is built from it too, as nothing is written between the two.
+        read: Server | None = None
         try:
             for index, stage in enumerate(job.stages):
                 last = index == len(job.stages) - 1
@@ -241,7 +244,7 @@ class Runner:
                 fresh = not any(s.name in journal.started for s in stage.steps)
                 starting = None
                 if stage.notify_start and fresh:
-                    starting = await self._notification(job, stage.notify_start)
+                    starting = await self._notification(job, stage.notify_start, read)
                 sent = [n for n in (ended[1] if ended else None, starting) if n is not None]
                 await self.store.start_event(
                     job.request.request_id,
@@ -250,7 +253,7 @@ class Runner:
                     notifications=sent,
                     after=ended[0] if ended else None,
                 )
-                ended = None
+                ended, read = None, None
                 for notification in sent:
                     notifications.sent(notification)
                 facts = job.facts.to_dict()
@@ -262,7 +265,8 @@ class Runner:
                 if not last:
                     ending = None
                     if stage.notify_end:
-                        ending = await self._notification(job, stage.notify_end)
+                        read = await self.store.get_server(job.server_id, include_deleted=True)
+                        ending = self._build(job, stage.notify_end, read)
                     ended = (stage.event, ending)
                     continue
                 await self._succeed(job, stage, task_state)
