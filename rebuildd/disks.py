@@ -134,18 +134,19 @@ class DiskManager:
     ) -> None:
         """A qcow2 overlay backed by ``base`` (O(1) whatever the image size): a copy of the
         template for (base, format, size), made first if missing."""
-        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
-        template = await self._template(base, base_format, size_bytes)
+        key = hashlib.sha256(f"{base}\0{base_format}\0{size_bytes}".encode())
+        template = self.instances_dir / "_templates" / f"{base.name}-{key.hexdigest()[:24]}.qcow2"
         try:
-            await anyio.to_thread.run_sync(_copy_new, template, path)
+            # One thread hop in the common case (the template exists), not three.
+            if not await anyio.to_thread.run_sync(_copy_template, template, path):
+                await self._template(template, base, base_format, size_bytes)
+                await anyio.to_thread.run_sync(_copy_template, template, path)
         except OSError as exc:
             raise DiskError(command="copy overlay template", reason=str(exc)) from exc
 
-    async def _template(self, base: Path, base_format: str, size_bytes: int | None) -> Path:
-        key = hashlib.sha256(f"{base}\0{base_format}\0{size_bytes}".encode())
-        template = self.instances_dir / "_templates" / f"{base.name}-{key.hexdigest()[:24]}.qcow2"
-        if await anyio.Path(template).exists():
-            return template
+    async def _template(
+        self, template: Path, base: Path, base_format: str, size_bytes: int | None
+    ) -> None:
         await anyio.Path(template.parent).mkdir(parents=True, exist_ok=True)
         # Made under a unique name and renamed: racing creators each leave a whole template.
         partial = template.with_name(f".{uuid.uuid4().hex}.partial")
@@ -157,7 +158,6 @@ class DiskManager:
             await anyio.Path(partial).rename(template)
         finally:
             await anyio.Path(partial).unlink(missing_ok=True)
-        return template
 
     async def info(self, path: Path, *, force_share: bool = False) -> ImageInfo:
         """``force_share`` (``-U``): read the header of a disk a running QEMU holds locked
@@ -269,7 +269,16 @@ def _sparse_file(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def _copy_new(source: Path, dest: Path) -> None:
-    """Copy ``source`` to a new file ``dest``, never over an existing one."""
-    with source.open("rb") as src, dest.open("xb") as out:
-        shutil.copyfileobj(src, out)
+def _copy_template(template: Path, dest: Path) -> bool:
+    """A new ``dest`` (its directory made if needed) copied from ``template``; False if there
+    is no template yet."""
+    try:
+        with template.open("rb") as src:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with dest.open("xb") as out:
+                shutil.copyfileobj(src, out)
+    except FileNotFoundError as exc:
+        if exc.filename == str(template):
+            return False
+        raise
+    return True

@@ -196,8 +196,7 @@ class ImageCache:
         path = self.directory / str(uuid.UUID(image.id))
         lock = self._locks.setdefault(image.id, asyncio.Lock())
         async with lock:
-            if await anyio.Path(path).exists():
-                await anyio.to_thread.run_sync(os.utime, path)
+            if await anyio.to_thread.run_sync(_touch, path):  # one hop: there, and now used
                 return path
             await anyio.Path(self.directory).mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")
@@ -259,3 +258,12 @@ async def _verify(image: Image, path: Path) -> None:
         raise errors.ImageFetchError(
             image_id=image.id, reason=f"{algo} of the data is {actual}, expected {expected}"
         )
+
+
+def _touch(path: Path) -> bool:
+    """Mark a cached base as used now (the cleanup's age); False if it is not there."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
