@@ -499,6 +499,12 @@ async def _record_disks(ctx: RebuildContext) -> None:
 
 
 async def _detach_disks(ctx: RebuildContext) -> None:
+    """The domain lets go of its disks — needed only when it has volumes, whose old
+    attachments are deleted next (Nova's order). Local disks alone stay on their targets
+    until attach_local_disks replaces them: one define a rebuild instead of two (the undo,
+    putting the old disks back on their targets, is the same either way)."""
+    if not ctx.volumes:
+        return
     await ctx.deps.hypervisor.detach_disks(ctx.server.domain_name, _targets(ctx))
 
 

@@ -122,7 +122,6 @@ def _rebuild(live: LiveDaemon, server_id: str) -> str:
         ("power_state", 1, False),  # record_power_state
         ("power_off", 1, False),  # power_off
         ("disks_xml", 1, False),  # record_local_disks
-        ("detach_disks", 1, False),  # detach_local_disks
         ("attach_disks", 1, False),  # attach_local_disks (disks and metadata in one define)
         ("start", 1, False),  # start_domain
         ("start", 1, True),  # start_domain of a stopped server
@@ -244,3 +243,19 @@ def test_an_undo_gives_up_on_a_service_down_past_the_retry_timeout(
     assert server["status"] == "ERROR"
     assert "injected fault in start" in server["fault"]["message"]
     assert hv.calls["attach_disks"] == 2
+
+
+def test_a_rebuild_without_volumes_defines_its_disks_once(
+    faulty: tuple[LiveDaemon, FaultyHypervisor],
+) -> None:
+    """With local disks only, the old disks are not detached first: attach_local_disks
+    replaces them on their targets in the rebuild's one define of its disks."""
+    live, hv = faulty
+    server_id = live.create_server()
+    hv.arm(detach_disks=1000, attach_disks=1000)  # counted, never failed
+    _rebuild(live, server_id)
+    live.wait_for(server_id, "ACTIVE")
+    _settled(live, server_id)
+    assert (hv.calls["detach_disks"], hv.calls["attach_disks"]) == (0, 1)
+    root = _root(live, server_id)
+    assert root.exists() and sorted(p.name for p in root.parent.iterdir()) == [root.name]
