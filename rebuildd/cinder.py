@@ -324,7 +324,10 @@ class CinderVolumeService:
         )
 
     def _read(self, response: httpx.Response, model: type[M], call: str) -> M:
-        self._refused(response, errors.VolumeNotFound(volume_id="?"))
+        """The answer as ``model``; a refusal not handled before (a 404 of a listing) is
+        Cinder failing."""
+        gone = errors.VolumeServiceUnavailable(url=self.url, reason=f"{call}: HTTP 404")
+        self._refused(response, gone)
         try:
             return model.model_validate_json(response.content)
         except pydantic.ValidationError as exc:
