@@ -10,7 +10,7 @@ import asyncio
 import click
 import uvloop
 
-from rebuildd import logconfig
+from rebuildd import errors, logconfig
 from rebuildd.settings import Settings
 
 
@@ -38,13 +38,18 @@ def serve(host: str | None, port: int | None) -> None:
     # uvloop: libuv's event loop, several times cheaper per callback than asyncio's own
     # (measured in bench/; see the README's benchmark section).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(
-            daemon.serve(
-                settings,
-                host=host or settings.listen_host,
-                port=port if port is not None else settings.listen_port,
+        try:
+            runner.run(
+                daemon.serve(
+                    settings,
+                    host=host or settings.listen_host,
+                    port=port if port is not None else settings.listen_port,
+                )
             )
-        )
+        except daemon.SettingsError as exc:
+            raise click.ClickException(f"cannot start: {exc}") from None
+        except errors.ServiceUnavailable as exc:  # Keystone, for the catalog, at start
+            raise click.ClickException(f"cannot start: {exc.message}") from None
 
 
 @main.group()
@@ -103,7 +108,7 @@ def adopt(adopt_all: bool, domains: tuple[str, ...]) -> None:
     stderr. Exits 1 when nothing was adopted or a named domain does not exist.
     """
     from rebuildd import adopt as adoption
-    from rebuildd import errors, migrations
+    from rebuildd import migrations
     from rebuildd.disks import DiskManager
     from rebuildd.hypervisor import LibvirtHypervisor
     from rebuildd.storage import Store, create_engine

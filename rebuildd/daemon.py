@@ -51,6 +51,11 @@ from rebuildd.volumestore import VolumeStore
 log = structlog.get_logger("rebuildd.daemon")
 
 
+class SettingsError(ValueError):
+    """Settings that cannot work together (found at start, before anything is opened): the
+    CLI prints the message and exits, without a traceback."""
+
+
 @dataclass(slots=True)
 class Daemon:
     """The running parts, so tests and the CLI can open and close them explicitly."""
@@ -241,7 +246,7 @@ def _identity(
     authenticator: Authenticator | None = None
     if settings.auth == "token":
         if settings.tokens_file is None:
-            raise ValueError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
+            raise SettingsError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
         authenticator = TokenTable.load(settings.tokens_file)
     if config is None:
         return authenticator, None
@@ -273,7 +278,7 @@ def keystone_config(settings: Settings) -> KeystoneConfig | None:
     ]
     if missing:
         if needed_by:
-            raise ValueError(f"{' and '.join(needed_by)} needs {', '.join(missing)}")
+            raise SettingsError(f"{' and '.join(needed_by)} needs {', '.join(missing)}")
         return None
     assert settings.keystone_password is not None  # checked just above
     return KeystoneConfig(
@@ -324,7 +329,7 @@ async def service_endpoint(
         return url
     name = f"REBUILDD_{service.upper()}_URL"
     if session is None:
-        raise ValueError(f"{service} needs {name} or the REBUILDD_KEYSTONE_* credentials")
+        raise SettingsError(f"{service} needs {name} or the REBUILDD_KEYSTONE_* credentials")
     try:
         found = await session.endpoint(
             CATALOG_TYPES[service],
@@ -332,7 +337,7 @@ async def service_endpoint(
             region=settings.catalog_region,
         )
     except LookupError as exc:
-        raise ValueError(f"{service}: {exc}; set {name}") from None
+        raise SettingsError(f"{service}: {exc}; set {name}") from None
     log.info("endpoint from the catalog", service=service, url=found)
     return found
 

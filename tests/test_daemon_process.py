@@ -52,3 +52,29 @@ def test_cli_help_lists_the_commands() -> None:
     out = subprocess.run([str(BIN), "--help"], check=True, capture_output=True, text=True).stdout
     for command in ("serve", "db", "seed-demo"):
         assert command in out
+
+
+def test_settings_that_cannot_work_stop_the_start_with_one_clear_line(tmp_path: Path) -> None:
+    """REBUILDD_VOLUME_BACKEND=cinder without Keystone credentials: ``rebuildd serve`` exits
+    at once, naming what is missing, without a traceback and before it opens anything."""
+    env = {
+        **os.environ,
+        "REBUILDD_STATE_DIR": str(tmp_path / "state"),
+        "REBUILDD_VOLUME_BACKEND": "cinder",
+        "REBUILDD_LIBVIRT_URI": "test:///default",
+    }
+    result = subprocess.run(
+        [str(BIN), "serve", "--port", str(free_port())],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: cannot start: REBUILDD_VOLUME_BACKEND=cinder needs REBUILDD_KEYSTONE_URL, "
+        "REBUILDD_KEYSTONE_USERNAME, REBUILDD_KEYSTONE_PASSWORD, REBUILDD_KEYSTONE_PROJECT_NAME"
+    )
+    assert not (tmp_path / "state" / "rebuildd.db").exists()
