@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Iterator, Mapping
@@ -172,7 +173,7 @@ class CinderVolumeService:
             self._refused(response, errors.VolumeNotFound(volume_id=volume_id))
             created = self._read(response, _AttachmentBody, "create attachment").attachment
         log.info("cinder attachment created", volume_id=volume_id, attachment_id=created.id)
-        return await self._connected(created, volume_id=volume_id)
+        return await self._connected(created)
 
     async def attachment_update(
         self, attachment_id: str, connector: Mapping[str, Any], *, mountpoint: str | None = None
@@ -257,28 +258,16 @@ class CinderVolumeService:
     # -- helpers ------------------------------------------------------------------------------
 
     async def _connected(
-        self,
-        attachment: _Attachment,
-        *,
-        volume_id: str | None = None,
-        mountpoint: str | None = None,
+        self, attachment: _Attachment, *, mountpoint: str | None = None
     ) -> VolumeAttachment:
-        info = _nested(attachment.connection_info)
+        """The attachment, its connection_info (if Cinder gave one) connected on this host."""
+        record = _attachment_record(attachment)
+        info = record.connection_info
         if info:
             info = await connector.connect_volume(
                 info, nfs_mount_point_base=self.nfs_mount_point_base
             )
-        record = _attachment_record(attachment)
-        return VolumeAttachment(
-            id=record.id,
-            volume_id=volume_id or record.volume_id,
-            server_id=record.server_id,
-            status=record.status,
-            attach_mode=record.attach_mode,
-            connection_info=info or None,
-            mountpoint=mountpoint,
-            attached_at=record.attached_at,
-        )
+        return dataclasses.replace(record, connection_info=info, mountpoint=mountpoint)
 
     async def _await_status(
         self, volume_id: str, wanted: str, *, failed: tuple[str, ...]

@@ -26,7 +26,7 @@ import datetime as dt
 import hashlib
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import httpx
 import structlog
@@ -43,6 +43,7 @@ TIMEOUT: Final = 10.0  # seconds for one call to Keystone
 # that expires in flight (keystoneauth's stale duration is of the same order).
 RENEW_BEFORE: Final = dt.timedelta(seconds=30)
 MAX_CACHED: Final = 10000
+B = TypeVar("B", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +181,12 @@ def _identity(token: _Token) -> Identity:
 
 
 def _parse(response: httpx.Response, call: str) -> _Token:
+    return _parse_body(response, call, _TokenBody).token
+
+
+def _parse_body(response: httpx.Response, call: str, model: type[B]) -> B:
     try:
-        return _TokenBody.model_validate_json(response.content).token
+        return model.model_validate_json(response.content)
     except ValidationError as exc:
         log.error("keystone answered an unreadable token", call=call, error=str(exc)[:200])
         raise errors.IdentityUnavailable() from None
@@ -224,7 +229,6 @@ class _ServiceTokenBody(BaseModel):
 class _Held:
     token: str
     expires_at: dt.datetime
-    project_id: str | None
     catalog: tuple[_Service, ...]
 
 
@@ -249,9 +253,6 @@ class ServiceSession:
         """The current token; a new one if it is about to expire, or if it is ``stale`` (a
         service refused it) — unless another request has renewed it meanwhile."""
         return (await self._current(stale)).token
-
-    async def project_id(self) -> str | None:
-        return (await self._current(None)).project_id
 
     async def endpoint(
         self, service_types: tuple[str, ...], *, interface: str, region: str | None
@@ -306,18 +307,11 @@ class ServiceSession:
         if response.status_code != 201 or not token:
             log.error("keystone refused rebuildd's credentials", status=response.status_code)
             raise errors.IdentityUnavailable()
-        try:
-            parsed = _ServiceTokenBody.model_validate_json(response.content).token
-        except ValidationError as exc:
-            log.error(
-                "keystone answered an unreadable token", call="service token", error=str(exc)[:200]
-            )
-            raise errors.IdentityUnavailable() from None
+        parsed = _parse_body(response, "service token", _ServiceTokenBody).token
         log.info("service token obtained", user=c.username, project=c.project_name)
         return _Held(
             token=token,
             expires_at=parsed.expires_at,
-            project_id=parsed.project.id if parsed.project else None,
             catalog=tuple(parsed.catalog),
         )
 
