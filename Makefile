@@ -23,11 +23,20 @@ test: system-test $(VENV)/.installed libvirtd postgres openstack-venvs lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## bench: issue 5's benchmark against a live daemon (test driver, then real QEMU for --qemu);
-## BENCH_ARGS='--postgres', see --help
+## BENCH_ARGS='--postgres', see --help. The daemon runs from $(RUN_VENV), which holds rebuildd's
+## runtime dependencies only, as a host's install does (the dev venv's test tools change what
+## its imports load: structlog takes in rich when it is there).
 BENCH_ARGS ?=
-bench: system-test $(VENV)/.installed libvirtd postgres
+RUN_VENV ?= .venv-run
+bench: system-test $(VENV)/.installed $(RUN_VENV)/.installed libvirtd postgres
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench --rebuildd $(RUN_VENV)/bin/rebuildd $(BENCH_ARGS)
+
+$(RUN_VENV)/.installed: pyproject.toml
+	test -x $(RUN_VENV)/bin/python || $(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(RUN_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
 
 ## lint: ruff (lint + format check) and mypy --strict
 lint: $(VENV)/.installed
@@ -65,4 +74,4 @@ openstack-venvs:
 	PYTHON=$(PYTHON) scripts/openstack-venvs.sh
 
 clean:
-	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(RUN_VENV) .state .mypy_cache .ruff_cache .pytest_cache

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from bench import metrics, qemu
-from bench.daemon import Daemon
+from bench.daemon import BIN, Daemon
 
 RESULTS = Path(__file__).parent / "results"
 MV = {"OpenStack-API-Version": "compute 2.84"}
@@ -589,7 +589,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pg_name = f"rebuildd_bench_{uuid.uuid4().hex[:8]}"
             await pg_database("create", pg_name)
             db_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{pg_name}"
-        daemon = Daemon(Path(tmp), db_url)
+        daemon = Daemon(Path(tmp), db_url, binary=args.rebuildd)
         try:
             daemon.prepare()
             daemon.start()
@@ -627,7 +627,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await pg_database("drop", pg_name)
     if args.qemu:
         print(f"qemu: {args.qemu} rebuilds through rebuildd and by a bare script", file=sys.stderr)
-        scenarios["qemu"] = await qemu.run(args.qemu)
+        scenarios["qemu"] = await qemu.run(args.qemu, args.rebuildd)
     return {
         "timestamp": stamp,
         "git_commit": git_commit(),
@@ -730,6 +730,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile-rate", type=int, default=250, metavar="HZ", help="py-spy samples per second"
+    )
+    parser.add_argument(
+        "--rebuildd",
+        type=Path,
+        default=BIN,
+        metavar="PATH",
+        help="the rebuildd executable to benchmark (make bench: one in a venv with rebuildd's"
+        " runtime dependencies only, as installed on a host)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()

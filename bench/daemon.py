@@ -23,7 +23,10 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, state_dir: Path, database_url: str | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, database_url: str | None = None, *, binary: Path = BIN
+    ) -> None:
+        self.binary = binary
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,13 +45,17 @@ class Daemon:
     def prepare(self) -> None:
         for command in (["db", "upgrade"], ["seed-demo"]):
             subprocess.run(
-                [str(BIN), *command], env=self.env, check=True, capture_output=True, timeout=300
+                [str(self.binary), *command],
+                env=self.env,
+                check=True,
+                capture_output=True,
+                timeout=300,
             )
 
     def start(self) -> None:
         out = self.log.open("ab")
         self.process = subprocess.Popen(
-            [str(BIN), "serve", "--port", str(self.port)],
+            [str(self.binary), "serve", "--port", str(self.port)],
             env=self.env,
             stdout=out,
             stderr=subprocess.STDOUT,

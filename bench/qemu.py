@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import libvirt
 
-from bench.daemon import Daemon
+from bench.daemon import BIN, Daemon
 from rebuildd import domxml
 
 URI = "qemu:///system"
@@ -157,8 +157,8 @@ def _template(base: Path, work: Path, i: int) -> Path:
     return path
 
 
-def start_daemon(state_dir: Path) -> Daemon:
-    daemon = Daemon(state_dir)
+def start_daemon(state_dir: Path, binary: Path = BIN) -> Daemon:
+    daemon = Daemon(state_dir, binary=binary)
     daemon.env.update(
         REBUILDD_LIBVIRT_URI=URI,
         REBUILDD_DOMAIN_NAME_PREFIX=PREFIX,
@@ -169,12 +169,12 @@ def start_daemon(state_dir: Path) -> Daemon:
     return daemon
 
 
-async def run(n: int) -> dict[str, Any]:
+async def run(n: int, binary: Path = BIN) -> dict[str, Any]:
     why = reachable()
     if why is not None:
         return {"skipped": f"{URI} unreachable: {why}"}
     with tempfile.TemporaryDirectory(prefix="rebuildd-bench-qemu-") as tmp:
-        daemon = start_daemon(Path(tmp))
+        daemon = start_daemon(Path(tmp), binary)
         try:
             async with httpx.AsyncClient(base_url=daemon.url, timeout=120) as client:
                 from bench.__main__ import Api
