@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import os
 import math
 import platform
 import signal
@@ -236,7 +237,7 @@ async def scenario_concurrent(
     sem = asyncio.Semaphore(c)
     accepted: list[float] = []
     errors: list[str] = []
-    cpu0 = daemon.cpu_seconds()
+    cpu0, loop0 = daemon.cpu_seconds(), daemon.loop_cpu_seconds()
     t0 = time.perf_counter()
 
     async def one(sid: str) -> None:
@@ -255,7 +256,7 @@ async def scenario_concurrent(
     accepted_s = time.perf_counter() - t0
     await api.wait_no_rebuild()  # done when no server is left in REBUILD
     total = time.perf_counter() - t0
-    cpu1 = daemon.cpu_seconds()
+    cpu1, loop1 = daemon.cpu_seconds(), daemon.loop_cpu_seconds()
     error_servers = await api.count("ERROR")
     ok = m - len(errors)
     return {
@@ -270,6 +271,7 @@ async def scenario_concurrent(
         "error_samples": errors[:10],
         "servers_in_error": error_servers,
         "daemon_cpu_ms_per_rebuild": (cpu1 - cpu0) * 1000 / max(ok, 1),
+        "loop_cpu_ms_per_rebuild": (loop1 - loop0) * 1000 / max(ok, 1),
         "daemon_memory_kib": daemon.memory_kib(),
         "raw": {"accepted_ms": accepted},
     }, ids
@@ -357,7 +359,9 @@ async def scenario_sustained(
         ids, create_s = await create_many(api, sustained_servers(rate, clients), "bench-sus")
         created = len(ids)
     error_servers0 = await api.count("ERROR")
+    metrics0 = await metrics.scrape(api.c)
     cpu0, client_cpu0 = daemon.cpu_seconds(), time.process_time()
+    loop_cpu0 = daemon.loop_cpu_seconds()
     # t0 a little ahead: the client tasks are started before the first rebuild is due.
     loop = OpenLoop(
         api,
@@ -375,6 +379,8 @@ async def scenario_sustained(
     await api.wait_no_rebuild()
     all_active = time.perf_counter()
     cpu1, client_cpu1 = daemon.cpu_seconds(), time.process_time()
+    loop_cpu1 = daemon.loop_cpu_seconds()
+    metrics1 = await metrics.scrape(api.c)
     done.set()
     await sampling
     ok = loop.statuses["202"]
@@ -400,9 +406,14 @@ async def scenario_sustained(
         "daemon_cpu_ms_per_rebuild": (cpu1 - cpu0) * 1000 / max(ok, 1),
         # CPU-seconds a second until all ACTIVE: near 1 the daemon's loop is the limit.
         "daemon_cpu_per_s": (cpu1 - cpu0) / (all_active - loop.t0),
+        # The event loop's thread alone: near 1 CPU-s/s it is the limit.
+        "loop_cpu_ms_per_rebuild": (loop_cpu1 - loop_cpu0) * 1000 / max(ok, 1),
+        "loop_cpu_per_s": (loop_cpu1 - loop_cpu0) / (all_active - loop.t0),
         # The clients' own process (same two CPUs): they can be the limit too.
         "client_cpu_ms_per_request": (client_cpu1 - client_cpu0) * 1000 / max(loop.n, 1),
         "backlog_samples": loop.backlog,
+        # Wall time in each step and in the Store under this load (steps wait for the loop).
+        "breakdown": metrics.breakdown(metrics0, metrics1, action="rebuild", jobs=max(ok, 1)),
         "servers_in_error": await api.count("ERROR") - error_servers0,
         "daemon_memory_kib": daemon.memory_kib(),
         "raw": {"accepted_ms_from_due": loop.from_due, "accepted_ms_from_send": loop.from_send},
@@ -681,8 +692,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"Burst: {conc['servers']} servers, {conc['clients']} clients: all 202s in "
             f"{conc['all_accepted_s']:.2f} s, all ACTIVE in {conc['total_s']:.2f} s; 202 p50 "
             f"{fmt(conc['accepted_ms']['p50'])}; daemon CPU "
-            f"{conc['daemon_cpu_ms_per_rebuild']:.1f} ms per rebuild; "
-            f"creating the servers took {conc['create_s']:.1f} s.",
+            f"{conc['daemon_cpu_ms_per_rebuild']:.1f} ms per rebuild (its event loop's thread "
+            f"{conc.get('loop_cpu_ms_per_rebuild', 0):.1f} ms); creating the servers took "
+            f"{conc['create_s']:.1f} s.",
         ]
     sus = result["scenarios"].get("sustained")
     if sus:
@@ -703,7 +715,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{sus['all_active_s']:.2f} s (backlog after the last 202 "
             f"{sus['backlog_after_last_202_s']:.2f} s): {sus['achieved_per_s']:.1f} rebuilds/s "
             f"achieved; daemon CPU {sus['daemon_cpu_ms_per_rebuild']:.1f} ms per rebuild "
-            f"({sus['daemon_cpu_per_s']:.2f} CPU-s/s), the clients' "
+            f"({sus['daemon_cpu_per_s']:.2f} CPU-s/s; its event loop's thread "
+            f"{sus.get('loop_cpu_ms_per_rebuild', 0):.1f} ms, "
+            f"{sus.get('loop_cpu_per_s', 0):.2f} CPU-s/s), the clients' "
             f"{sus['client_cpu_ms_per_request']:.1f} ms per request; "
             f"{sus['servers_in_error']} servers left in ERROR. Servers in REBUILD (after "
             f"the first due send), sampled about once a second: {samples}.",
@@ -832,12 +846,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 burst_ids: list[str] = []
                 if args.sequential:
                     print(f"sequential: {args.sequential} rebuilds", file=sys.stderr)
-                    with _profiled(
-                        daemon,
-                        args.profile,
-                        all_threads=args.profile_all_threads,
-                        rate=args.profile_rate,
-                    ):
+                    with _profiled(daemon, args, "sequential"):
                         scenarios["sequential"] = await scenario_sequential(
                             api, daemon, args.sequential
                         )
@@ -855,9 +864,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{args.clients} clients",
                         file=sys.stderr,
                     )
-                    scenarios["sustained"] = await scenario_sustained(
-                        api, daemon, args.rate, args.duration, args.clients, burst_ids
-                    )
+                    with _profiled(daemon, args, "sustained"):
+                        scenarios["sustained"] = await scenario_sustained(
+                            api, daemon, args.rate, args.duration, args.clients, burst_ids
+                        )
                 if args.scale:
                     print(f"scale: {args.scale} servers", file=sys.stderr)
                     scenarios["scale"] = await scenario_scale(api, daemon, args.scale, args.gets)
@@ -890,14 +900,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _profiled(
-    daemon: Daemon, out: Path | None, *, all_threads: bool = False, rate: int = 250
-) -> Iterator[None]:
+def _profiled(daemon: Daemon, args: argparse.Namespace, scenario: str) -> Iterator[None]:
     """With ``--profile FILE.svg``: py-spy samples the daemon (threads holding the GIL, or with
-    ``all_threads`` every thread not idle, so libvirt's calls in worker threads count too)
-    while the block runs and writes a flame graph; ``FILE.txt`` gets collapsed stacks instead
-    (``python -m bench.profile FILE.txt`` sums them by function)."""
-    if out is None:
+    ``--profile-all-threads`` every thread not idle, so libvirt's calls in worker threads count
+    too) while ``scenario`` runs, if it is ``--profile-scenario``, and writes a flame graph;
+    ``FILE.txt`` gets collapsed stacks instead (``python -m bench.profile FILE.txt`` sums them
+    by function)."""
+    out: Path | None = args.profile
+    all_threads: bool = args.profile_all_threads
+    rate: int = args.profile_rate
+    if out is None or scenario != args.profile_scenario:
         yield
         return
     spy = subprocess.Popen(
@@ -914,6 +926,7 @@ def _profiled(
             str(rate),
             *(() if all_threads else ("--gil",)),
             "--nonblocking",
+            *(("--threads",) if os.environ.get("BENCH_PROFILE_THREADS") else ()),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -982,8 +995,14 @@ def main() -> None:
         type=Path,
         default=None,
         metavar="SVG",
-        help="py-spy flame graph of the daemon during the sequential scenario (FILE.txt: "
+        help="py-spy flame graph of the daemon during one scenario (FILE.txt: "
         "collapsed stacks, for python -m bench.profile)",
+    )
+    parser.add_argument(
+        "--profile-scenario",
+        choices=("sequential", "sustained"),
+        default="sequential",
+        help="the scenario --profile samples",
     )
     parser.add_argument(
         "--profile-all-threads",

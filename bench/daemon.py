@@ -22,6 +22,11 @@ def free_port() -> int:
         return port
 
 
+def _cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Daemon:
     def __init__(
         self, state_dir: Path, database_url: str | None = None, *, binary: Path = BIN
@@ -78,9 +83,12 @@ class Daemon:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the daemon process, in seconds."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return _cpu(Path(f"/proc/{self.pid}/stat"))
+
+    def loop_cpu_seconds(self) -> float:
+        """utime + stime of the daemon's main thread alone, the one running its event loop:
+        with one loop, the part that bounds throughput."""
+        return _cpu(Path(f"/proc/{self.pid}/task/{self.pid}/stat"))
 
     def memory_kib(self) -> dict[str, int]:
         out = {}

@@ -33,6 +33,7 @@ import anyio
 
 from rebuildd import configdrive
 from rebuildd.errors import DiskError
+from rebuildd.offload import Offload
 
 MiB: Final = 1024**2
 # Filesystems an ephemeral disk may be formatted with ("none": left blank), and how.
@@ -67,11 +68,14 @@ class DiskManager:
         base_dir: Path | None = None,
         qemu_img: str = "qemu-img",
         retention_seconds: float = 0,
+        file_threads: int = 8,
     ) -> None:
         self.instances_dir = instances_dir
         self.base_dir = base_dir or instances_dir.parent / "_base"
         self.qemu_img = qemu_img
         self.retention_seconds = retention_seconds
+        # The threads of blocking file calls on a rebuild's path (the image cache's too).
+        self.files = Offload(file_threads, "files")
 
     def instance_dir(self, server_id: str) -> Path:
         return self.instances_dir / str(uuid.UUID(server_id))
@@ -97,8 +101,7 @@ class DiskManager:
             raise DiskError(command="mkfs", reason=f"unsupported format {guest_format!r}")
         name = blank_base_name(size_mib, guest_format)
         base = self.base_dir / name
-        if await anyio.Path(base).exists():
-            await anyio.to_thread.run_sync(os.utime, base)  # in use: keep it from the cleanup
+        if await self.files.run(touch, base):  # in use: keep it from the cleanup
             return base
         await anyio.Path(self.base_dir).mkdir(parents=True, exist_ok=True)
         partial = base.with_name(f".{name}.{uuid.uuid4().hex[:8]}.partial")
@@ -138,9 +141,9 @@ class DiskManager:
         template = self.instances_dir / "_templates" / f"{base.name}-{key.hexdigest()[:24]}.qcow2"
         try:
             # One thread hop in the common case (the template exists), not three.
-            if not await anyio.to_thread.run_sync(_copy_template, template, path):
+            if not await self.files.run(_copy_template, template, path):
                 await self._template(template, base, base_format, size_bytes)
-                await anyio.to_thread.run_sync(_copy_template, template, path)
+                await self.files.run(_copy_template, template, path)
         except OSError as exc:
             raise DiskError(command="copy overlay template", reason=str(exc)) from exc
 
@@ -198,7 +201,7 @@ class DiskManager:
             await anyio.Path(partial).unlink(missing_ok=True)
 
     async def remove(self, path: Path) -> None:
-        await anyio.Path(path).unlink(missing_ok=True)
+        await self.files.run(_unlink, path)
 
     async def retire(self, path: Path) -> None:
         """A replaced root disk: removed now, or kept ``retention_seconds`` under a
@@ -267,6 +270,19 @@ def blank_base_name(size_mib: int, guest_format: str) -> str:
 def _sparse_file(path: Path, size: int) -> None:
     with path.open("xb") as f:
         f.truncate(size)
+
+
+def touch(path: Path) -> bool:
+    """Mark a base as used now (the cache cleanup's age); False if it is not there."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _copy_template(template: Path, dest: Path) -> bool:

@@ -16,13 +16,13 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
 import libvirt
 
 from rebuildd import domxml
 from rebuildd.errors import HypervisorError
+from rebuildd.offload import Offload
 from rebuildd.states import PowerState
 
 T = TypeVar("T")
@@ -51,8 +51,7 @@ class LibvirtHypervisor:
     def __init__(self, uri: str, *, threads: int, detach_timeout: float = 20.0) -> None:
         self.uri = uri
         self.detach_timeout = detach_timeout
-        self._threads = threads
-        self._pool: ThreadPoolExecutor | None = None
+        self._offload = Offload(threads, "libvirt")
         self._conn: Any = None
 
     async def open(self) -> None:
@@ -63,30 +62,14 @@ class LibvirtHypervisor:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._call("close", conn.close)
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=False)
+        self._offload.shutdown()
 
     async def _call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run one blocking libvirt call in a worker thread; map libvirt errors.
-
-        The threads are this adapter's own, at most ``threads`` calls at once, the rest
-        queued in order. A loop executor costs a third less CPU per call than
-        anyio.to_thread (which also yields to the loop twice before handing the call over):
-        a rebuild makes about eight. A caller cancelled meanwhile (a drain's
-        ``Task.cancel()``, which anyio's ``abandon_on_cancel`` never held back) still waits
-        for the call to end before its CancelledError goes on, so an undo never races the
-        libvirt call of the step it undoes."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="libvirt")
-        call = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        """Run one blocking libvirt call in one of the adapter's worker threads (a cancelled
+        caller waits for it to end: :class:`rebuildd.offload.Offload`); map libvirt
+        errors."""
         try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            await asyncio.wait([call])
-            if not call.cancelled():
-                call.exception()  # retrieved: the caller is gone, the cancellation goes on
-            raise
+            return await self._offload.run(fn, *args)
         except libvirt.libvirtError as exc:
             raise HypervisorError(call=name, reason=exc.get_error_message() or str(exc)) from exc
 
@@ -131,13 +114,16 @@ class LibvirtHypervisor:
     async def define(self, xml: str) -> None:
         await self._call("defineXML", self._conn.defineXML, xml)
 
-    async def start(self, name: str) -> None:
-        def create() -> None:
+    async def start(self, name: str) -> int:
+        """Start the domain if it is off; returns its power state after (in the same call)."""
+
+        def create() -> int:
             dom = self._lookup(name)
             if not dom.isActive():
                 dom.create()
+            return _POWER_STATE.get(dom.state()[0], PowerState.NOSTATE)
 
-        await self._call("create", create)
+        return await self._call("create", create)
 
     async def destroy(self, name: str) -> None:
         def destroy() -> None:

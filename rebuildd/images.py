@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 
 from rebuildd import errors
-from rebuildd.disks import DiskManager
+from rebuildd.disks import DiskManager, touch
 from rebuildd.metrics import Metrics
 from rebuildd.models import Image, RequestContext, utcnow
 from rebuildd.ports import ImageService
@@ -31,6 +31,7 @@ from rebuildd.storage import ImageFilters, Store
 CHUNK = 1 << 20
 DISK_FORMATS = frozenset({"qcow2", "raw"})
 CONTAINER_FORMATS = frozenset({"bare"})
+_TOUCH_EVERY = 60.0  # seconds
 
 
 class LocalImageService:
@@ -191,12 +192,19 @@ class ImageCache:
         self.disks = disks
         self.metrics = metrics or Metrics()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Base name -> when this process last touched it: a base used again within
+        # _TOUCH_EVERY is not touched again (one thread hop fewer a rebuild). Its mtime, the
+        # cleanup's age, lags by that much at most, against a minimum age of hours.
+        self._touched: dict[str, float] = {}
 
     async def ensure(self, image: Image) -> Path:
         path = self.directory / str(uuid.UUID(image.id))
         lock = self._locks.setdefault(image.id, asyncio.Lock())
         async with lock:
-            if await anyio.to_thread.run_sync(_touch, path):  # one hop: there, and now used
+            if self._used_lately(path.name):
+                return path
+            if await self.disks.files.run(touch, path):  # one hop: there, and now used
+                self._touched[path.name] = time.monotonic()
                 return path
             await anyio.Path(self.directory).mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")
@@ -209,6 +217,10 @@ class ImageCache:
                 with contextlib.suppress(FileNotFoundError):
                     await anyio.Path(partial).unlink()
         return path
+
+    def _used_lately(self, name: str) -> bool:
+        touched = self._touched.get(name)
+        return touched is not None and time.monotonic() - touched < _TOUCH_EVERY
 
     async def cleanup(self, in_use: Collection[str], *, min_age: float) -> list[str]:
         """Remove the bases (image bases, and blank ephemeral/swap bases) whose names are not
@@ -231,6 +243,8 @@ class ImageCache:
                     await entry.unlink()
                 except FileNotFoundError:
                     continue
+                finally:
+                    self._touched.pop(name, None)
             await self.disks.remove_templates(Path(entry))
             self._locks.pop(name, None)
             removed.append(name)
@@ -258,12 +272,3 @@ async def _verify(image: Image, path: Path) -> None:
         raise errors.ImageFetchError(
             image_id=image.id, reason=f"{algo} of the data is {actual}, expected {expected}"
         )
-
-
-def _touch(path: Path) -> bool:
-    """Mark a cached base as used now (the cleanup's age); False if it is not there."""
-    try:
-        os.utime(path)
-    except FileNotFoundError:
-        return False
-    return True

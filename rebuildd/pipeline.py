@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
 from rebuildd import configdrive, domxml, errors, guestdisks, imageprops, ports, rebuild_volumes
 from rebuildd.instance_events import InstanceEvents
 from rebuildd.models import (
@@ -45,6 +47,8 @@ from rebuildd.runner import Job, Outcome, Runner, Stage, Step
 from rebuildd.states import PowerState, TaskState, VmState
 
 GiB: Final = 1024**3
+
+log = structlog.get_logger("rebuildd.pipeline")
 
 
 class Unset:
@@ -102,11 +106,18 @@ def _copied(info: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(slots=True)
+class Observed:
+    """What a step saw that a later one may use instead of asking again: in memory only, so
+    a restarted daemon asks again."""
+
+    power_state: int | None = None  # start_domain's, once the guest started
+
+
+@dataclass(slots=True)
 class RebuildFacts:
     """What the compute stage recorded so far, so every undo knows what to put back."""
 
     was_running: bool = False
-    clean_shutdown: bool | None = None  # False: the guest ignored ACPI and was destroyed
     old_disks: dict[str, str] = field(default_factory=dict)  # target -> old <disk> XML
     old_paths: dict[str, str] = field(default_factory=dict)  # target -> old file
     new_paths: dict[str, str] = field(default_factory=dict)  # target -> new file
@@ -124,7 +135,6 @@ class RebuildFacts:
         tests/test_rebuild_facts.py holds it equal to ``asdict``."""
         return {
             "was_running": self.was_running,
-            "clean_shutdown": self.clean_shutdown,
             "old_disks": dict(self.old_disks),
             "old_paths": dict(self.old_paths),
             "new_paths": dict(self.new_paths),
@@ -206,6 +216,7 @@ class RebuildContext:
     admin_pass: str | None = None
     personality: tuple[tuple[str, str], ...] = ()
     facts: RebuildFacts = field(default_factory=RebuildFacts)
+    observed: Observed = field(default_factory=Observed)
 
     def params(self) -> dict[str, Any]:
         """What a restarted daemon needs to rebuild this context (see rebuild_job_from_action)."""
@@ -460,10 +471,17 @@ async def _record_power_state(ctx: RebuildContext) -> None:
 
 
 async def _power_off(ctx: RebuildContext) -> None:
+    """Not a fact (no undo needs it, and a journal write would follow): a guest that did not
+    shut down within its timeout is logged, as Nova logs it."""
     timeout = shutdown_timeout(ctx.before, ctx.deps.shutdown_timeout)
-    ctx.facts.clean_shutdown = await ctx.deps.hypervisor.power_off(
-        ctx.server.domain_name, timeout=timeout
-    )
+    clean = await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=timeout)
+    if not clean and timeout > 0:
+        log.warning(
+            "guest did not shut down in time; destroyed",
+            server_id=ctx.server.id,
+            timeout=timeout,
+            request_id=ctx.request.request_id,
+        )
 
 
 def shutdown_timeout(server: Server, default: float) -> float:
@@ -567,7 +585,7 @@ async def _attach_new_disks(ctx: RebuildContext) -> None:
 
 
 async def _start(ctx: RebuildContext) -> None:
-    await ctx.deps.hypervisor.start(ctx.server.domain_name)
+    ctx.observed.power_state = await ctx.deps.hypervisor.start(ctx.server.domain_name)
 
 
 async def _destroy(ctx: RebuildContext) -> None:
@@ -577,13 +595,16 @@ async def _destroy(ctx: RebuildContext) -> None:
 async def _restore_power_state(ctx: RebuildContext) -> None:
     """Nova starts the rebuilt guest, then stops it again if the server was stopped."""
     if ctx.before.vm_state == VmState.STOPPED:
+        ctx.observed.power_state = None
         timeout = shutdown_timeout(ctx.server, ctx.deps.shutdown_timeout)
         await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=timeout)
 
 
 async def _succeed(ctx: RebuildContext) -> Outcome:
     stopped = ctx.before.vm_state == VmState.STOPPED
-    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    power = ctx.observed.power_state
+    if power is None:
+        power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
     return Outcome(
         changes={
             "vm_state": VmState.STOPPED if stopped else VmState.ACTIVE,

@@ -9,7 +9,7 @@ from rebuildd.pipeline import RebuildFacts
 
 
 def _filled() -> RebuildFacts:
-    facts = RebuildFacts(was_running=True, clean_shutdown=False)
+    facts = RebuildFacts(was_running=True)
     facts.old_disks["vda"] = "<disk/>"
     facts.old_paths["vda"] = "/old"
     facts.new_paths["vda"] = "/new"

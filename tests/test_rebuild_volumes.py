@@ -79,11 +79,12 @@ class FailingStart:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    async def start(self, name: str) -> None:
+    async def start(self, name: str) -> int:
         self.calls["start"] += 1
         if self.fail_at is not None and self.calls["start"] == self.fail_at:
             raise HypervisorError(call="create", reason="injected fault in start")
-        await self.real.start(name)
+        power: int = await self.real.start(name)
+        return power
 
 
 @pytest.fixture
