@@ -30,7 +30,7 @@ BENCH_ARGS ?=
 RUN_VENV ?= .venv-run
 bench: system-test $(VENV)/.installed $(RUN_VENV)/.installed libvirtd postgres
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
-	$(BIN)/python -m bench --rebuildd $(RUN_VENV)/bin/rebuildd $(BENCH_ARGS)
+	BENCH_REBUILDD=$(RUN_VENV)/bin/rebuildd $(BIN)/python -m bench $(BENCH_ARGS)
 
 $(RUN_VENV)/.installed: pyproject.toml
 	test -x $(RUN_VENV)/bin/python || $(PYTHON) -m venv $(RUN_VENV)

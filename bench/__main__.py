@@ -15,8 +15,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import os
 import math
+import os
 import platform
 import signal
 import statistics
@@ -883,7 +883,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "timestamp": stamp,
         "git_commit": git_commit(),
         "machine": {
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
@@ -926,7 +926,7 @@ def _profiled(daemon: Daemon, args: argparse.Namespace, scenario: str) -> Iterat
             str(rate),
             *(() if all_threads else ("--gil",)),
             "--nonblocking",
-            *(("--threads",) if os.environ.get("BENCH_PROFILE_THREADS") else ()),
+            *(("--threads",) if args.profile_by_thread else ()),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -1010,15 +1010,22 @@ def main() -> None:
         help="profile every busy thread (libvirt's worker threads too), not only the GIL holder",
     )
     parser.add_argument(
+        "--profile-by-thread",
+        action="store_true",
+        help="each stack under its thread's name (MainThread: the event loop; libvirt_N, "
+        "files_N: the worker pools)",
+    )
+    parser.add_argument(
         "--profile-rate", type=int, default=250, metavar="HZ", help="py-spy samples per second"
     )
     parser.add_argument(
         "--rebuildd",
         type=Path,
-        default=BIN,
+        default=Path(os.environ.get("BENCH_REBUILDD", BIN)),
         metavar="PATH",
-        help="the rebuildd executable to benchmark (make bench: one in a venv with rebuildd's"
-        " runtime dependencies only, as installed on a host)",
+        help="the rebuildd executable to benchmark (default: $BENCH_REBUILDD, else the one"
+        " beside this Python; make bench sets one in a venv with rebuildd's runtime"
+        " dependencies only, as installed on a host)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
