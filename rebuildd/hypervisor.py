@@ -94,6 +94,20 @@ class LibvirtHypervisor:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         return await self._call("XMLDesc", lambda: str(self._lookup(name).XMLDesc(flags)))
 
+    async def find(self, name: str) -> int | None:
+        """The domain's power state, None when there is no such domain (one call for both)."""
+
+        def state() -> int | None:
+            try:
+                code = self._lookup(name).state()[0]
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            return _POWER_STATE.get(code, PowerState.NOSTATE)
+
+        return await self._call("state", state)
+
     async def power_state(self, name: str) -> int:
         def state() -> int:
             code = self._lookup(name).state()[0]

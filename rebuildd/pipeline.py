@@ -110,6 +110,7 @@ class Observed:
     """What a step saw that a later one may use instead of asking again: in memory only, so
     a restarted daemon asks again."""
 
+    found_power_state: int | None = None  # check_host's, for record_power_state
     power_state: int | None = None  # start_domain's, once the guest started
 
 
@@ -459,14 +460,23 @@ async def rebuild_job_from_action(
 
 
 async def _check_host(ctx: RebuildContext) -> None:
-    if not await ctx.deps.hypervisor.exists(ctx.server.domain_name):
+    """The domain is on this host. Its power state comes with the answer, and the compute
+    stage's record_power_state takes it from there: one libvirt call fewer. Nothing acts on
+    the guest between the two steps (only the stage boundary's Store write); after a restart
+    record_power_state asks again."""
+    state = await ctx.deps.hypervisor.find(ctx.server.domain_name)
+    if state is None:
         raise errors.HypervisorError(
             call="lookupByName", reason=f"domain {ctx.server.domain_name} is not on this host"
         )
+    ctx.observed.found_power_state = state
 
 
 async def _record_power_state(ctx: RebuildContext) -> None:
-    state = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
+    state = ctx.observed.found_power_state
+    ctx.observed.found_power_state = None
+    if state is None:
+        state = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
     ctx.facts.was_running = state == PowerState.RUNNING
 
 

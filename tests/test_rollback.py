@@ -118,8 +118,7 @@ def _rebuild(live: LiveDaemon, server_id: str) -> str:
 @pytest.mark.parametrize(
     ("method", "nth", "stopped"),
     [
-        ("exists", 1, False),  # conductor: check_host
-        ("power_state", 1, False),  # record_power_state
+        ("find", 1, False),  # conductor: check_host (record_power_state takes its answer)
         ("power_off", 1, False),  # power_off
         ("disks_xml", 1, False),  # record_local_disks
         ("attach_disks", 1, False),  # attach_local_disks (disks and metadata in one define)
