@@ -70,13 +70,14 @@ class Daemon:
     closed: bool = False
 
     async def close(self, *, drain_timeout: float) -> None:
-        """Drain running jobs, then close libvirt, the upstream clients (Keystone, Glance) and
-        the database (idempotent)."""
+        """Drain running jobs, then close libvirt, the file threads, the upstream clients
+        (Keystone, Glance) and the database (idempotent)."""
         if self.closed:
             return
         self.closed = True
         await self.services.deps.runner.drain(drain_timeout)
         await self.hypervisor.close()
+        self.cache.disks.close()
         if self.services.authenticator is not None:
             await self.services.authenticator.aclose()
         for client in self.http_clients:

@@ -77,6 +77,10 @@ class DiskManager:
         # The threads of blocking file calls on a rebuild's path (the image cache's too).
         self.files = Offload(file_threads, "files")
 
+    def close(self) -> None:
+        """Let the file threads go (once their calls end)."""
+        self.files.shutdown()
+
     def instance_dir(self, server_id: str) -> Path:
         return self.instances_dir / str(uuid.UUID(server_id))
 
