@@ -79,16 +79,7 @@ class LibvirtHypervisor:
     # -- queries ------------------------------------------------------------------------------
 
     async def exists(self, name: str) -> bool:
-        def lookup() -> bool:
-            try:
-                self._lookup(name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return False
-                raise
-            return True
-
-        return await self._call("lookupByName", lookup)
+        return await self.find(name) is not None
 
     async def domain_xml(self, name: str, *, inactive: bool = True) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
