@@ -96,16 +96,10 @@ class Api:
                 raise RuntimeError(f"server {server_id} in ERROR: {s.get('fault')}")
             await asyncio.sleep(interval)
 
-    async def wait_no_build(self) -> None:
+    async def wait_none_in(self, status: str, interval: float) -> None:
+        """Until no server is in ``status``."""
         while True:
-            r = await self.c.get("/v2.1/servers", params={"status": "BUILD", "limit": 1})
-            if not r.json()["servers"]:
-                return
-            await asyncio.sleep(0.2)
-
-    async def wait_no_rebuild(self, interval: float = 0.01) -> None:
-        while True:
-            if not await self.count("REBUILD", limit=1):
+            if not await self.count(status, limit=1):
                 return
             await asyncio.sleep(interval)
 
@@ -221,7 +215,7 @@ async def create_many(
             ids.append(await api.create(f"{prefix}-{i}"))
 
     await asyncio.gather(*(one(i) for i in range(count)))
-    await api.wait_no_build()
+    await api.wait_none_in("BUILD", 0.2)
     return ids, time.perf_counter() - t0
 
 
@@ -254,7 +248,7 @@ async def scenario_concurrent(
 
     await asyncio.gather(*(one(s) for s in ids))
     accepted_s = time.perf_counter() - t0
-    await api.wait_no_rebuild()  # done when no server is left in REBUILD
+    await api.wait_none_in("REBUILD", 0.01)
     total = time.perf_counter() - t0
     cpu1, loop1 = daemon.cpu_seconds(), daemon.loop_cpu_seconds()
     error_servers = await api.count("ERROR")
@@ -376,7 +370,7 @@ async def scenario_sustained(
     sampling = asyncio.create_task(loop.sample_backlog(done))
     await asyncio.gather(*(loop.client(j) for j in range(min(clients, loop.n))))
     last_202 = max(loop.answered, default=time.perf_counter())
-    await api.wait_no_rebuild()
+    await api.wait_none_in("REBUILD", 0.01)
     all_active = time.perf_counter()
     cpu1, client_cpu1 = daemon.cpu_seconds(), time.process_time()
     loop_cpu1 = daemon.loop_cpu_seconds()
