@@ -8,43 +8,109 @@ the image cache share one for files, so a libvirt call that hangs never holds up
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
-class Offload:
-    """At most ``threads`` calls at once, the rest queued in order; the threads start on
-    first use.
+@dataclass(slots=True)
+class _Call(Generic[T]):
+    fn: Callable[..., T]
+    args: tuple[Any, ...]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T]
+    pool: _Pool
 
-    A loop executor costs a third less CPU a call than anyio.to_thread (which also yields to
-    the loop twice before handing the call over). A caller cancelled meanwhile (a drain's
-    ``Task.cancel()``, which anyio's ``abandon_on_cancel`` never held back) still waits for
-    the call to end before its CancelledError goes on, so an undo never races the call of
-    the step it undoes (a copy still writing the file the undo removes)."""
+
+@dataclass(slots=True)
+class _Pool:
+    """One generation of threads: the queue they take calls from, how many run, how many
+    calls are out (counted on the event loop's thread only)."""
+
+    calls: queue.SimpleQueue[_Call[Any] | None] = field(default_factory=queue.SimpleQueue)
+    threads: list[threading.Thread] = field(default_factory=list)
+    busy: int = 0
+
+
+class Offload:
+    """At most ``threads`` calls at once, the rest queued in order; a thread starts when a
+    call finds every running one busy.
+
+    Each thread takes a call from a C-level queue and hands the outcome straight to the
+    caller's loop (``call_soon_threadsafe``): no ``concurrent.futures`` machinery, whose
+    Python-level locks and conditions cost more of the GIL a call than the call of a
+    test-driver domain itself (bench/, see the README). A caller cancelled meanwhile (a
+    drain's ``Task.cancel()``) still waits for the call to end before its CancelledError goes
+    on, so an undo never races the call of the step it undoes (a copy still writing the file
+    the undo removes). The threads are daemon threads: the daemon's drain waits for its jobs,
+    and an interpreter exit does not hang on a call libvirt never answers."""
 
     def __init__(self, threads: int, name: str) -> None:
+        if threads < 1:
+            raise ValueError("an offload needs at least one thread")
         self._threads = threads
         self._name = name
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _Pool | None = None
+        self._started = 0  # threads ever started: their names stay unique
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix=self._name)
-        call = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = _Pool()
+        if pool.busy >= len(pool.threads) and len(pool.threads) < self._threads:
+            self._start(pool)
+        future: asyncio.Future[T] = loop.create_future()
+        pool.busy += 1
+        pool.calls.put(_Call(fn, args, loop, future, pool))
         try:
-            return await asyncio.shield(call)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
-            await asyncio.wait([call])
-            if not call.cancelled():
-                call.exception()  # retrieved: the caller is gone, the cancellation goes on
+            await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # retrieved: the caller is gone, the cancellation goes on
             raise
 
+    def _start(self, pool: _Pool) -> None:
+        thread = threading.Thread(
+            target=_work, args=(pool.calls,), name=f"{self._name}_{self._started}", daemon=True
+        )
+        self._started += 1
+        pool.threads.append(thread)
+        thread.start()
+
     def shutdown(self) -> None:
-        """Let the threads go once their calls end (calls after this start a new pool)."""
+        """Let the threads go once the calls queued before this end (calls after this start
+        new threads)."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            pool.shutdown(wait=False)
+            for _ in pool.threads:
+                pool.calls.put(None)
+
+
+def _work(calls: queue.SimpleQueue[_Call[Any] | None]) -> None:
+    while (call := calls.get()) is not None:
+        outcome: tuple[bool, Any]
+        try:
+            outcome = (True, call.fn(*call.args))
+        except BaseException as exc:  # handed to the caller, as an executor does
+            outcome = (False, exc)
+        # A closed loop (RuntimeError) has nobody waiting for this call any more.
+        with contextlib.suppress(RuntimeError):
+            call.loop.call_soon_threadsafe(_settle, call, *outcome)
+        del call, outcome
+
+
+def _settle(call: _Call[Any], ok: bool, value: Any) -> None:
+    call.pool.busy -= 1
+    if call.future.cancelled():
+        return
+    if ok:
+        call.future.set_result(value)
+    else:
+        call.future.set_exception(value)
