@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     event,
+    exists,
     insert,
     literal,
     or_,
@@ -250,16 +251,28 @@ _END_JOB = dbapi.Statement(
     .returning(ACTIONS.c.id)
 )
 _SAVE_JOURNAL = _update_action("journal")
-_OPEN_EVENT = dbapi.Statement(
-    select(EVENTS.c.id).where(
-        EVENTS.c.action_id == bindparam("aid"),
-        EVENTS.c.event == bindparam("event"),
-        EVENTS.c.finish_time.is_(None),
+# Starts an event unless it is already open (a resumed job's), in one statement.
+_START_EVENT = dbapi.Statement(
+    insert(EVENTS.table).from_select(
+        ["action_id", "event", "start_time", "host"],
+        select(
+            bindparam("aid", type_=EVENTS.c.action_id.type),
+            bindparam("event", type_=EVENTS.c.event.type),
+            bindparam("now", type_=EVENTS.c.start_time.type),
+            bindparam("host", type_=EVENTS.c.host.type),
+        ).where(
+            ~exists(
+                select(EVENTS.c.id).where(
+                    EVENTS.c.action_id == bindparam("aid"),
+                    EVENTS.c.event == bindparam("event"),
+                    EVENTS.c.finish_time.is_(None),
+                )
+            )
+        ),
     )
 )
 _ACTION_KEYS = tuple(k for k in ACTIONS.keys.values() if k != "id")
 _INSERT_ACTION = _insert(ACTIONS, _ACTION_KEYS)
-_INSERT_EVENT = _insert(EVENTS, ("action_id", "event", "start_time", "host"))
 _INSERT_FAULT = _insert(FAULTS, ("server_id", "code", "message", "details", "host", "created_at"))
 _INSERT_NOTIFICATION = _insert(
     NOTIFICATIONS,
@@ -952,14 +965,8 @@ class Store:
                 await tx.run(_FINISH_EVENT, _finished(action_id, after, now, "Success"))
             for notification in notifications:
                 await _add_notification(tx, notification, now)
-            if await tx.first(_OPEN_EVENT, {"aid": action_id, "event": event_name}):
-                return
-            await tx.run(
-                _INSERT_EVENT,
-                _bound(
-                    {"action_id": action_id, "event": event_name, "start_time": now, "host": host}
-                ),
-            )
+            values = {"aid": action_id, "event": event_name, "now": now, "host": host}
+            await tx.run(_START_EVENT, values)
 
         await self._fast_write(work)
 

@@ -179,6 +179,40 @@ class TestTransition:
         assert (await store.latest_faults([server.id]))[server.id].message == "boom"
         assert (await store.get_block_devices(server.id))[0].path == "/new/root.qcow2"
 
+    async def test_starting_an_open_event_again_is_a_no_op(self, store: Store) -> None:
+        """A resumed job starts its stage's event again: while that event is open nothing is
+        added; once it finished, a new one starts."""
+        server = await _add(store)
+        action = NewAction("rebuild", f"req-{uuid.uuid4()}", "u", "p", params={})
+        await store.transition(
+            server.id,
+            action="rebuild",
+            expected_task_state=(None,),
+            task_state=TaskState.REBUILDING,
+            new_action=action,
+        )
+        await store.start_event(action.request_id, "rebuild_server", "h")
+        await store.start_event(action.request_id, "rebuild_server", "h")
+        events = (await store.get_action(server.id, action.request_id)).events
+        assert [(e.event, e.finish_time) for e in events] == [("rebuild_server", None)]
+        await store.start_event(
+            action.request_id, "compute_rebuild_instance", "h", after="rebuild_server"
+        )
+        await store.start_event(action.request_id, "compute_rebuild_instance", "h")
+        events = (await store.get_action(server.id, action.request_id)).events
+        assert sorted((e.event, e.finish_time is None, e.result) for e in events) == [
+            ("compute_rebuild_instance", True, None),
+            ("rebuild_server", False, "Success"),
+        ]
+        await store.finish_event(action.request_id, "compute_rebuild_instance", result="Error")
+        await store.start_event(action.request_id, "compute_rebuild_instance", "h")
+        events = (await store.get_action(server.id, action.request_id)).events
+        assert sorted((e.event, e.finish_time is None) for e in events) == [
+            ("compute_rebuild_instance", False),
+            ("compute_rebuild_instance", True),
+            ("rebuild_server", False),
+        ]
+
     async def test_a_jobs_last_swap_ends_its_action_event_and_notification_with_it(
         self, store: Store
     ) -> None:
