@@ -626,12 +626,24 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _speed_line(machine: dict[str, Any]) -> list[str]:
+    probe = machine.get("speed_probe_us")
+    if not probe:  # a result written before the probe existed
+        return []
+    return [
+        f"Machine speed probe (`sum(range(10_000))`, best of 5, lower is faster): "
+        f"{probe['start']:.0f} us at the start, {probe['end']:.0f} us at the end.",
+        "",
+    ]
+
+
 def markdown(result: dict[str, Any]) -> str:
     p = result["parameters"]
     lines = [
         f"rebuildd benchmark {result['timestamp']} — commit `{result['git_commit'][:12]}`, "
         f"{p['database']}, libvirt test driver, {result['machine']['cpus']} CPUs",
         "",
+        *_speed_line(result["machine"]),
         "| target (issue 5) | goal | measured | |",
         "|---|---|---|---|",
     ]
@@ -819,6 +831,7 @@ def plots(result: dict[str, Any], stem: Path) -> list[str]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = dt.datetime.now(dt.UTC)
+    probe_start = metrics.speed_probe()
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     scenarios: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rebuildd-bench-") as tmp:
@@ -880,6 +893,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "speed_probe_us": {"start": probe_start, "end": metrics.speed_probe()},
         },
         "parameters": {
             **vars(args),

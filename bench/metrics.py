@@ -3,6 +3,7 @@ and what the Store cost (issue 5's per-stage breakdown with DB time)."""
 
 from __future__ import annotations
 
+import timeit
 from typing import Any
 
 import httpx
@@ -43,3 +44,13 @@ def breakdown(before: Samples, after: Samples, *, action: str, jobs: int) -> dic
             "per_job": delta("rebuildd_db_transaction_seconds_count", {"kind": kind}) / jobs,
         }
     return {"steps_ms": steps, "db": db}
+
+
+def speed_probe() -> float:
+    """Microseconds this machine takes for one fixed piece of pure-Python work (the best of
+    five rounds of ``sum(range(10_000))``), in the harness's own process. These machines' speed
+    drifts by a third and more within an hour; a run's probe says how fast the hour was, so
+    runs of different hours can be told apart (only runs interleaved in one hour compare
+    code)."""
+    loops = 2000
+    return min(timeit.repeat("sum(range(10_000))", number=loops, repeat=5)) / loops * 1e6
