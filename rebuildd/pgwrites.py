@@ -27,7 +27,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.dml import Insert, Update
 
 from rebuildd import dbapi
 from rebuildd.tables import (
@@ -112,29 +112,28 @@ def start_event(notifications: int, after: bool) -> dbapi.Statement:
         parts.append(_finish(action, "f"))
     if notifications:
         parts.append(_notify(notifications, action))
-    already = (
-        select(EVENTS.c.id)
-        .where(
-            EVENTS.c.action_id == action.c.id,
-            EVENTS.c.event == bindparam("event"),
-            EVENTS.c.finish_time.is_(None),
-        )
-        .correlate(action)
-    )
-    started = (
-        insert(EVENTS)
-        .from_select(
-            ["action_id", "event", "start_time", "host"],
-            select(
-                action.c.id,
-                bindparam("event", type_=EVENTS.c.event.type),
-                bindparam("now", type_=EVENTS.c.start_time.type),
-                bindparam("host", type_=EVENTS.c.host.type),
-            ).where(~exists(already)),
-        )
-        .cte("e")
-    )
+    started = start_unless_open(action.c.id).cte("e")
     return dbapi.Statement(select(action.c.id).add_cte(*parts, started))
+
+
+def start_unless_open(action_id: ColumnElement[Any]) -> Insert:
+    """The INSERT that starts ``:event`` on ``:host`` at ``:now`` for ``action_id`` unless
+    that event is already open (a resumed job's). SQLite runs it as a statement of its own
+    (with ``action_id`` bound); here it is a part of :func:`start_event`."""
+    already = select(EVENTS.c.id).where(
+        EVENTS.c.action_id == action_id,
+        EVENTS.c.event == bindparam("event"),
+        EVENTS.c.finish_time.is_(None),
+    )
+    return insert(EVENTS).from_select(
+        ["action_id", "event", "start_time", "host"],
+        select(
+            action_id,
+            bindparam("event", type_=EVENTS.c.event.type),
+            bindparam("now", type_=EVENTS.c.start_time.type),
+            bindparam("host", type_=EVENTS.c.host.type),
+        ).where(~exists(already)),
+    )
 
 
 @functools.lru_cache(maxsize=8)

@@ -30,7 +30,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     event,
-    exists,
     insert,
     literal,
     or_,
@@ -251,25 +250,8 @@ _END_JOB = dbapi.Statement(
     .returning(ACTIONS.c.id)
 )
 _SAVE_JOURNAL = _update_action("journal")
-# Starts an event unless it is already open (a resumed job's), in one statement.
 _START_EVENT = dbapi.Statement(
-    insert(EVENTS.table).from_select(
-        ["action_id", "event", "start_time", "host"],
-        select(
-            bindparam("aid", type_=EVENTS.c.action_id.type),
-            bindparam("event", type_=EVENTS.c.event.type),
-            bindparam("now", type_=EVENTS.c.start_time.type),
-            bindparam("host", type_=EVENTS.c.host.type),
-        ).where(
-            ~exists(
-                select(EVENTS.c.id).where(
-                    EVENTS.c.action_id == bindparam("aid"),
-                    EVENTS.c.event == bindparam("event"),
-                    EVENTS.c.finish_time.is_(None),
-                )
-            )
-        ),
-    )
+    pgwrites.start_unless_open(bindparam("aid", type_=EVENTS.c.action_id.type))
 )
 _ACTION_KEYS = tuple(k for k in ACTIONS.keys.values() if k != "id")
 _INSERT_ACTION = _insert(ACTIONS, _ACTION_KEYS)
