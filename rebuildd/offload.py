@@ -30,10 +30,10 @@ class _Call(Generic[T]):
 @dataclass(slots=True)
 class _Pool:
     """One generation of threads: the queue they take calls from, how many run, how many
-    calls are out (counted on the event loop's thread only)."""
+    calls are out (both counted on the event loop's thread only)."""
 
     calls: queue.SimpleQueue[_Call[Any] | None] = field(default_factory=queue.SimpleQueue)
-    threads: list[threading.Thread] = field(default_factory=list)
+    threads: int = 0
     busy: int = 0
 
 
@@ -63,7 +63,7 @@ class Offload:
         pool = self._pool
         if pool is None:
             pool = self._pool = _Pool()
-        if pool.busy >= len(pool.threads) and len(pool.threads) < self._threads:
+        if pool.busy >= pool.threads and pool.threads < self._threads:
             self._start(pool)
         future: asyncio.Future[T] = loop.create_future()
         pool.busy += 1
@@ -81,7 +81,7 @@ class Offload:
             target=_work, args=(pool.calls,), name=f"{self._name}_{self._started}", daemon=True
         )
         self._started += 1
-        pool.threads.append(thread)
+        pool.threads += 1
         thread.start()
 
     def shutdown(self) -> None:
@@ -89,7 +89,7 @@ class Offload:
         new threads)."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            for _ in pool.threads:
+            for _ in range(pool.threads):
                 pool.calls.put(None)
 
 
