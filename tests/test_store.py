@@ -81,6 +81,20 @@ async def _add(store: Store, **overrides: object) -> Server:
     return server
 
 
+async def _rebuilding(store: Store, task_state: str) -> tuple[Server, NewAction]:
+    """A new server whose rebuild job has begun: in ``task_state``, with its action."""
+    server = await _add(store)
+    action = NewAction("rebuild", f"req-{uuid.uuid4()}", "u", "p", params={})
+    await store.transition(
+        server.id,
+        action="rebuild",
+        expected_task_state=(None,),
+        task_state=task_state,
+        new_action=action,
+    )
+    return server, action
+
+
 class TestTransition:
     async def test_moves_task_state_and_records_the_action(self, store: Store) -> None:
         """A matching compare-and-swap changes task_state and fields, and records the action."""
@@ -182,15 +196,7 @@ class TestTransition:
     async def test_starting_an_open_event_again_is_a_no_op(self, store: Store) -> None:
         """A resumed job starts its stage's event again: while that event is open nothing is
         added; once it finished, a new one starts."""
-        server = await _add(store)
-        action = NewAction("rebuild", f"req-{uuid.uuid4()}", "u", "p", params={})
-        await store.transition(
-            server.id,
-            action="rebuild",
-            expected_task_state=(None,),
-            task_state=TaskState.REBUILDING,
-            new_action=action,
-        )
+        server, action = await _rebuilding(store, TaskState.REBUILDING)
         await store.start_event(action.request_id, "rebuild_server", "h")
         await store.start_event(action.request_id, "rebuild_server", "h")
         events = (await store.get_action(server.id, action.request_id)).events
@@ -219,15 +225,7 @@ class TestTransition:
         """With ``end_event``, the final swap also finishes the job's action and that event
         and writes the notification built from the swapped server, in one transaction; a swap
         that does not match writes none of them."""
-        server = await _add(store)
-        action = NewAction("rebuild", f"req-{uuid.uuid4()}", "u", "p", params={})
-        await store.transition(
-            server.id,
-            action="rebuild",
-            expected_task_state=(None,),
-            task_state=TaskState.REBUILD_SPAWNING,
-            new_action=action,
-        )
+        server, action = await _rebuilding(store, TaskState.REBUILD_SPAWNING)
         await store.start_event(action.request_id, "compute_rebuild_instance", "h")
 
         def note(swapped: Server) -> Notification:
