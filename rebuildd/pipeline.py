@@ -373,7 +373,7 @@ def rebuild_stages(
     2.93+): a step with an undo costs a journal write, even when it has nothing to do."""
     conductor = Stage(
         event="rebuild_server",
-        steps=(Step("check_host", run=_check_host, read_only=True),),
+        steps=(Step("check_host", run=_check_host),),
         notify_end="instance.rebuild_scheduled",
         notify_error="instance.rebuild.error",
     )

@@ -84,9 +84,6 @@ class Step(Generic[C]):
     run: StepFn[C] | None = None  # None: only the task_state transition
     undo: StepFn[C] | None = None
     task_state: str | None = None  # moved to (compare-and-swap) before ``run``
-    # A check with no side effect and no facts: after a crash it just runs again, so its end
-    # needs no journal write.
-    read_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
