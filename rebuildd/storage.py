@@ -598,9 +598,9 @@ class Store:
         if filters.states is not None:
             query = query.where(_states_clause(filters.states))
 
-        names = NameFilter(filters.name) if filters.name is not None else None
-        if names is not None and names.literal is not None:
-            # A superset (LIKE ignores ASCII case on SQLite); matches() below is exact.
+        names = NameFilter(filters.name)
+        if names.literal is not None:
+            # A superset (LIKE ignores ASCII case on SQLite); select() below is exact.
             query = query.where(SERVERS.c.name.contains(names.literal, autoescape=True))
 
         def work(conn: Connection) -> list[Row[Any]]:
@@ -613,21 +613,11 @@ class Store:
                     raise errors.Invalid(f"marker [{filters.marker}] not found")
                 paged = paged.where(_before(SERVERS.c, marker.created_at, marker.id))
             paged = paged.order_by(SERVERS.c.created_at.desc(), SERVERS.c.id.desc())
-            if names is None:
-                if filters.limit is not None:
-                    paged = paged.limit(filters.limit)
-                return list(conn.execute(paged))
-            # Rows are read as they match, so a limit stops the scan early.
-            names.start()
-            found: list[Row[Any]] = []
-            for row in conn.execute(paged):
-                if names.matches(row.name):
-                    found.append(row)
-                    if filters.limit is not None and len(found) >= filters.limit:
-                        break
-            return found
+            return list(conn.execute(paged))
 
-        return [records.server_record(row) for row in await self._read(work)]
+        # Matched off the event loop (namefilter.py), so the limit applies after the read.
+        rows = await names.select(await self._read(work), lambda row: str(row.name), filters.limit)
+        return [records.server_record(row) for row in rows]
 
     async def _list_servers(self, filters: ServerFilters) -> list[Server]:
         """:meth:`list_servers` without a name filter: one statement per shape of filters,
