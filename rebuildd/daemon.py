@@ -21,7 +21,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
-from rebuildd import cinder, glance, recovery
+from rebuildd import cinder, glance, httpguard, recovery
 from rebuildd.api import ImageAPI, Services, create_app
 from rebuildd.auth import Authenticator, Policy, TokenTable
 from rebuildd.cinder import CinderVolumeService
@@ -365,12 +365,31 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     daemon = await open_daemon(settings)
     try:
         app = build_app(daemon)
-        config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="on"
-        )
+        config = uvicorn_config(app, settings, host=host, port=port)
         await _NotifyingServer(config).serve()
     finally:
         await daemon.close(drain_timeout=settings.drain_timeout)
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, *, host: str, port: int) -> uvicorn.Config:
+    """uvicorn serving ``app`` under the connection limits of the settings (httpguard.py)."""
+    limits = httpguard.Limits(
+        max_connections=httpguard.connection_limit(settings.max_connections),
+        max_header_bytes=settings.max_header_bytes,
+        max_header_count=settings.max_header_count,
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=httpguard.protocol(limits),
+        timeout_keep_alive=settings.keep_alive_timeout,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
 
 
 async def _sweep_retired_disks(daemon: Daemon) -> None:

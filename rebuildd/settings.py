@@ -136,6 +136,37 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body (413 above); image uploads are not limited.",
     )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open client connections at most (lowered at start to fit the open-file "
+        "limit); one more closes the longest-idle connection not serving a request.",
+    )
+    max_header_bytes: int = Field(
+        default=65536,
+        ge=1024,
+        description="Largest request line and headers together (431 and closed above).",
+    )
+    max_header_count: int = Field(
+        default=100, ge=8, description="Most header fields in one request (431 above)."
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers, from its "
+        "connection or the request's first byte; then the connection is closed.",
+    )
+    body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a request body may pause (no byte arriving) before its connection "
+        "is closed.",
+    )
+    keep_alive_timeout: int = Field(
+        default=5,
+        gt=0,
+        description="Seconds an idle connection is kept open between requests.",
+    )
     old_root_disk_retention: float = Field(
         default=0,
         ge=0,

@@ -45,11 +45,14 @@ class DaemonProcess:
                 [str(BIN), *command], env=self.env, check=True, capture_output=True, timeout=120
             )
 
-    def start(self, **extra: str) -> None:
+    def start(self, *, nofile: int | None = None, **extra: str) -> None:
+        """Start ``rebuildd serve``; ``nofile``: its open-file limit (soft and hard)."""
         env = {**self.env, **{f"REBUILDD_{k.upper()}": v for k, v in extra.items()}}
         out = self.log.open("a")
+        # prlimit execs the daemon: the pid stays the daemon's.
+        limit = ["prlimit", f"--nofile={nofile}", "--"] if nofile is not None else []
         self.process = subprocess.Popen(
-            [str(BIN), "serve", "--port", str(self.port)],
+            [*limit, str(BIN), "serve", "--port", str(self.port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

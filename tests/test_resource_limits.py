@@ -145,6 +145,92 @@ class TestNameFilter:
         assert max(probes) < PROBE_LIMIT, probes
 
 
+class TestHeaders:
+    def test_unterminated_huge_headers_are_cut_off(self, daemon: DaemonProcess) -> None:
+        """50 connections each sending a 10 MB header that never ends get 431 once past the
+        header limit, and the daemon's memory stays bounded."""
+        daemon.start()
+        assert daemon.process is not None
+        before = _rss_kb(daemon.process.pid)
+        socks = [_connect(daemon) for _ in range(50)]
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Junk: ")
+        chunk = b"a" * (1024 * 1024)
+        answers: list[bytes] = []
+
+        def attack() -> None:
+            live = list(socks)
+            for _ in range(10):  # 10 MB each
+                for sock in list(live):
+                    try:
+                        sock.sendall(chunk)
+                    except OSError:  # the daemon closed it
+                        live.remove(sock)
+            for sock in socks:
+                answers.append(_read_all(sock))
+                sock.close()
+
+        probes = _during(attack, daemon.url)
+        assert all(a.startswith(b"HTTP/1.1 431 ") for a in answers), {a[:40] for a in answers}
+        assert max(probes) < PROBE_LIMIT, probes
+        assert _rss_kb(daemon.process.pid) - before < RSS_GROWTH_LIMIT
+
+    def test_too_many_header_fields_is_431(self, daemon: DaemonProcess) -> None:
+        """A request with more header fields than the limit is 431 and its connection closed."""
+        daemon.start(max_header_count="20")
+        with _connect(daemon) as sock:
+            fields = b"".join(b"X-%d: 1\r\n" % n for n in range(21))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields + b"\r\n")
+            assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
+        with _connect(daemon) as sock:
+            fields = b"".join(b"X-%d: 1\r\n" % n for n in range(18))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + fields + b"\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+class TestConnections:
+    def test_silent_slow_and_idle_connections_are_closed(self, daemon: DaemonProcess) -> None:
+        """A connection that sends nothing, one whose headers never end, one whose body stops
+        and one idle after its answer are each closed by the daemon after their timeout."""
+        daemon.start(header_timeout="1", body_timeout="1", keep_alive_timeout="1")
+        silent, slow, body, idle = (_connect(daemon) for _ in range(4))
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        body.sendall(
+            b"POST /v2.1/servers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert _read_all(silent) == b""
+        assert _read_all(slow) == b""
+        assert _read_all(idle).startswith(b"HTTP/1.1 200 ")
+        _read_all(body)  # closed (the app sees a disconnect)
+        for sock in (silent, slow, body, idle):
+            sock.close()
+
+    def test_idle_sockets_beyond_the_descriptor_limit_do_not_lock_out_clients(
+        self, daemon: DaemonProcess
+    ) -> None:
+        """1,100 idle connections to a daemon limited to 1,024 open files: the longest-idle
+        ones are closed to make room, and a new client is answered at once."""
+        daemon.start(nofile=1024)
+        assert daemon.process is not None
+        before = _rss_kb(daemon.process.pid)
+        socks: list[socket.socket] = []
+
+        def attack() -> None:
+            for _ in range(1100):
+                socks.append(_connect(daemon))
+
+        try:
+            probes = _during(attack, daemon.url)
+            probes.append(_probe(daemon.url))
+        finally:
+            for sock in socks:
+                sock.close()
+        assert max(probes) < PROBE_LIMIT, probes
+        assert _rss_kb(daemon.process.pid) - before < RSS_GROWTH_LIMIT
+
+
 class TestExpansionBound:
     def test_counts_multiply_everything_before_them_in_their_group(self) -> None:
         """The bound multiplies nested counts and never undercounts what a quantifier repeats."""
