@@ -122,10 +122,11 @@ def _check_cost(pattern: str) -> None:
 def expansion(pattern: str) -> int:
     """An upper bound of the pattern's size once its repetitions are unrolled.
 
-    Every character counts one, a character class one; a quantifier multiplies everything
-    before it in its group (not only the atom it applies to), so whatever the quantifier
-    really applies to is counted, whichever constructs the scan misreads: only the groups
-    must be seen as ``regex`` sees them. Counts are the largest of ``{m,n}``; ``*+?`` are 1.
+    Every character counts one (a group's ``(?:`` none), a character class one; a quantifier
+    multiplies everything before it in its group (not only the atom it applies to), so
+    whatever the quantifier really applies to is counted, whichever constructs the scan
+    misreads: only the groups must be seen as ``regex`` sees them. Counts are the largest of
+    ``{m,n}``; ``*+?`` are 1.
     """
     frames: list[int] = [0]
     i = 0
@@ -146,7 +147,7 @@ def expansion(pattern: str) -> int:
             i = len(pattern) if end < 0 else end + 1
         elif char == "(":
             frames.append(0)
-            i += 1
+            i += 3 if pattern.startswith("(?:", i) else 1
         elif char == ")":
             if len(frames) > 1:
                 inner = frames.pop()
