@@ -12,7 +12,8 @@ subclasses that protocol to bound all three, below the app and authentication:
   is closed;
 - at most ``max_connections`` connections are open; one more closes the connection that has
   been idle longest among those not serving a request (as nginx reuses keep-alive connections
-  when it runs out), and the new one only if every other is serving a request.
+  when it runs out), else the one whose request body has waited longest for a byte, and the
+  new one only if every other request has been read whole.
 
 It owns no HTTP semantics beyond these limits and must not touch the app.
 """
@@ -179,6 +180,11 @@ class LimitedProtocol(HttpToolsProtocol):
         ]
         if len(others) < self.limits.max_connections:
             return
-        idle = [c for c in others if not c._serving()]
+        # Idle first; else one still waiting for its request body (a trickle of bytes
+        # holds no fewer descriptors than silence), not one we stopped reading ourselves;
+        # never one whose request is all read.
+        idle = [c for c in others if not c._serving()] or [
+            c for c in others if not c._in_head and not c.flow.read_paused
+        ]
         victim = min(idle, key=lambda c: c._last_active) if idle else self
         victim.transport.close()

@@ -6,6 +6,7 @@ within 100 ms while its resident memory stays bounded."""
 from __future__ import annotations
 
 import resource
+import select
 import socket
 import threading
 import time
@@ -207,6 +208,24 @@ class TestConnections:
         _read_all(body)  # closed (the app sees a disconnect)
         for sock in (silent, slow, body, idle):
             sock.close()
+
+    def test_trickled_bodies_do_not_lock_out_clients(self, daemon: DaemonProcess) -> None:
+        """Connections that hold every slot by sending request bodies a byte at a time are
+        closed, longest-waiting first, to make room for a new client."""
+        daemon.start(max_connections="20")
+        socks = [_connect(daemon) for _ in range(20)]
+        try:
+            for sock in socks:
+                sock.sendall(
+                    b"POST /v2.1/servers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+                )
+            assert _probe(daemon.url) < PROBE_LIMIT
+            readable, _, _ = select.select(socks, [], [], 10)
+            assert readable and all(_read_all(sock) == b"" for sock in readable)  # closed
+        finally:
+            for sock in socks:
+                sock.close()
 
     def test_idle_sockets_beyond_the_descriptor_limit_do_not_lock_out_clients(
         self, daemon: DaemonProcess
