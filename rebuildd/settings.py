@@ -140,7 +140,8 @@ class Settings(BaseSettings):
         default=1000,
         ge=1,
         description="Open client connections at most (lowered at start to fit the open-file "
-        "limit); one more closes the longest-idle connection not serving a request.",
+        "limit); one more closes the longest-idle connection not serving a request, else the "
+        "one whose request body has waited longest for a byte, else the new one.",
     )
     max_header_bytes: int = Field(
         default=65536,
