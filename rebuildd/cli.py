@@ -6,12 +6,22 @@ Owns argument parsing and building Settings once; everything else is called from
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import click
 import uvloop
 
 from rebuildd import errors, logconfig
+from rebuildd.ports import StepObserver
 from rebuildd.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What a program embedding the CLI may hand to ``serve`` (``main(args, obj=Hooks(...))``):
+    a step observer, given to the job runner. rebuildd itself never sets one."""
+
+    observer: StepObserver | None = None
 
 
 def _settings() -> Settings:
@@ -30,11 +40,13 @@ def main() -> None:
     "--host", default=None, help="Address to listen on (default REBUILDD_LISTEN_HOST or 127.0.0.1)."
 )
 @click.option("--port", default=None, type=int, help="Port (default REBUILDD_LISTEN_PORT or 8774).")
-def serve(host: str | None, port: int | None) -> None:
+@click.pass_context
+def serve(context: click.Context, host: str | None, port: int | None) -> None:
     """Serve the compute and image APIs until SIGTERM/SIGINT."""
     from rebuildd import daemon
 
     settings = _settings()
+    hooks = context.find_object(Hooks) or Hooks()
     # uvloop: libuv's event loop, several times cheaper per callback than asyncio's own
     # (measured in bench/; see the README's benchmark section).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -44,6 +56,7 @@ def serve(host: str | None, port: int | None) -> None:
                     settings,
                     host=host or settings.listen_host,
                     port=port if port is not None else settings.listen_port,
+                    observer=hooks.observer,
                 )
             )
         except daemon.SettingsError as exc:

@@ -219,10 +219,6 @@ class Settings(BaseSettings):
         description="Seconds a volume-backed rebuild (2.93+) waits for the root volume's "
         "re-image, per GiB of the image (at least one GiB's worth; Nova's option).",
     )
-    test_kill_at: str | None = Field(
-        default=None,
-        description="Test hook only: JOB:STEP:before|after at which the daemon SIGKILLs itself.",
-    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON otherwise."

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 BIN = Path(sys.executable).parent / "rebuildd"
+KILL_LAUNCHER = Path(__file__).parent / "kill_launcher.py"
 
 
 def free_port() -> int:
@@ -45,11 +46,16 @@ class DaemonProcess:
                 [str(BIN), *command], env=self.env, check=True, capture_output=True, timeout=120
             )
 
-    def start(self, **extra: str) -> None:
+    def start(self, *, kill_at: str | None = None, **extra: str) -> None:
+        """``kill_at`` (``JOB:STEP:before|after``): start through tests/kill_launcher.py, which
+        SIGKILLs the daemon at that step boundary."""
         env = {**self.env, **{f"REBUILDD_{k.upper()}": v for k, v in extra.items()}}
         out = self.log.open("a")
+        command = [str(BIN)]
+        if kill_at is not None:
+            command = [sys.executable, str(KILL_LAUNCHER), kill_at]
         self.process = subprocess.Popen(
-            [str(BIN), "serve", "--port", str(self.port)],
+            [*command, "serve", "--port", str(self.port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
