@@ -1,6 +1,7 @@
 """The ``rebuildd`` command: serve, db upgrade, seed-demo, adopt.
 
-Owns argument parsing and building Settings once; everything else is called from here.
+Owns argument parsing, building Settings once and the refusal of an unknown setting;
+everything else is called from here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import click
 import uvloop
 
 from rebuildd import errors, logconfig
+from rebuildd import settings as settings_module
 from rebuildd.ports import StepObserver
 from rebuildd.settings import Settings
 
@@ -25,7 +27,10 @@ class Hooks:
 
 
 def _settings() -> Settings:
-    settings = Settings()
+    try:
+        settings = settings_module.load()
+    except settings_module.ConfigError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
     logconfig.configure(level=settings.log_level, fmt=settings.log_format)
     return settings
 

@@ -1,22 +1,33 @@
 """rebuildd's settings: ``REBUILDD_*`` environment variables, then an optional TOML file.
 
-Owns parsing and defaults only. Settings are built once, in the entry point, and passed down;
-nothing else reads the environment. Every field is documented in the README's settings table.
+Owns parsing, defaults and the checks of the start (``load``): an unknown ``REBUILDD_*``
+variable or file key, a missing file or an invalid value stops the start with one line.
+Settings are built once, in the entry point, and passed down; nothing else reads the
+environment. Every field is documented in the README's settings table.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+PREFIX: Final = "REBUILDD_"
+
+
+class ConfigError(ValueError):
+    """The environment or the config file names no setting, a file that is missing, or a
+    value that is invalid: the CLI prints the one-line message and exits."""
 
 
 class Settings(BaseSettings):
@@ -259,3 +270,46 @@ class Settings(BaseSettings):
         if self.libvirt_uri.startswith("test:"):
             return "test"
         return "kvm" if Path("/dev/kvm").exists() else "qemu"
+
+
+def load() -> Settings:
+    """The settings of this process (environment, then REBUILDD_CONFIG_FILE), checked: every
+    ``REBUILDD_*`` variable and file key must name a setting, every file named must exist."""
+    for key in sorted(os.environ):
+        name = key.upper()
+        if name.startswith(PREFIX) and name[len(PREFIX) :].lower() not in Settings.model_fields:
+            raise _unknown(name[len(PREFIX) :].lower(), shown=name, where="", prefix=PREFIX)
+    config_file = os.environ.get("REBUILDD_CONFIG_FILE")
+    if config_file:
+        _check_config_file(Path(config_file))
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"invalid setting {PREFIX}{field.upper()}: {first['msg']}") from None
+    for field in ("tokens_file", "policy_file"):
+        path = getattr(settings, field)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{PREFIX}{field.upper()}: {path} does not exist")
+    return settings
+
+
+def _check_config_file(path: Path) -> None:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{PREFIX}CONFIG_FILE: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{PREFIX}CONFIG_FILE: {path}: {exc}") from None
+    for key in data:
+        if key not in Settings.model_fields:
+            raise _unknown(key, shown=key, where=f" in {path}", prefix="")
+
+
+def _unknown(name: str, *, shown: str, where: str, prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
+    if not close:
+        return ConfigError(f"unknown setting {shown}{where} (see the README's settings table)")
+    suggestion = f"{prefix}{close[0].upper()}" if prefix else close[0]
+    return ConfigError(f"unknown setting {shown}{where}; did you mean {suggestion}?")
