@@ -51,6 +51,8 @@ def serve(context: click.Context, host: str | None, port: int | None) -> None:
     from rebuildd import daemon
 
     settings = _settings()
+    if host is not None:
+        settings = settings.model_copy(update={"listen_host": host})
     hooks = context.find_object(Hooks) or Hooks()
     # uvloop: libuv's event loop, several times cheaper per callback than asyncio's own
     # (measured in bench/; see the README's benchmark section).
@@ -59,7 +61,7 @@ def serve(context: click.Context, host: str | None, port: int | None) -> None:
             runner.run(
                 daemon.serve(
                     settings,
-                    host=host or settings.listen_host,
+                    host=settings.listen_host,
                     port=port if port is not None else settings.listen_port,
                     observer=hooks.observer,
                 )

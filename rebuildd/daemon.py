@@ -209,6 +209,7 @@ async def open_daemon(
         policy=policy,
         authenticator=authenticator,
         max_body_bytes=settings.max_body_bytes,
+        allowed_hosts=settings.trusted_hosts,
         volumes=local_volumes,
         volume_store=volume_store,
     )

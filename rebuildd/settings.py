@@ -12,17 +12,21 @@ import difflib
 import os
 import tomllib
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 PREFIX: Final = "REBUILDD_"
+# Listen addresses that name every interface, not one host.
+WILDCARD_ADDRESSES: Final = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104
 
 
 class ConfigError(ValueError):
@@ -65,6 +69,12 @@ class Settings(BaseSettings):
     host: str = Field(default="", description="This host's name in the API; default hostname.")
     listen_host: str = Field(default="127.0.0.1", description="Default for serve --host.")
     listen_port: int = Field(default=8774, description="Default for serve --port.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated Host header values accepted besides loopback names and "
+        "addresses, the listen address and public_url's host (400 otherwise, against DNS "
+        "rebinding); .example.com also matches its subdomains, * matches any.",
+    )
     public_url: str | None = Field(
         default=None,
         description="Base URL used in links (e.g. https://cloud.example/compute); default: the "
@@ -250,6 +260,24 @@ class Settings(BaseSettings):
         if config_file:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    @property
+    def trusted_hosts(self) -> tuple[str, ...]:
+        """The Host header names the API answers besides loopback: allowed_hosts, the listen
+        address when it is one address, and public_url's host."""
+        hosts = [*self.allowed_hosts]
+        if self.listen_host not in WILDCARD_ADDRESSES:
+            hosts.append(self.listen_host)
+        if self.public_url and urlsplit(self.public_url).hostname:
+            hosts.append(str(urlsplit(self.public_url).hostname))
+        return tuple(hosts)
 
     @property
     def effective_database_url(self) -> str:
