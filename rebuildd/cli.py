@@ -1,12 +1,13 @@
 """The ``rebuildd`` command: serve, db upgrade, seed-demo, adopt.
 
-Owns argument parsing, building Settings once and the refusal of an unknown setting;
-everything else is called from here.
+Owns argument parsing, building Settings once and the refusals of the start (an unknown
+setting, an unauthenticated API beyond loopback); everything else is called from here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from dataclasses import dataclass
 
 import click
@@ -35,6 +36,30 @@ def _settings() -> Settings:
     return settings
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the API on this machine (a name other than
+    localhost may resolve anywhere, so it counts as beyond loopback)."""
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_insecure_listen(settings: Settings) -> None:
+    """auth=none makes every caller admin: only this machine may call, unless told so."""
+    if settings.auth != "none" or settings.allow_insecure_listen:
+        return
+    if not is_loopback(settings.listen_host):
+        where = settings.listen_host or "every interface"
+        raise click.ClickException(
+            f"cannot start: REBUILDD_AUTH=none would serve an unauthenticated admin API on "
+            f"{where}; listen on loopback, set REBUILDD_AUTH to token or keystone, or set "
+            "REBUILDD_ALLOW_INSECURE_LISTEN=true"
+        )
+
+
 @click.group()
 def main() -> None:
     """rebuildd: rebuild virtual machines in place, with Nova's compute API."""
@@ -53,6 +78,7 @@ def serve(context: click.Context, host: str | None, port: int | None) -> None:
     settings = _settings()
     if host is not None:
         settings = settings.model_copy(update={"listen_host": host})
+    _refuse_insecure_listen(settings)
     hooks = context.find_object(Hooks) or Hooks()
     # uvloop: libuv's event loop, several times cheaper per callback than asyncio's own
     # (measured in bench/; see the README's benchmark section).

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     host: str = Field(default="", description="This host's name in the API; default hostname.")
     listen_host: str = Field(default="127.0.0.1", description="Default for serve --host.")
     listen_port: int = Field(default=8774, description="Default for serve --port.")
+    allow_insecure_listen: bool = Field(
+        default=False,
+        description="Let serve listen beyond loopback with auth=none (an unauthenticated admin "
+        "API for anyone who can reach the port); refused otherwise.",
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated Host header values accepted besides loopback names and "

@@ -13,10 +13,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.live import LiveDaemon, start_live_daemon
-from tests.process import BIN, free_port
+from tests.process import BIN, DaemonProcess, free_port
 
 ROOT = Path(__file__).parent.parent
 UNSUPPORTED = {"badMediaType": {"code": 415, "message": "Unsupported Content-Type"}}
@@ -205,6 +206,45 @@ def _refused(result: subprocess.CompletedProcess[str]) -> str:
 
 
 class TestStart:
+    @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "myhost.example"])
+    def test_no_unauthenticated_api_beyond_loopback(self, tmp_path: Path, host: str) -> None:
+        """With auth=none, serve refuses any listen address but loopback, in one line."""
+        line = _refused(_serve(tmp_path, {}, "--host", host))
+        assert "REBUILDD_AUTH=none" in line and "REBUILDD_ALLOW_INSECURE_LISTEN" in line
+
+    def test_insecure_listen_when_told_so(self, tmp_path: Path) -> None:
+        """REBUILDD_ALLOW_INSECURE_LISTEN=true serves auth=none on every interface, to the
+        hosts of REBUILDD_ALLOWED_HOSTS (comma-separated) and loopback only."""
+        daemon = DaemonProcess(
+            tmp_path,
+            listen_host="0.0.0.0",
+            allow_insecure_listen="true",
+            allowed_hosts="api.example, .cloud.example",
+        )
+        daemon.prepare()
+        daemon.start()
+        try:
+            for host, status in [
+                ("api.example:8774", 200),
+                ("nova.cloud.example", 200),
+                ("localhost", 200),
+                ("rebind.attacker.example", 400),
+            ]:
+                response = httpx.get(
+                    f"{daemon.url}/v2.1/flavors", headers={"Host": host}, timeout=30
+                )
+                assert response.status_code == status, (host, response.text)
+        finally:
+            daemon.stop()
+
+    def test_the_container_default_is_not_an_open_admin_api(self, tmp_path: Path) -> None:
+        """The Dockerfile's environment alone does not serve an unauthenticated API."""
+        env = dict(re.findall(r"\b(REBUILDD_[A-Z_]+)=(\S+)", _runtime_env(ROOT / "Dockerfile")))
+        assert env.get("REBUILDD_LISTEN_HOST") == "0.0.0.0", env
+        env.pop("REBUILDD_STATE_DIR")
+        line = _refused(_serve(tmp_path, env))
+        assert "REBUILDD_TOKENS_FILE" in line or "REBUILDD_AUTH" in line, line
+
     @pytest.mark.parametrize(
         ("env", "expected"),
         [
