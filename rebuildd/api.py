@@ -1,7 +1,8 @@
 """The HTTP API: Nova's compute API at /v2.1, a Glance-compatible image API at /image and a
 Cinder-compatible volume API at /volume.
 
-Owns the FastAPI application: the middleware for microversions, request ids and body size;
+Owns the FastAPI application: the middleware for microversions, request ids, body size, the
+trusted Host and the body's media type (so a browser on the host can drive nothing);
 the one translation of errors into Nova fault bodies (FastAPI's own 422 never reaches a
 client, nor the OpenAPI document); version documents; and the dependencies routes share.
 Routes live in api_servers.py, api_actions.py, api_catalog.py, api_images.py,
@@ -12,11 +13,12 @@ call libvirt or SQL directly: routes call the pipeline and the Store's records.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import re
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Protocol, TypeVar
 
@@ -53,6 +55,21 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _COMPUTE_COLLECTIONS: Final = frozenset(
     {"servers", "flavors", "os-keypairs", "v2", "images", "limits", "extensions", ""}
 )
+# Methods whose body a route reads; DELETE with a body is not a CORS-safelisted method, so a
+# browser asks first (a preflight rebuildd never answers with CORS headers).
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+# Nova's and Cinder's deserializers read these; Glance reads JSON, octet-stream uploads and
+# its JSON-patch media types. text/plain (which Nova and Cinder let through as "no type") and a
+# body without a type are what an HTML form or a fetch() sends cross-site without a preflight.
+_JSON: Final = frozenset({"application/json"})
+_COMPUTE_JSON: Final = _JSON | {"application/vnd.openstack.compute+json"}
+_VOLUME_JSON: Final = _JSON | {"application/vnd.openstack.volume+json"}
+_OCTET_STREAM: Final = frozenset({"application/octet-stream"})
+_JSON_PATCH: Final = frozenset(
+    {"application/openstack-images-v2.1-json-patch", "application/openstack-images-v2.0-json-patch"}
+)
+# A Host header: a name or a bracketed IPv6 address, then an optional port (Django's rule).
+_HOST: Final = re.compile(r"(?P<name>[a-z0-9._-]+|\[[a-f0-9]*:[a-f0-9.:]+\])(?::[0-9]*)?")
 _UNEXPECTED: Final = (
     "Unexpected API Error. Please report this at https://bugs.launchpad.net/nova/ and attach "
     "the rebuildd log if possible."
@@ -94,6 +111,8 @@ class Services:
     volume_store: VolumeStore
     authenticator: Authenticator | None = None  # None: authentication is off
     max_body_bytes: int = 114688  # Nova's (oslo.middleware sizelimit) default
+    # Host header names answered besides loopback ones (Settings.trusted_hosts).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def fault_body(status: int, name: str, message: str) -> dict[str, Any]:
@@ -112,13 +131,14 @@ class Fault(RootModel[dict[str, FaultDetail]]):
 
 
 _FAULT_DESCRIPTIONS: Final = {
-    400: "badRequest: the request is malformed or invalid",
+    400: "badRequest: the request is malformed or invalid, or its Host is not trusted",
     401: "unauthorized: no valid X-Auth-Token (with REBUILDD_AUTH=token or keystone)",
     403: "forbidden: the policy refuses the caller, or a quota is exceeded",
     404: "itemNotFound",
     406: "notAcceptable: the requested microversion is out of range",
     409: "conflictingRequest: the resource's state does not allow it",
     413: "overLimit: the body is larger than REBUILDD_MAX_BODY_BYTES",
+    415: "badMediaType: the body's Content-Type is not one the route reads",
     503: "serviceUnavailable: an upstream service (Keystone, Glance) failed to answer",
 }
 
@@ -132,13 +152,50 @@ def _json_bytes(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+class TrustedHosts:
+    """The Host header values the API answers (DNS rebinding: a page whose name resolves to
+    this host must not drive it): loopback names and addresses, with or without a port, plus
+    the configured names; ``.example.com`` also matches its subdomains and ``*`` anything."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        entries = {_host_name(name.strip().lower()) for name in names if name.strip()}
+        self.any = "*" in entries
+        self.exact = {e for e in entries if not e.startswith(".")} | {"localhost"}
+        self.suffixes = tuple(e for e in entries if e.startswith("."))
+
+    def allows(self, header: str | None) -> bool:
+        if self.any:
+            return True
+        found = _HOST.fullmatch((header or "").lower())
+        if found is None:
+            return False
+        name = _host_name(found["name"])
+        if name in self.exact or any(name == s[1:] or name.endswith(s) for s in self.suffixes):
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+
+
+def _host_name(value: str) -> str:
+    """A host without port, brackets or final dot (``[::1]:8774`` -> ``::1``)."""
+    found = _HOST.fullmatch(value)
+    name = found["name"] if found is not None else value
+    return name.strip("[]").rstrip(".")
+
+
 class NovaHeaders:
     """Pure ASGI middleware: request id, microversion negotiation, legacy project paths,
-    body size limit, and the response headers Nova clients expect on every answer."""
+    trusted Host, body media type and size limit, and the response headers Nova clients
+    expect on every answer."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, allowed_hosts: Iterable[str] = ()
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.hosts = TrustedHosts(allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,7 +217,10 @@ class NovaHeaders:
         else:
             extra.append((b"x-openstack-request-id", request_id.encode()))
         try:
+            if not self.hosts.allows(headers.get("host")):
+                raise errors.Invalid("Invalid Host header.")
             _refuse_nul(scope)
+            _check_media_type(scope, headers, compute=compute)
             if compute:
                 version = microversion.negotiate(microversion.requested(headers))
                 state["microversion"] = version
@@ -194,6 +254,32 @@ def _refuse_nul(scope: Scope) -> None:
     query: bytes = scope.get("query_string", b"")
     if b"%00" in query or b"\x00" in query:
         raise errors.Invalid("Invalid query parameter: NUL is not allowed.")
+
+
+def _check_media_type(scope: Scope, headers: dict[str, str], *, compute: bool) -> None:
+    """A body is read only in a media type its route reads (415 otherwise, as Nova)."""
+    if scope["method"] not in _BODY_METHODS:
+        return
+    declared = headers.get("content-type")
+    has_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+    if declared is None and not has_body:
+        return
+    media = (declared or "").split(";", 1)[0].strip().lower()
+    if media not in _media_types(scope, compute=compute):
+        raise errors.UnsupportedMediaType()
+
+
+def _media_types(scope: Scope, *, compute: bool) -> frozenset[str]:
+    path: str = scope["path"]
+    if _is_upload(scope):
+        return _OCTET_STREAM
+    if scope["method"] == "PATCH" and path.startswith("/image/"):
+        return _JSON_PATCH
+    if compute:
+        return _COMPUTE_JSON
+    if path.startswith("/volume/"):
+        return _VOLUME_JSON
+    return _JSON
 
 
 def _limit_body(receive: Receive, limit: int) -> Receive:
@@ -378,7 +464,7 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
         description="Nova's compute API for rebuilding servers in place on one libvirt host.",
         generate_unique_id_function=_operation_id,
         lifespan=lifespan,
-        responses=faults(400, 413),
+        responses=faults(400, 413, 415),
     )
     app.state.services = services
     app.add_exception_handler(errors.RebuilddError, _rebuildd_error)  # type: ignore[arg-type]
@@ -404,7 +490,11 @@ def create_app(services: Services, *, lifespan: Any = None) -> FastAPI:
     if services.volumes is not None:
         app.include_router(api_volumes.router, prefix="/volume", **authenticated)
     app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
-    app.add_middleware(NovaHeaders, max_body_bytes=services.max_body_bytes)
+    app.add_middleware(
+        NovaHeaders,
+        max_body_bytes=services.max_body_bytes,
+        allowed_hosts=services.allowed_hosts,
+    )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -1,23 +1,63 @@
 """The ``rebuildd`` command: serve, db upgrade, seed-demo, adopt.
 
-Owns argument parsing and building Settings once; everything else is called from here.
+Owns argument parsing, building Settings once and the refusals of the start (an unknown
+setting, an unauthenticated API beyond loopback); everything else is called from here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from dataclasses import dataclass
 
 import click
 import uvloop
 
 from rebuildd import errors, logconfig
+from rebuildd import settings as settings_module
+from rebuildd.ports import StepObserver
 from rebuildd.settings import Settings
 
 
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What a program embedding the CLI may hand to ``serve`` (``main(args, obj=Hooks(...))``):
+    a step observer, given to the job runner. rebuildd itself never sets one."""
+
+    observer: StepObserver | None = None
+
+
 def _settings() -> Settings:
-    settings = Settings()
+    try:
+        settings = settings_module.load()
+    except settings_module.ConfigError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
     logconfig.configure(level=settings.log_level, fmt=settings.log_format)
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the API on this machine (a name other than
+    localhost may resolve anywhere, so it counts as beyond loopback)."""
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_insecure_listen(settings: Settings) -> None:
+    """auth=none makes every caller admin: only this machine may call, unless told so."""
+    if settings.auth != "none" or settings.allow_insecure_listen:
+        return
+    if not is_loopback(settings.listen_host):
+        where = settings.listen_host or "every interface"
+        raise click.ClickException(
+            f"cannot start: REBUILDD_AUTH=none would serve an unauthenticated admin API on "
+            f"{where}; listen on loopback, set REBUILDD_AUTH to token or keystone, or set "
+            "REBUILDD_ALLOW_INSECURE_LISTEN=true"
+        )
 
 
 @click.group()
@@ -30,11 +70,16 @@ def main() -> None:
     "--host", default=None, help="Address to listen on (default REBUILDD_LISTEN_HOST or 127.0.0.1)."
 )
 @click.option("--port", default=None, type=int, help="Port (default REBUILDD_LISTEN_PORT or 8774).")
-def serve(host: str | None, port: int | None) -> None:
+@click.pass_context
+def serve(context: click.Context, host: str | None, port: int | None) -> None:
     """Serve the compute and image APIs until SIGTERM/SIGINT."""
     from rebuildd import daemon
 
     settings = _settings()
+    if host is not None:
+        settings = settings.model_copy(update={"listen_host": host})
+    _refuse_insecure_listen(settings)
+    hooks = context.find_object(Hooks) or Hooks()
     # uvloop: libuv's event loop, several times cheaper per callback than asyncio's own
     # (measured in bench/; see the README's benchmark section).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -42,8 +87,9 @@ def serve(host: str | None, port: int | None) -> None:
             runner.run(
                 daemon.serve(
                     settings,
-                    host=host or settings.listen_host,
+                    host=settings.listen_host,
                     port=port if port is not None else settings.listen_port,
+                    observer=hooks.observer,
                 )
             )
         except daemon.SettingsError as exc:

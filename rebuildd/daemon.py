@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -144,8 +143,6 @@ async def open_daemon(
     else:
         images = LocalImageService(store, state / "images", disks)
     notifier = Notifier(host=host)
-    if settings.test_kill_at:
-        observer = KillAt(settings.test_kill_at)
     runner = Runner(
         store,
         notifier,
@@ -212,6 +209,7 @@ async def open_daemon(
         policy=policy,
         authenticator=authenticator,
         max_body_bytes=settings.max_body_bytes,
+        allowed_hosts=settings.trusted_hosts,
         volumes=local_volumes,
         volume_store=volume_store,
     )
@@ -361,8 +359,10 @@ def build_app(daemon: Daemon) -> FastAPI:
     return create_app(daemon.services, lifespan=lifespan)
 
 
-async def serve(settings: Settings, *, host: str, port: int) -> None:
-    daemon = await open_daemon(settings)
+async def serve(
+    settings: Settings, *, host: str, port: int, observer: StepObserver | None = None
+) -> None:
+    daemon = await open_daemon(settings, observer=observer)
     try:
         app = build_app(daemon)
         config = uvicorn_config(app, settings, host=host, port=port)
@@ -429,25 +429,6 @@ async def _clean_image_cache(daemon: Daemon) -> None:
             await clean_image_cache_once(daemon)
         except Exception:
             log.exception("image cache cleanup failed")
-
-
-class KillAt:
-    """Test hook: SIGKILL this process at one step boundary (``JOB:STEP:before|after``), so the
-    fault-injection suite can prove restart recovery at every boundary."""
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-
-    async def _check(self, job: str, step: str, phase: str) -> None:
-        if f"{job}:{step}:{phase}" == self.spec:
-            log.warning("test hook: killing the daemon", at=self.spec)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    async def before_step(self, job: str, step: str, server_id: str) -> None:
-        await self._check(job, step, "before")
-
-    async def after_step(self, job: str, step: str, server_id: str) -> None:
-        await self._check(job, step, "after")
 
 
 class _NotifyingServer(uvicorn.Server):

@@ -21,6 +21,7 @@ on Nova's messages keeps working.
     │       AdoptionRefused
     ├── VersionNotAcceptable    406 notAcceptable
     ├── PayloadTooLarge         413 overLimit
+    ├── UnsupportedMediaType    415 badMediaType
     ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
     │   ├── IdentityUnavailable                          answer the request is down)
     │   ├── ImageServiceUnavailable
@@ -262,6 +263,12 @@ class PayloadTooLarge(RebuilddError):
     template = "Request is too large."
 
 
+class UnsupportedMediaType(RebuilddError):
+    """A body in a media type the route does not read (Nova's words for every API)."""
+
+    template = "Unsupported Content-Type"
+
+
 class ServiceUnavailable(RebuilddError):
     template = "The server is currently unavailable. Please try again at a later time."
 
@@ -336,6 +343,7 @@ HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
     VersionNotAcceptable: (406, "notAcceptable"),
     Conflict: (409, "conflictingRequest"),
     PayloadTooLarge: (413, "overLimit"),
+    UnsupportedMediaType: (415, "badMediaType"),
     ServiceUnavailable: (503, "serviceUnavailable"),
     OperationFailed: (500, "computeFault"),
 }

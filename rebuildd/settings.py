@@ -1,22 +1,37 @@
 """rebuildd's settings: ``REBUILDD_*`` environment variables, then an optional TOML file.
 
-Owns parsing and defaults only. Settings are built once, in the entry point, and passed down;
-nothing else reads the environment. Every field is documented in the README's settings table.
+Owns parsing, defaults and the checks of the start (``load``): an unknown ``REBUILDD_*``
+variable or file key, a missing file or an invalid value stops the start with one line.
+Settings are built once, in the entry point, and passed down; nothing else reads the
+environment. Every field is documented in the README's settings table.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+PREFIX: Final = "REBUILDD_"
+# Listen addresses that name every interface, not one host.
+WILDCARD_ADDRESSES: Final = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104
+
+
+class ConfigError(ValueError):
+    """The environment or the config file names no setting, a file that is missing, or a
+    value that is invalid: the CLI prints the one-line message and exits."""
 
 
 class Settings(BaseSettings):
@@ -54,6 +69,17 @@ class Settings(BaseSettings):
     host: str = Field(default="", description="This host's name in the API; default hostname.")
     listen_host: str = Field(default="127.0.0.1", description="Default for serve --host.")
     listen_port: int = Field(default=8774, description="Default for serve --port.")
+    allow_insecure_listen: bool = Field(
+        default=False,
+        description="Let serve listen beyond loopback with auth=none (an unauthenticated admin "
+        "API for anyone who can reach the port); refused otherwise.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated Host header values accepted besides loopback names and "
+        "addresses, the listen address and public_url's host (400 otherwise, against DNS "
+        "rebinding); .example.com also matches its subdomains, * matches any.",
+    )
     public_url: str | None = Field(
         default=None,
         description="Base URL used in links (e.g. https://cloud.example/compute); default: the "
@@ -251,10 +277,6 @@ class Settings(BaseSettings):
         description="Seconds a volume-backed rebuild (2.93+) waits for the root volume's "
         "re-image, per GiB of the image (at least one GiB's worth; Nova's option).",
     )
-    test_kill_at: str | None = Field(
-        default=None,
-        description="Test hook only: JOB:STEP:before|after at which the daemon SIGKILLs itself.",
-    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON otherwise."
@@ -276,6 +298,24 @@ class Settings(BaseSettings):
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
 
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    @property
+    def trusted_hosts(self) -> tuple[str, ...]:
+        """The Host header names the API answers besides loopback: allowed_hosts, the listen
+        address when it is one address, and public_url's host."""
+        hosts = [*self.allowed_hosts]
+        if self.listen_host not in WILDCARD_ADDRESSES:
+            hosts.append(self.listen_host)
+        if self.public_url and urlsplit(self.public_url).hostname:
+            hosts.append(str(urlsplit(self.public_url).hostname))
+        return tuple(hosts)
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -295,3 +335,46 @@ class Settings(BaseSettings):
         if self.libvirt_uri.startswith("test:"):
             return "test"
         return "kvm" if Path("/dev/kvm").exists() else "qemu"
+
+
+def load() -> Settings:
+    """The settings of this process (environment, then REBUILDD_CONFIG_FILE), checked: every
+    ``REBUILDD_*`` variable and file key must name a setting, every file named must exist."""
+    for key in sorted(os.environ):
+        name = key.upper()
+        if name.startswith(PREFIX) and name[len(PREFIX) :].lower() not in Settings.model_fields:
+            raise _unknown(name[len(PREFIX) :].lower(), shown=name, where="", prefix=PREFIX)
+    config_file = os.environ.get("REBUILDD_CONFIG_FILE")
+    if config_file:
+        _check_config_file(Path(config_file))
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"invalid setting {PREFIX}{field.upper()}: {first['msg']}") from None
+    for field in ("tokens_file", "policy_file"):
+        path = getattr(settings, field)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{PREFIX}{field.upper()}: {path} does not exist")
+    return settings
+
+
+def _check_config_file(path: Path) -> None:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{PREFIX}CONFIG_FILE: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{PREFIX}CONFIG_FILE: {path}: {exc}") from None
+    for key in data:
+        if key not in Settings.model_fields:
+            raise _unknown(key, shown=key, where=f" in {path}", prefix="")
+
+
+def _unknown(name: str, *, shown: str, where: str, prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
+    if not close:
+        return ConfigError(f"unknown setting {shown}{where} (see the README's settings table)")
+    suggestion = f"{prefix}{close[0].upper()}" if prefix else close[0]
+    return ConfigError(f"unknown setting {shown}{where}; did you mean {suggestion}?")

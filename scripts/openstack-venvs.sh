@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # openstack-venvs.sh [SERVICE...] — the real OpenStack services the tests run against, each in
 # its own virtual environment with pinned versions, installed once into a cache directory
-# outside the repository ($REBUILDD_TEST_CACHE, default /var/cache/rebuildd-test):
-#   keystone -> $REBUILDD_TEST_CACHE/keystone-30.0.0 (keystone, gunicorn)
-#   glance   -> $REBUILDD_TEST_CACHE/glance-33.0.0 (glance, gunicorn)
-#   cinder   -> $REBUILDD_TEST_CACHE/cinder-29.0.0 (cinder, and fixtures, which cinder imports
+# outside the repository ($TEST_REBUILDD_CACHE, default /var/cache/rebuildd-test):
+#   keystone -> $TEST_REBUILDD_CACHE/keystone-30.0.0 (keystone, gunicorn)
+#   glance   -> $TEST_REBUILDD_CACHE/glance-33.0.0 (glance, gunicorn)
+#   cinder   -> $TEST_REBUILDD_CACHE/cinder-29.0.0 (cinder, and fixtures, which cinder imports
 #               at run time without requiring it; served in-process, so no gunicorn)
 # Without arguments: all of them. Idempotent: a venv whose marker names the same pins is kept
 # (a fast no-op); a half-installed one is removed and installed again. The tests find a venv
@@ -12,7 +12,7 @@
 # only.
 set -euo pipefail
 
-cache="${REBUILDD_TEST_CACHE:-/var/cache/rebuildd-test}"
+cache="${TEST_REBUILDD_CACHE:-/var/cache/rebuildd-test}"
 python="${PYTHON:-python3}"
 
 declare -A pins=(

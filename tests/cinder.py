@@ -46,7 +46,7 @@ import httpx
 from tests.keystone import PASSWORD, Keystone
 from tests.process import free_port, stop_process
 
-CACHE: Final = Path(os.environ.get("REBUILDD_TEST_CACHE", "/var/cache/rebuildd-test"))
+CACHE: Final = Path(os.environ.get("TEST_REBUILDD_CACHE", "/var/cache/rebuildd-test"))
 VENV: Final = CACHE / "cinder-29.0.0"  # the pins live in scripts/openstack-venvs.sh
 MICROVERSION: Final = "3.68"  # os-reimage; attachments need 3.27+, os-complete 3.44+
 BACKEND: Final = "nfs"

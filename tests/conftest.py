@@ -24,7 +24,7 @@ from tests import keystone as real_keystone
 from tests.live import LiveDaemon, start_live_daemon
 
 POSTGRES_ADMIN_URL = os.environ.get(
-    "REBUILDD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+    "TEST_REBUILDD_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
 
 

@@ -25,7 +25,7 @@ import httpx
 
 from tests.process import free_port, stop_process
 
-CACHE: Final = Path(os.environ.get("REBUILDD_TEST_CACHE", "/var/cache/rebuildd-test"))
+CACHE: Final = Path(os.environ.get("TEST_REBUILDD_CACHE", "/var/cache/rebuildd-test"))
 VENV: Final = CACHE / "glance-33.0.0"  # the pins live in scripts/openstack-venvs.sh
 
 _CONF: Final = """\

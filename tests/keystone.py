@@ -24,7 +24,7 @@ import httpx
 
 from tests.process import free_port, stop_process
 
-CACHE: Final = Path(os.environ.get("REBUILDD_TEST_CACHE", "/var/cache/rebuildd-test"))
+CACHE: Final = Path(os.environ.get("TEST_REBUILDD_CACHE", "/var/cache/rebuildd-test"))
 VENV: Final = CACHE / "keystone-30.0.0"  # the pins live in scripts/openstack-venvs.sh
 ADMIN_PASSWORD: Final = "admin-secret"
 PASSWORD: Final = "user-secret"  # every test user's

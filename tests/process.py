@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 BIN = Path(sys.executable).parent / "rebuildd"
+KILL_LAUNCHER = Path(__file__).parent / "kill_launcher.py"
 
 
 def free_port() -> int:
@@ -45,14 +46,19 @@ class DaemonProcess:
                 [str(BIN), *command], env=self.env, check=True, capture_output=True, timeout=120
             )
 
-    def start(self, *, nofile: int | None = None, **extra: str) -> None:
-        """Start ``rebuildd serve``; ``nofile``: its open-file limit (soft and hard)."""
+    def start(self, *, kill_at: str | None = None, nofile: int | None = None, **extra: str) -> None:
+        """Start ``rebuildd serve``. ``kill_at`` (``JOB:STEP:before|after``): start through
+        tests/kill_launcher.py, which SIGKILLs the daemon at that step boundary; ``nofile``: its
+        open-file limit (soft and hard)."""
         env = {**self.env, **{f"REBUILDD_{k.upper()}": v for k, v in extra.items()}}
         out = self.log.open("a")
+        command = [str(BIN)]
+        if kill_at is not None:
+            command = [sys.executable, str(KILL_LAUNCHER), kill_at]
         # prlimit execs the daemon: the pid stays the daemon's.
         limit = ["prlimit", f"--nofile={nofile}", "--"] if nofile is not None else []
         self.process = subprocess.Popen(
-            [*limit, str(BIN), "serve", "--port", str(self.port)],
+            [*limit, *command, "serve", "--port", str(self.port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -118,7 +118,7 @@ def _armed_daemon(tmp_path: Path, boundary: str) -> DaemonProcess:
         shutdown_timeout="0.5",
     )
     daemon.prepare()
-    daemon.start(test_kill_at=f"rebuild:{boundary}")
+    daemon.start(kill_at=f"rebuild:{boundary}")
     return daemon
 
 

@@ -3,7 +3,7 @@
 definitions in ``sources/``) as ``rebuildd adopt`` reads them, and as rebuildd's disk edits
 leave them (``<name>-out.xml``). Every output is also defined on libvirt's test driver.
 
-Regenerate the outputs with ``REBUILDD_GOLDEN_UPDATE=1 pytest tests/test_golden_xml.py`` and
+Regenerate the outputs with ``TEST_REBUILDD_GOLDEN_UPDATE=1 pytest tests/test_golden_xml.py`` and
 review the diff.
 """
 
@@ -27,7 +27,7 @@ from rebuildd.states import PowerState
 libvirt = pytest.importorskip("libvirt")
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
-UPDATE = os.environ.get("REBUILDD_GOLDEN_UPDATE") == "1"
+UPDATE = os.environ.get("TEST_REBUILDD_GOLDEN_UPDATE") == "1"
 NEW_IMAGE = "c0ffee00-aaaa-4bbb-8ccc-ddddeeeeffff"
 NOW = dt.datetime(2026, 12, 1, 12, 0, 0, tzinfo=dt.UTC)
 DEFAULTS = Defaults(host="golden-host", project_id="demo", user_id="demo")
