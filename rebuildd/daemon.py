@@ -23,7 +23,7 @@ from fastapi import FastAPI
 
 from rebuildd import cinder, glance, recovery
 from rebuildd.api import ImageAPI, Services, create_app
-from rebuildd.auth import Authenticator, Policy, TokenTable
+from rebuildd.auth import Authenticator, Policy, TokensFileError, TokenTable
 from rebuildd.cinder import CinderVolumeService
 from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.glance import GlanceImageService
@@ -248,7 +248,10 @@ def _identity(
     if settings.auth == "token":
         if settings.tokens_file is None:
             raise SettingsError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
-        authenticator = TokenTable.load(settings.tokens_file)
+        try:
+            authenticator = TokenTable.load(settings.tokens_file)
+        except TokensFileError as exc:
+            raise SettingsError(f"REBUILDD_TOKENS_FILE {exc}") from None
     if config is None:
         return authenticator, None
     if settings.auth == "keystone":

@@ -21,6 +21,7 @@ on Nova's messages keeps working.
     │       AdoptionRefused
     ├── VersionNotAcceptable    406 notAcceptable
     ├── PayloadTooLarge         413 overLimit
+    ├── UnsupportedMediaType    415 badMediaType
     ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
     │   ├── IdentityUnavailable                          answer the request is down)
     │   ├── ImageServiceUnavailable
@@ -258,6 +259,10 @@ class VersionNotAcceptable(RebuilddError):
     )
 
 
+class UnsupportedMediaType(RebuilddError):
+    template = "The media type {media_type} is not supported, use {supported}."
+
+
 class PayloadTooLarge(RebuilddError):
     template = "Request is too large."
 
@@ -336,6 +341,7 @@ HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
     VersionNotAcceptable: (406, "notAcceptable"),
     Conflict: (409, "conflictingRequest"),
     PayloadTooLarge: (413, "overLimit"),
+    UnsupportedMediaType: (415, "badMediaType"),
     ServiceUnavailable: (503, "serviceUnavailable"),
     OperationFailed: (500, "computeFault"),
 }

@@ -118,6 +118,9 @@ class ImageFilters:
     visibility: str | None = None
     limit: int | None = None
     marker: str | None = None
+    # The caller's project when it is not an admin: Glance's visibility (its own images,
+    # public ones, and community ones when asked for with visibility=community).
+    seen_by: str | None = None
 
 
 _SERVER_COLUMNS = frozenset(ServerRow.model_fields)
@@ -463,6 +466,11 @@ class Store:
             query = query.where(IMAGES.c.status == filters.status)
         if filters.visibility is not None:
             query = query.where(IMAGES.c.visibility == filters.visibility)
+        if filters.seen_by is not None:
+            seen = ["public", "community"] if filters.visibility == "community" else ["public"]
+            query = query.where(
+                or_(IMAGES.c.owner == filters.seen_by, IMAGES.c.visibility.in_(seen))
+            )
 
         def work(conn: Connection) -> Sequence[Row[Any]]:
             paged = query

@@ -32,6 +32,7 @@ def test_every_error_class_has_an_http_mapping(cls: type[errors.RebuilddError]) 
         "notAcceptable",
         "conflictingRequest",
         "overLimit",
+        "badMediaType",
         "computeFault",
         "serviceUnavailable",
     }
