@@ -14,6 +14,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import httpx
@@ -86,6 +87,16 @@ class Daemon:
         log.info("daemon closed")
 
 
+def _make_state_dir(state: Path) -> None:
+    """The state directory's parts. Secrets at rest: QEMU (its own user under libvirt's DAC
+    driver) traverses to its disks but nobody else lists them; the image store is rebuildd's
+    alone (QEMU reads the bases in _base); the database is 0600 (storage.py)."""
+    for sub in ("images", "_base", "instances", "volumes"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    state.chmod(0o711)
+    (state / "images").chmod(0o700)
+
+
 async def open_daemon(
     settings: Settings,
     *,
@@ -113,8 +124,7 @@ async def open_daemon(
         raise
     service_auth = ServiceTokenAuth(session) if session is not None else None
     state = settings.state_dir
-    for sub in ("images", "_base", "instances", "volumes"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
+    _make_state_dir(state)
     metrics = Metrics()
     store = Store(create_engine(settings.effective_database_url), metrics=metrics)
     hypervisor = LibvirtHypervisor(
@@ -366,6 +376,7 @@ def build_app(daemon: Daemon) -> FastAPI:
 
 async def serve(settings: Settings, *, host: str, port: int) -> None:
     daemon = await open_daemon(settings)
+    _reload_tokens_on_hangup(daemon)
     try:
         app = build_app(daemon)
         config = uvicorn.Config(
@@ -374,6 +385,13 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         await _NotifyingServer(config).serve()
     finally:
         await daemon.close(drain_timeout=settings.drain_timeout)
+
+
+def _reload_tokens_on_hangup(daemon: Daemon) -> None:
+    """SIGHUP reads the tokens file again (it is also read again whenever it changes)."""
+    authenticator = daemon.services.authenticator
+    if isinstance(authenticator, TokenTable):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, authenticator.reload)
 
 
 async def _sweep_retired_disks(daemon: Daemon) -> None:
