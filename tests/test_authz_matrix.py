@@ -599,3 +599,19 @@ class TestTokensFile:
             world.tokens_file.write_text(TOKENS)
             client.close()
         assert world("member_a").get("/v2.1/servers").status_code == 200
+
+
+class TestAttachments:
+    def test_another_projects_volume_cannot_be_attached(self, world: World) -> None:
+        """Project B's member attaching project A's volume to its own server is 404, and the
+        volume stays available."""
+        other = world("member_b")
+        body = {"server": {"name": "att", "imageRef": world.public_image, "flavorRef": "1"}}
+        server_id = other.post("/v2.1/servers", json=body).json()["server"]["id"]
+        world.live.wait_for(server_id, "ACTIVE")
+        attach = {"volumeAttachment": {"volumeId": world.volume}}
+        response = other.post(f"/v2.1/servers/{server_id}/os-volume_attachments", json=attach)
+        assert response.status_code == 404, response.text
+        shown = world("member_a").get(f"/volume/v3/pa/volumes/{world.volume}").json()["volume"]
+        assert (shown["status"], shown["attachments"]) == ("available", [])
+        assert other.delete(f"/v2.1/servers/{server_id}").status_code == 204
