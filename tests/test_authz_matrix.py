@@ -1,10 +1,12 @@
 """Authorization on every resource (issue 17, section 2): two projects, and admin, member,
 reader and no-role users over every route under ``REBUILDD_AUTH=token``; what Nova's,
 Glance's and Cinder's default policies allow and refuse, and that a refused call changed
-nothing. One live daemon for the module; its resources are made once by project A's member."""
+nothing. One live daemon per database (SQLite, PostgreSQL) for the module; its resources are
+made once by project A's member."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import _drop_postgres_database, _postgres_database, require
 from tests.live import LiveDaemon, start_live_daemon
 
 TOKENS = """
@@ -114,13 +117,31 @@ def _volume(client: httpx.Client, project: str) -> str:
     raise AssertionError("volume never became available")
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The daemon's database settings: SQLite in its state directory, or a fresh PostgreSQL
+    database."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    try:
+        url = asyncio.run(_postgres_database())
+    except Exception as exc:  # asyncpg raises several unrelated types when it is down
+        require("PostgreSQL", str(exc))
+        raise
+    try:
+        yield {"database_url": url}
+    finally:
+        asyncio.run(_drop_postgres_database(url))
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, database: dict[str, str]) -> Iterator[World]:
     base = tmp_path_factory.mktemp("authz")
     tokens = base / "tokens.toml"
     tokens.write_text(TOKENS)
     tokens.chmod(0o600)
-    live = start_live_daemon(base / "state", auth="token", tokens_file=tokens)
+    live = start_live_daemon(base / "state", auth="token", tokens_file=tokens, **database)
     live.client.headers["X-Auth-Token"] = "admin"
     names = (*USERS, "member_a2", "service")
     clients = {name: _client(live, name) for name in names}
