@@ -118,7 +118,7 @@ def _volume(client: httpx.Client, project: str) -> str:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+def database(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """The daemon's database settings: SQLite in its state directory, or a fresh PostgreSQL
     database."""
     if request.param == "sqlite":
@@ -136,7 +136,7 @@ def database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, database: dict[str, str]) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, database: dict[str, Any]) -> Iterator[World]:
     base = tmp_path_factory.mktemp("authz")
     tokens = base / "tokens.toml"
     tokens.write_text(TOKENS)
