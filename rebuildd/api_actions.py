@@ -25,13 +25,16 @@ MAX_LIMIT = 1000
 
 
 async def _server(
-    services: Services, ctx: RequestContext, version: Version, server_id: str
+    services: Services, ctx: RequestContext, version: Version, server_id: str, rule: str
 ) -> Server:
-    """The caller's server (any project's for an admin); from 2.21 a deleted one too."""
+    """The caller's server (any project's for an admin); from 2.21 a deleted one too; if
+    Nova's ``os-instance-actions`` rule (PROJECT_READER_OR_ADMIN) lets it read."""
     project = None if ctx.is_admin else ctx.project_id
-    return await services.store.get_server(
+    server = await services.store.get_server(
         server_id, project_id=project, include_deleted=version.at_least("2.21")
     )
+    services.policy.authorize(f"os_compute_api:os-instance-actions:{rule}", ctx, server.project_id)
+    return server
 
 
 @router.get(
@@ -48,7 +51,7 @@ async def list_instance_actions(
     base: BaseUrlDep,
 ) -> dict[str, Any]:
     """Newest first; deleted servers' actions from 2.21; paging and time filters from 2.58."""
-    server = await _server(services, ctx, version, server_id)
+    server = await _server(services, ctx, version, server_id, "list")
     actions = await services.store.list_actions(server.id)
     limit = None
     if version.at_least("2.58"):
@@ -110,7 +113,7 @@ async def show_instance_action(
     ctx: ContextDep,
     version: VersionDep,
 ) -> dict[str, Any]:
-    server = await _server(services, ctx, version, server_id)
+    server = await _server(services, ctx, version, server_id, "show")
     action = await services.store.get_action(server.id, request_id)
     # Events: all of them for whom the events rule allows; from 2.51 everyone else sees them
     # without traceback and host (Nova's rules).

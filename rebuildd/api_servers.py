@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -32,7 +34,7 @@ from rebuildd.api import (
     read_json,
 )
 from rebuildd.microversion import Version
-from rebuildd.models import BlockDevice
+from rebuildd.models import BlockDevice, RequestContext
 from rebuildd.states import states_for_status
 from rebuildd.storage import ServerFilters
 
@@ -144,6 +146,7 @@ async def list_servers(
     ctx: ContextDep,
     base: BaseUrlDep,
 ) -> dict[str, Any]:
+    services.policy.authorize("os_compute_api:servers:index", ctx, ctx.project_id)
     filters = _filters(query, is_admin=ctx.is_admin, project_id=ctx.project_id)
     servers = await services.store.list_servers(filters)
     body: dict[str, Any] = {"servers": [views.server_brief(s, base) for s in servers]}
@@ -171,6 +174,7 @@ async def list_servers_detail(
     version: VersionDep,
     base: BaseUrlDep,
 ) -> dict[str, Any]:
+    services.policy.authorize("os_compute_api:servers:detail", ctx, ctx.project_id)
     filters = _filters(query, is_admin=ctx.is_admin, project_id=ctx.project_id)
     servers = await services.store.list_servers(filters)
     latest = await services.store.latest_faults([s.id for s in servers if s.vm_state == "error"])
@@ -209,6 +213,7 @@ async def show_server(server_id: str, call: CallDep) -> dict[str, Any]:
     ctx, services = call.context, call.services
     store = services.store
     server = await store.get_server(server_id, project_id=None if ctx.is_admin else ctx.project_id)
+    services.policy.authorize("os_compute_api:servers:show", ctx, server.project_id)
     latest = await store.latest_faults([server.id] if server.vm_state == "error" else [])
     volumes = await services.volume_store.volume_devices([server.id])
     return {
@@ -416,7 +421,7 @@ async def server_action(server_id: str, request: Request, call: CallDep) -> Resp
             reason=f"{schemas.show(value)} is not of type 'null'",
         )
     if action == "rebuild":
-        key = _idempotency_key(request)
+        key = _idempotency_key(request, ctx)
         if key is not None and (replay := await _replay(services, ctx, server_id, key)):
             return replay
         try:
@@ -511,29 +516,39 @@ _REQUEST_ID = re.compile(r"^req-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-
 _REPLAY_WAIT = 5.0
 
 
-def _idempotency_key(request: Request) -> str | None:
-    """``X-Idempotency-Key``, else a client-chosen ``X-OpenStack-Request-ID`` (req-<uuid>)."""
+def _idempotency_key(request: Request, ctx: RequestContext) -> str | None:
+    """``X-Idempotency-Key``, else a client-chosen ``X-OpenStack-Request-ID`` (req-<uuid>),
+    scoped by the caller's project and user: stored as a digest of the three, so another
+    user's same key is another key and never replays this user's answer (its adminPass)."""
     key = request.headers.get("x-idempotency-key")
     if key is not None:
         key = key.strip()
         if not 1 <= len(key) <= 255:
             raise errors.Invalid("X-Idempotency-Key must be 1 to 255 characters long")
-        return key
-    request_id = request.headers.get("x-openstack-request-id", "").strip()
-    return request_id if _REQUEST_ID.match(request_id) else None
+    else:
+        request_id = request.headers.get("x-openstack-request-id", "").strip()
+        if not _REQUEST_ID.match(request_id):
+            return None
+        key = request_id
+    scoped = json.dumps([ctx.project_id, ctx.user_id, key]).encode()
+    return "sha256:" + hashlib.sha256(scoped).hexdigest()
 
 
 async def _replay(
     services: ServicesDep, ctx: ContextDep, server_id: str, key: str
 ) -> JSONResponse | None:
     """The first answer to this key for this server, if there was one (waiting briefly while
-    the request that got it is still writing it)."""
+    the request that got it is still writing it). The caller must pass the rebuild's policy
+    now, as a new rebuild would, and be the user that made the first one."""
     project = None if ctx.is_admin else ctx.project_id
-    await services.store.get_server(server_id, project_id=project, include_deleted=True)
+    server = await services.store.get_server(server_id, project_id=project, include_deleted=True)
+    services.policy.authorize("os_compute_api:servers:rebuild", ctx, server.project_id)
     deadline = time.monotonic() + _REPLAY_WAIT
     while True:
         action = await services.store.find_action_by_key(server_id, key)
         if action is None:
+            return None
+        if (action.user_id, action.project_id) != (ctx.user_id, ctx.project_id):
             return None
         if action.response is not None:
             headers = {"Location": action.response["location"]}

@@ -181,11 +181,14 @@ def _local(services: Services) -> LocalVolumeService:
     return services.volumes
 
 
-async def _volume(services: Services, ctx: RequestContext, volume_id: str) -> Volume:
+async def _volume(services: Services, ctx: RequestContext, volume_id: str, rule: str) -> Volume:
+    """The caller's project's volume (any, for an admin) that Cinder's ``rule`` lets it use:
+    404 for another project's, 403 when the rule refuses (a reader deleting)."""
     project = None if ctx.is_admin else ctx.project_id
     volume = await services.volume_store.get(volume_id, project_id=project)
     if volume is None:
         raise errors.VolumeNotFound(volume_id=volume_id)
+    services.policy.authorize(rule, ctx, volume.project_id)
     return volume
 
 
@@ -204,6 +207,7 @@ async def create_volume(
     project_id: ProjectPath = None,
 ) -> JSONResponse:
     _project(ctx, project_id)
+    services.policy.authorize("volume:create", ctx, ctx.project_id)
     body = await read_json(request)
     if not isinstance(body, dict) or "volume" not in body:
         raise errors.Invalid("Missing required element 'volume' in request body.")
@@ -238,6 +242,7 @@ def _all_tenants(value: str | None) -> bool:
 async def _listed(
     services: Services, ctx: RequestContext, name: str | None, all_tenants: str | None
 ) -> list[Volume]:
+    services.policy.authorize("volume:get_all", ctx, ctx.project_id)
     project = None if ctx.is_admin and _all_tenants(all_tenants) else ctx.project_id
     volumes = await services.volume_store.list_volumes(project_id=project)
     if name is not None:
@@ -288,7 +293,7 @@ async def show_volume(
     project_id: ProjectPath = None,
 ) -> dict[str, Any]:
     _project(ctx, project_id)
-    volume = await _volume(services, ctx, volume_id)
+    volume = await _volume(services, ctx, volume_id, "volume:get")
     return {"volume": volume_detail(volume, base, is_admin=ctx.is_admin)}
 
 
@@ -303,6 +308,6 @@ async def delete_volume(
     volume_id: str, services: ServicesDep, ctx: ContextDep, project_id: ProjectPath = None
 ) -> Response:
     _project(ctx, project_id)
-    volume = await _volume(services, ctx, volume_id)
+    volume = await _volume(services, ctx, volume_id, "volume:delete")
     await _local(services).delete(volume.id)
     return Response(status_code=202)

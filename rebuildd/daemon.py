@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import httpx
@@ -22,7 +24,7 @@ from fastapi import FastAPI
 
 from rebuildd import cinder, glance, httpguard, recovery
 from rebuildd.api import ImageAPI, Services, create_app
-from rebuildd.auth import Authenticator, Policy, TokenTable
+from rebuildd.auth import Authenticator, Policy, TokensFileError, TokenTable
 from rebuildd.cinder import CinderVolumeService
 from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.glance import GlanceImageService
@@ -85,6 +87,16 @@ class Daemon:
         log.info("daemon closed")
 
 
+def _make_state_dir(state: Path) -> None:
+    """The state directory's parts. Secrets at rest: QEMU (its own user under libvirt's DAC
+    driver) traverses to its disks but nobody else lists them; the image store is rebuildd's
+    alone (QEMU reads the bases in _base); the database is 0600 (storage.py)."""
+    for sub in ("images", "_base", "instances", "volumes"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    state.chmod(0o711)
+    (state / "images").chmod(0o700)
+
+
 async def open_daemon(
     settings: Settings,
     *,
@@ -112,8 +124,7 @@ async def open_daemon(
         raise
     service_auth = ServiceTokenAuth(session) if session is not None else None
     state = settings.state_dir
-    for sub in ("images", "_base", "instances", "volumes"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
+    _make_state_dir(state)
     metrics = Metrics()
     store = Store(create_engine(settings.effective_database_url), metrics=metrics)
     hypervisor = LibvirtHypervisor(
@@ -246,7 +257,10 @@ def _identity(
     if settings.auth == "token":
         if settings.tokens_file is None:
             raise SettingsError("REBUILDD_AUTH=token needs REBUILDD_TOKENS_FILE")
-        authenticator = TokenTable.load(settings.tokens_file)
+        try:
+            authenticator = TokenTable.load(settings.tokens_file)
+        except TokensFileError as exc:
+            raise SettingsError(f"REBUILDD_TOKENS_FILE {exc}") from None
     if config is None:
         return authenticator, None
     if settings.auth == "keystone":
@@ -363,6 +377,7 @@ async def serve(
     settings: Settings, *, host: str, port: int, observer: StepObserver | None = None
 ) -> None:
     daemon = await open_daemon(settings, observer=observer)
+    _reload_tokens_on_hangup(daemon)
     try:
         app = build_app(daemon)
         config = uvicorn_config(app, settings, host=host, port=port)
@@ -390,6 +405,13 @@ def uvicorn_config(app: FastAPI, settings: Settings, *, host: str, port: int) ->
         access_log=False,
         lifespan="on",
     )
+
+
+def _reload_tokens_on_hangup(daemon: Daemon) -> None:
+    """SIGHUP reads the tokens file again (it is also read again whenever it changes)."""
+    authenticator = daemon.services.authenticator
+    if isinstance(authenticator, TokenTable):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, authenticator.reload)
 
 
 async def _sweep_retired_disks(daemon: Daemon) -> None:

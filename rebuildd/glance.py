@@ -27,6 +27,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict
 
 from rebuildd import errors
+from rebuildd.auth import image_visible
 from rebuildd.models import Image, RequestContext
 from rebuildd.storage import ImageFilters
 
@@ -155,7 +156,12 @@ class GlanceImageService:
         if response.status_code == 404:
             return None
         self._check(response)
-        return self._parse(GlanceImage, response).to_image()
+        image = self._parse(GlanceImage, response).to_image()
+        # rebuildd asks Glance as itself (a service user that may see every image): the
+        # caller's own view is Glance's visibility applied here, as Glance would for its token.
+        if context is not None and not image_visible(context, image):
+            return None
+        return image
 
     async def download(self, image_id: str, dest: Path) -> None:
         """Stream the image's data to ``dest``, one chunk in memory at a time."""

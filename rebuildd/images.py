@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 
 from rebuildd import errors
+from rebuildd.auth import image_visible
 from rebuildd.disks import DiskManager, touch
 from rebuildd.metrics import Metrics
 from rebuildd.models import Image, RequestContext, utcnow
@@ -48,11 +49,16 @@ class LocalImageService:
     # -- the ImageService port ----------------------------------------------------------------
 
     async def get(self, context: RequestContext | None, image_id: str) -> Image | None:
+        """The image, if the caller may see it (Glance's visibility); None as if there were
+        no such image otherwise. Without a context: rebuildd's own look-up (a job's image)."""
         try:
             uuid.UUID(image_id)
         except ValueError:
             return None
-        return await self.store.get_image(image_id)
+        image = await self.store.get_image(image_id)
+        if image is None or context is None or image_visible(context, image):
+            return image
+        return None
 
     async def download(self, image_id: str, dest: Path) -> None:
         """Place the image's bytes at ``dest``: a hard link when possible, else a copy."""

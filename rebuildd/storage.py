@@ -8,6 +8,7 @@ models.py, never live ORM rows. It must not call libvirt, touch disks or know HT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -15,6 +16,7 @@ import sqlite3
 import types
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -118,6 +120,9 @@ class ImageFilters:
     visibility: str | None = None
     limit: int | None = None
     marker: str | None = None
+    # The caller's project when it is not an admin: Glance's visibility (its own images,
+    # public ones, and community ones when asked for with visibility=community).
+    seen_by: str | None = None
 
 
 _SERVER_COLUMNS = frozenset(ServerRow.model_fields)
@@ -463,6 +468,11 @@ class Store:
             query = query.where(IMAGES.c.status == filters.status)
         if filters.visibility is not None:
             query = query.where(IMAGES.c.visibility == filters.visibility)
+        if filters.seen_by is not None:
+            seen = ["public", "community"] if filters.visibility == "community" else ["public"]
+            query = query.where(
+                or_(IMAGES.c.owner == filters.seen_by, IMAGES.c.visibility.in_(seen))
+            )
 
         def work(conn: Connection) -> Sequence[Row[Any]]:
             paged = query
@@ -1060,7 +1070,22 @@ def _sqlite_pragmas(conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None
     cursor = conn.cursor()
     for pragma in _SQLITE_PRAGMAS:
         cursor.execute(f"PRAGMA {pragma}")
+    cursor.execute("PRAGMA database_list")
+    files = [row[2] for row in cursor.fetchall() if row[1] == "main" and row[2]]
     cursor.close()
+    for name in files:
+        _owner_only(name)
+
+
+def _owner_only(database: str) -> None:
+    """The database holds adminPass and user_data (in jobs' params and servers): 0600, with
+    its WAL and shared-memory files (SQLite gives those the database's mode when it makes
+    them; these may predate this)."""
+    for name in (database, f"{database}-wal", f"{database}-shm"):
+        path = Path(name)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
 
 
 async def _uncancelled(future: asyncio.Future[T]) -> T:

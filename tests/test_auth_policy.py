@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from rebuildd import errors, migrations
+from rebuildd.auth import Identity, TokensFileError, TokenTable, parse_tokens
+from rebuildd.daemon import SettingsError, open_daemon
+from rebuildd.settings import Settings
 from tests.live import LiveDaemon, start_live_daemon
 
 TOKENS = """
@@ -190,3 +195,47 @@ class TestLock:
             server_id = _create(member, secured)
             body = {"lock": {"locked_reason": "x"}}
             assert member.post(f"/v2.1/servers/{server_id}/action", json=body).status_code == 400
+
+
+class TestTokensFile:
+    @pytest.mark.parametrize(
+        ("text", "reason"),
+        [
+            ('[tokens.""]\nuser_id = "u"\nproject_id = "p"\nroles = ["admin"]\n', "empty token"),
+            ('[tokens."  "]\nuser_id = "u"\nproject_id = "p"\nroles = ["member"]\n', "empty"),
+            ('[tokens.t]\nuser_id = "u"\nproject_id = "p"\nroles = []\n', "must not be empty"),
+            ('[tokens.t]\nuser_id = "u"\nproject_id = "p"\nroles = "admin"\n', "must be a list"),
+            ('[tokens.t]\nuser_id = "u"\nproject_id = "p"\nroles = [""]\n', "must be a list"),
+            ('[tokens.t]\nuser_id = ""\nproject_id = "p"\n', "user_id"),
+            ('[tokens.t]\nuser_id = "u"\n', "project_id"),
+            ("[tokens\n", "not TOML"),
+        ],
+    )
+    def test_a_token_that_would_let_anyone_in_is_refused_at_load(
+        self, text: str, reason: str
+    ) -> None:
+        """An empty token, an empty or non-list role list, or a missing id stops the load."""
+        with pytest.raises(TokensFileError, match=reason):
+            parse_tokens(text)
+
+    def test_roles_imply_the_lesser_ones(self) -> None:
+        """As Keystone's default implied roles: admin -> member -> reader."""
+        tokens = parse_tokens('[tokens.t]\nuser_id = "u"\nproject_id = "p"\nroles = ["admin"]\n')
+        assert tokens["t"].roles == ("admin", "member", "reader")
+
+    def test_the_daemon_does_not_start_with_an_empty_token(self, tmp_path: Path) -> None:
+        """``[tokens.""]`` stops the start with one line naming the file."""
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text('[tokens.""]\nuser_id = "u"\nproject_id = "p"\nroles = ["admin"]\n')
+        settings = Settings(state_dir=tmp_path / "state", auth="token", tokens_file=tokens)
+        settings.state_dir.mkdir()
+        migrations.upgrade(settings.effective_database_url)
+        with pytest.raises(SettingsError, match=f"{tokens}: tokens.'': an empty token"):
+            asyncio.run(open_daemon(settings))
+
+    async def test_no_token_is_not_the_empty_token(self) -> None:
+        """A request without a token never matches any entry."""
+        table = TokenTable({"x": Identity("u", "p", ("reader",))})
+        for token in (None, ""):
+            with pytest.raises(errors.Unauthorized):
+                await table.authenticate(token)

@@ -47,7 +47,7 @@ def glance_image(**overrides: Any) -> dict[str, Any]:
         "protected": False,
         "min_ram": 64,
         "min_disk": 1,
-        "owner": None,
+        "owner": "p",
         "os_hidden": False,
         "os_hash_algo": "sha512",
         "os_hash_value": "42" * 64,
@@ -82,9 +82,23 @@ class TestGet:
         )  # fmt: skip
         assert (image.os_hash_algo, image.os_hash_value) == ("sha512", "42" * 64)
         assert image.checksum == "6ad4758d111576fd955bed5ab2f9fbd6"
-        assert (image.visibility, image.protected, image.owner) == ("shared", False, None)
+        assert (image.visibility, image.protected, image.owner) == ("shared", False, "p")
         assert image.properties == {"architecture": "x86_64", "os_shutdown_timeout": "30"}
         assert image.created_at.isoformat() == "2026-12-01T22:18:31+00:00"
+
+    @pytest.mark.parametrize(
+        ("visibility", "seen"),
+        [("private", False), ("shared", False), ("community", True), ("public", True)],
+    )
+    async def test_another_projects_image_is_seen_as_glance_shows_it(
+        self, visibility: str, seen: bool
+    ) -> None:
+        """Glance answers rebuildd's service user; a caller of another project sees only what
+        Glance's visibility gives it, rebuildd's own look-ups (no context) everything."""
+        body = glance_image(owner="q", visibility=visibility)
+        images = service(lambda request: httpx.Response(200, json=body))
+        assert (await images.get(CONTEXT, IMAGE_ID) is not None) is seen
+        assert await images.get(None, IMAGE_ID) is not None
 
     async def test_a_404_is_no_such_image(self) -> None:
         """Glance's 404 is None (the api stage turns it into Nova's 400 for a rebuild)."""
