@@ -210,8 +210,12 @@ class Guests:
         self.live.wait_for(server_id, "ACTIVE")
         return server_id, Console(self.consoles / f"{PREFIX}{server_id}.log")
 
-    def action(self, server_id: str, body: dict[str, Any]) -> None:
-        response = self.live.client.post(f"/v2.1/servers/{server_id}/action", json=body, headers=MV)
+    def action(self, server_id: str, body: dict[str, Any], version: str = "2.90") -> None:
+        response = self.live.client.post(
+            f"/v2.1/servers/{server_id}/action",
+            json=body,
+            headers={"X-OpenStack-Nova-API-Version": version},
+        )
         assert response.status_code == 202, response.text
 
     def rebuild(self, server_id: str, status: str = "ACTIVE", **fields: Any) -> dict[str, Any]:
@@ -397,6 +401,22 @@ def test_a_local_data_volume_keeps_its_serial_and_bytes(guests: Guests) -> None:
     assert after.fact("BOOTED", "tag") == "B"
     assert after.facts("VOLUME", "serial") == before.facts("VOLUME", "serial")
     assert after.facts("VOLUME", "head") == before.facts("VOLUME", "head")
+
+
+def test_a_volume_backed_server_reimaged_at_2_93_boots_b(guests: Guests) -> None:
+    """A server booted from a volume made from A, rebuilt onto B at 2.93: the guest boots B
+    from its re-imaged root volume (no previous boot's id on it), with the config drive."""
+    root = {"source_type": "image", "destination_type": "volume", "uuid": guests.images["A"],
+            "boot_index": 0, "volume_size": 1, "delete_on_termination": True}  # fmt: skip
+    server_id, console = guests.create("guest-bfv", imageRef="", block_device_mapping_v2=[root])
+    first = console.ready(1)
+    assert first.fact("BOOTED", "tag") == "A"
+    guests.action(server_id, {"rebuild": {"imageRef": guests.images["B"]}}, version="2.93")
+    guests.live.wait_for(server_id, "ACTIVE")
+    second = console.ready(2)
+    assert second.fact("BOOTED", "tag") == "B"
+    assert second.fact("ROOT", "previous") == "none"
+    assert second.fact("CONFIGDRIVE", "uuid") == server_id
 
 
 def test_a_stopped_server_rebuilt_stays_stopped_and_boots_b_on_start(guests: Guests) -> None:
