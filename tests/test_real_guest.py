@@ -132,9 +132,9 @@ class GuestImages:
     b: Path
 
 
-@pytest.fixture(scope="session")
-def guest_images() -> GuestImages:
-    """scripts/tinyguest.sh's two images (built once from Debian packages, then cached)."""
+def build_guest_images() -> GuestImages:
+    """scripts/tinyguest.sh's two images (built once from Debian packages, then cached by the
+    script); skips where the build tools or libvirtd are absent."""
     missing = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
     if missing:
         require("the tiny guest's build tools", f"missing {', '.join(missing)}")
@@ -147,6 +147,11 @@ def guest_images() -> GuestImages:
     assert built.returncode == 0, built.stderr
     out = Path(built.stdout.strip().splitlines()[-1])
     return GuestImages(out / "tinyguest-A.raw", out / "tinyguest-B.raw")
+
+
+@pytest.fixture(scope="session")
+def guest_images() -> GuestImages:
+    return build_guest_images()
 
 
 def upload(client: httpx.Client, name: str, path: Path) -> str:
