@@ -15,7 +15,11 @@ CACHE=${1:-${TINYGUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rebuildd/tinyguest
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"; flock 9   # two builds sharing the cache would race
 
-KPKG=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/.*Depends: \(linux-image-.*\)/\1/p' | head -1)
+kernel_pkg() {
+  apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-.*\)/\1/p' | head -1
+}
+KPKG=$(kernel_pkg)
+if [ -z "$KPKG" ] && [ "$(id -u)" = 0 ]; then apt-get update -qq >&2; KPKG=$(kernel_pkg); fi  # fresh machine
 [ -n "$KPKG" ] || { echo "tinyguest: no linux-image-cloud-amd64 in apt's lists (apt-get update?)" >&2; exit 1; }
 version() { apt-cache show --no-all-versions "$1" | sed -n 's/^Version: //p' | head -1; }
 PKGS="$KPKG=$(version "$KPKG") busybox-static=$(version busybox-static)"

@@ -50,8 +50,8 @@ def kvm_offered() -> None:
         require("libvirtd with the QEMU driver", str(exc))
     try:
         conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
-    except libvirt.libvirtError as exc:
-        require("a /dev/kvm libvirt offers", str(exc))
+    except libvirt.libvirtError as exc:  # no /dev/kvm: a host kind, not a missing service
+        pytest.skip(f"libvirt offers no kvm domain here: {exc}")
     finally:
         conn.close()
 
