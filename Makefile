@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8774
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint format venv system-run system-test libvirtd postgres openstack-venvs clean
+.PHONY: run test bench lint format venv system-run system-test libvirtd postgres openstack-venvs guest-image clean
 
 ## run: install what is missing, migrate, seed the demo data, serve on $(HOST):$(PORT)
 run: system-run $(VENV)/.installed
@@ -18,8 +18,8 @@ run: system-run $(VENV)/.installed
 	exec $(BIN)/rebuildd serve --host $(HOST) --port $(PORT)
 
 ## test: install what is missing (libvirtd + QEMU, PostgreSQL if absent, the OpenStack
-## services' venvs), lint, run every test
-test: system-test $(VENV)/.installed libvirtd postgres openstack-venvs lint
+## services' venvs, the tiny test guest), lint, run every test
+test: system-test $(VENV)/.installed libvirtd postgres openstack-venvs guest-image lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## bench: issue 5's benchmark against a live daemon (test driver, then real QEMU for --qemu);
@@ -72,6 +72,11 @@ postgres:
 ## openstack-venvs: real Keystone, Glance and Cinder (pinned), each in a cached venv outside the repo
 openstack-venvs:
 	PYTHON=$(PYTHON) scripts/openstack-venvs.sh
+
+## guest-image: the tiny real guest of tests/test_real_guest.py, from Debian packages (cached
+## outside the repo, keyed by the package versions: $XDG_CACHE_HOME or ~/.cache, rebuildd/tinyguest)
+guest-image: system-test
+	scripts/tinyguest.sh
 
 clean:
 	rm -rf $(VENV) $(RUN_VENV) .state .mypy_cache .ruff_cache .pytest_cache

@@ -201,13 +201,15 @@ async def open_daemon(
         reimage_timeout_per_gb=settings.reimage_timeout_per_gb,
         instance_events=instance_events,
     )
+    choice = await hypervisor.choose_domain_type(settings.domain_type)
     domain = DomainSettings(
-        domain_type=settings.effective_domain_type,
+        domain_type=choice.domain_type,
         name_prefix=settings.domain_name_prefix,
         interface=settings.interface_type,
         network=settings.interface_network,
         ephemeral_format=settings.ephemeral_format,
         force_config_drive=settings.force_config_drive,
+        console_log_dir=str(settings.console_log_dir) if settings.console_log_dir else None,
     )
     services = Services(
         deps=deps,

@@ -57,6 +57,7 @@ class DomainSpec:
     network: str = "default"
     mac: str | None = None  # None: libvirt picks one
     metadata: Metadata = Metadata(items=())
+    console_log: str | None = None  # a file the serial console is copied to (appended)
 
 
 def parse(xml: str | bytes) -> Element:
@@ -103,6 +104,9 @@ def build_domain(spec: DomainSpec) -> Element:
             _sub(iface, "source", network=spec.network)
         _sub(iface, "model", type="virtio")
     serial = _sub(devices, "serial", type="pty")
+    if spec.console_log is not None:
+        # append: a rebuild's shutdown and the next boot are both kept (QEMU truncates else)
+        _sub(serial, "log", file=spec.console_log, append="on")
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type="pty")
     _sub(console, "target", type="serial", port="0")

@@ -6,8 +6,10 @@ errors to :class:`rebuildd.errors.HypervisorError`. Disks are detached and attac
 the persistent domain XML (domxml.py) and re-defining it, which works the same on the
 ``test:///`` driver and on QEMU (the test driver has no attachDeviceFlags). Volumes are attached
 to and detached from a running guest too (:meth:`attach_device`, :meth:`detach_device`; on the
-test driver, which cannot, a running domain gets the persistent-definition edit only). It must
-not touch the Store.
+test driver, which cannot, a running domain gets the persistent-definition edit only). It
+also chooses the ``<domain type>`` a host can run (:meth:`LibvirtHypervisor.choose_domain_type`)
+and reports a domain the hypervisor paused by itself (an emulation failure). It must not touch
+the Store.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import libvirt
+import structlog
 
 from rebuildd import domxml
 from rebuildd.errors import HypervisorError
@@ -39,6 +44,37 @@ _POWER_STATE: Final = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
 }
 _POLL_INTERVAL: Final = 0.05
+# KVM modules that run guest code on the CPU; another one behind /dev/kvm (PVM's kvm_pvm)
+# emulates it and stops a real OS at its first unsupported instruction.
+_HARDWARE_KVM: Final = ("kvm_intel", "kvm_amd")
+# How long after a start a KVM domain is watched for a pause of its own (looked at after 1, 2,
+# 4 ... s: an emulation failure comes seconds into the boot, later on a busy host).
+PAUSE_WATCH: Final = 120.0
+
+log = structlog.get_logger("rebuildd.hypervisor")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainTypeChoice:
+    """The ``<domain type>`` for new servers, and why."""
+
+    domain_type: str
+    reason: str
+
+
+def _paused_by_hypervisor(code: int, reason: int) -> bool:
+    return code == libvirt.VIR_DOMAIN_PAUSED and reason in (
+        libvirt.VIR_DOMAIN_PAUSED_UNKNOWN,
+        libvirt.VIR_DOMAIN_PAUSED_CRASHED,
+    )
+
+
+def _pause_message(name: str) -> str:
+    return (
+        f"domain {name} was paused by the hypervisor, not by a request: an emulation "
+        "failure (this host's KVM cannot run this guest; set domain_type=qemu); the "
+        f"register dump is in QEMU's log (/var/log/libvirt/qemu/{name}.log)"
+    )
 
 
 def _quiet_error_handler(_ctx: object, _err: object) -> None:
@@ -51,14 +87,18 @@ class LibvirtHypervisor:
     def __init__(self, uri: str, *, threads: int, detach_timeout: float = 20.0) -> None:
         self.uri = uri
         self.detach_timeout = detach_timeout
+        self.pause_watch: float | None = None  # set when new domains are KVM's
         self._offload = Offload(threads, "libvirt")
         self._conn: Any = None
+        self._checks: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         libvirt.registerErrorHandler(_quiet_error_handler, None)
         self._conn = await self._call("open", libvirt.open, self.uri)
 
     async def close(self) -> None:
+        for check in list(self._checks):
+            check.cancel()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._call("close", conn.close)
@@ -75,6 +115,43 @@ class LibvirtHypervisor:
 
     def _lookup(self, name: str) -> Any:
         return self._conn.lookupByName(name)
+
+    async def choose_domain_type(
+        self, setting: str, *, modules: Path = Path("/sys/module")
+    ) -> DomainTypeChoice:
+        """``setting`` unless it is ``auto``; then ``test`` on the test driver, ``kvm`` when
+        libvirt offers it and the KVM module (under ``modules``) is hardware virtualisation,
+        else ``qemu`` (TCG). New KVM domains are then looked at again after their start."""
+        choice = await self._choose(setting, modules)
+        if choice.domain_type == "kvm":
+            self.pause_watch = PAUSE_WATCH
+        log.info("domain_type_chosen", domain_type=choice.domain_type, reason=choice.reason)
+        return choice
+
+    async def _choose(self, setting: str, modules: Path) -> DomainTypeChoice:
+        if setting != "auto":
+            return DomainTypeChoice(setting, "set by domain_type")
+        if self.uri.startswith("test:"):
+            return DomainTypeChoice("test", "the test driver")
+
+        def probe() -> tuple[bool, list[str]]:
+            try:
+                self._conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+            except libvirt.libvirtError:
+                return False, []
+            return True, sorted(p.name for p in modules.glob("kvm*"))
+
+        offered, loaded = await self._call("getDomainCapabilities", probe)
+        if not offered:
+            return DomainTypeChoice("qemu", "libvirt offers no kvm domain on this host")
+        hardware = [m for m in _HARDWARE_KVM if m in loaded]
+        if hardware:
+            return DomainTypeChoice("kvm", f"hardware KVM ({hardware[0]})")
+        return DomainTypeChoice(
+            "qemu",
+            f"/dev/kvm is not hardware virtualisation (KVM modules: {', '.join(loaded) or 'none'})"
+            ": a real guest would pause at once with an emulation failure",
+        )
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -120,15 +197,54 @@ class LibvirtHypervisor:
         await self._call("defineXML", self._conn.defineXML, xml)
 
     async def start(self, name: str) -> int:
-        """Start the domain if it is off; returns its power state after (in the same call)."""
+        """Start the domain if it is off; returns its power state after (in the same call).
+        A domain the hypervisor paused by itself is a HypervisorError; with ``pause_watch``
+        (KVM hosts) it is watched that long, and a pause of its own then is logged
+        (``domain_paused_by_hypervisor``)."""
 
         def create() -> int:
             dom = self._lookup(name)
             if not dom.isActive():
                 dom.create()
-            return _POWER_STATE.get(dom.state()[0], PowerState.NOSTATE)
+            code, reason = dom.state()
+            if _paused_by_hypervisor(code, reason):
+                raise HypervisorError(call="create", reason=_pause_message(name))
+            return _POWER_STATE.get(code, PowerState.NOSTATE)
 
-        return await self._call("create", create)
+        state = await self._call("create", create)
+        if self.pause_watch is not None:
+            check = asyncio.create_task(self._watch_pause(name, self.pause_watch))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+        return state
+
+    async def paused_by_hypervisor(self, name: str) -> bool:
+        """True when the domain is paused and neither a user nor libvirt asked for it (QEMU
+        stopped its vCPU: a KVM emulation failure, say)."""
+
+        def read() -> bool:
+            try:
+                code, reason = self._lookup(name).state()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise
+            return _paused_by_hypervisor(code, reason)
+
+        return await self._call("state", read)
+
+    async def _watch_pause(self, name: str, watch: float) -> None:
+        delay, waited = 1.0, 0.0
+        while waited < watch:
+            await asyncio.sleep(delay)
+            waited, delay = waited + delay, delay * 2
+            try:
+                paused = await self.paused_by_hypervisor(name)
+            except HypervisorError:
+                return
+            if paused:
+                log.error("domain_paused_by_hypervisor", domain=name, reason=_pause_message(name))
+                return
 
     async def destroy(self, name: str) -> None:
         def destroy() -> None:

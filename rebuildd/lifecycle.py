@@ -50,6 +50,7 @@ class DomainSettings:
     network: str
     ephemeral_format: str = "ext4"  # a filesystem for ephemeral disks, or "none"
     force_config_drive: bool = False  # every new server gets a config drive
+    console_log_dir: str | None = None  # new domains log their serial console there
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +307,9 @@ async def _define(ctx: ServerContext) -> None:
         network=domain.network,
         mac=ctx.mac,
         metadata=domain_metadata(server, server.image_ref),
+        console_log=f"{domain.console_log_dir}/{server.domain_name}.log"
+        if domain.console_log_dir
+        else None,
     )
     await ctx.deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
 

@@ -603,11 +603,12 @@ async def _destroy(ctx: RebuildContext) -> None:
 
 
 async def _restore_power_state(ctx: RebuildContext) -> None:
-    """Nova starts the rebuilt guest, then stops it again if the server was stopped."""
+    """Nova starts the rebuilt guest, then stops it again if the server was stopped, without
+    a clean shutdown (``stop_instance(clean_shutdown=False)``): a guest still booting would
+    miss the ACPI request and hold the rebuild for the whole shutdown timeout."""
     if ctx.before.vm_state == VmState.STOPPED:
         ctx.observed.power_state = None
-        timeout = shutdown_timeout(ctx.server, ctx.deps.shutdown_timeout)
-        await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=timeout)
+        await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=0)
 
 
 async def _succeed(ctx: RebuildContext) -> Outcome:

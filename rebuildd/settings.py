@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     domain_type: Literal["auto", "kvm", "qemu", "test"] = Field(
         default="auto",
         description="<domain type=...> for new servers; auto: test on test:///, kvm when "
-        "/dev/kvm exists, else qemu (TCG).",
+        "libvirt offers it and KVM is hardware virtualisation (kvm_intel/kvm_amd; a PVM "
+        "/dev/kvm runs no real OS), else qemu (TCG). The choice is logged at start.",
     )
     domain_name_prefix: str = Field(
         default="rebuildd-", description="libvirt domain name = prefix + server uuid."
@@ -208,6 +209,11 @@ class Settings(BaseSettings):
     force_config_drive: bool = Field(
         default=False, description="Give every new server a config drive (Nova's option)."
     )
+    console_log_dir: Path | None = Field(
+        default=None,
+        description="When set, each new server's serial console is appended to "
+        "<dir>/<domain name>.log (QEMU writes it; the directory must exist).",
+    )
     image_cache_interval: float = Field(
         default=2400,
         ge=0,
@@ -327,14 +333,6 @@ class Settings(BaseSettings):
         import socket
 
         return self.host or socket.gethostname()
-
-    @property
-    def effective_domain_type(self) -> str:
-        if self.domain_type != "auto":
-            return self.domain_type
-        if self.libvirt_uri.startswith("test:"):
-            return "test"
-        return "kvm" if Path("/dev/kvm").exists() else "qemu"
 
 
 def load() -> Settings:

@@ -5,7 +5,9 @@
 #         a working `python3 -m venv`, and qemu-img.
 #   test: run + a local libvirtd with the QEMU driver (TCG/KVM), virsh, tini, genisoimage,
 #         ssh-keygen (the real-client tests make a key pair), nfs-common (Cinder's NFS driver
-#         wants mount.nfs present; the tests' share is a bind mount, never NFS).
+#         wants mount.nfs present; the tests' share is a bind mount, never NFS), and the tools
+#         scripts/tinyguest.sh builds the tiny test guest's boot disk with (syslinux, mtools,
+#         dosfstools, fdisk).
 # Idempotent: when everything is present this is a fast no-op (no apt-get update).
 set -euo pipefail
 
@@ -13,7 +15,7 @@ mode="${1:-run}"
 pkgs=(python3-dev gcc pkg-config libvirt-dev qemu-utils e2fsprogs util-linux)
 case "$mode" in
   run) ;;
-  test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage openssh-client nfs-common) ;;
+  test) pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini genisoimage openssh-client nfs-common syslinux syslinux-common mtools dosfstools fdisk) ;;
   *) echo "usage: $0 [run|test]" >&2; exit 2 ;;
 esac
 # python3 may be a non-Debian build (e.g. pyenv) that already has venv/ensurepip.

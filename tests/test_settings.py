@@ -22,13 +22,6 @@ def test_environment_and_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert settings.effective_database_url == f"sqlite+aiosqlite:///{tmp_path}/rebuildd.db"
 
 
-def test_domain_type_auto(tmp_path: Path) -> None:
-    """auto picks the test type on test:/// and kvm/qemu on a real driver."""
-    assert Settings(state_dir=tmp_path).effective_domain_type == "test"
-    real = Settings(state_dir=tmp_path, libvirt_uri="qemu:///system").effective_domain_type
-    assert real in {"kvm", "qemu"}
-
-
 def test_unknown_keys_are_refused(tmp_path: Path) -> None:
     """A misspelt setting is an error, not silently ignored."""
     with pytest.raises(ValueError, match="libvirt_urii"):
