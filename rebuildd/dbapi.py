@@ -237,6 +237,9 @@ def _pg_unavailable() -> tuple[type[BaseException], ...]:
         found.OperatorInterventionError,  # class 57: pg_terminate_backend, shutdown
         found.InsufficientResourcesError,  # class 53: disk full, too many connections
         found.InterfaceError,  # the connection closed or was released under us
+        # The protocol confused by a backend's termination message ("cannot switch to state
+        # 12; another operation is in progress").
+        found.InternalClientError,
     )
 
 

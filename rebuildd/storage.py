@@ -375,7 +375,12 @@ class Store:
                     await conn.begin()
                     result = await conn.run_sync(work)
                 except DBAPIError as exc:
-                    if attempt == 1 and exc.connection_invalidated:
+                    if not exc.connection_invalidated and dbapi.unavailable(exc) is not None:
+                        # A connection left in a state SQLAlchemy does not see as a
+                        # disconnect (asyncpg's protocol after a terminated backend): never
+                        # back into the pool.
+                        await conn.invalidate()
+                    elif attempt == 1 and exc.connection_invalidated:
                         log.warning("database connection lost; retrying the transaction")
                         continue
                     raise
@@ -434,8 +439,12 @@ class Store:
                     if transaction is not None:
                         await transaction.start()
                     result = await work(dbapi.PgTx(raw, self._dialect))
-                except BaseException:
-                    if _lost(raw):
+                except BaseException as exc:
+                    if _lost(raw) or dbapi.unavailable(exc) is not None:
+                        # Never back into the pool in whatever state it is in: the pool
+                        # opens a fresh connection for the next use.
+                        with contextlib.suppress(Exception):
+                            raw.terminate()
                         if not retried and mode != _SINGLE:
                             retried = True
                             log.warning("database connection lost; retrying the transaction")
