@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -287,3 +288,67 @@ def _storm(live: LiveDaemon, servers: list[str], *, seconds: float) -> set[int]:
                 codes.add(response.status_code)
             time.sleep(0.05)
     return codes
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str = "64m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (as root), unmounted after the block."""
+    where.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(filler: Path) -> None:
+    """Write zeros into ``filler`` until the file system is full."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_state_dir_fails_the_rebuild_and_it_ends(tmp_path: Path) -> None:
+    """The state dir's file system fills up in the middle of a rebuild: the rebuild fails
+    (its disk cannot be made) and rolls back, every request meanwhile is answered (no 500),
+    and once space is freed the job has ended with its action and events finished."""
+    hold = Hold("create_local_disks")
+    with small_tmpfs(tmp_path / "state") as state:
+        live = start_live_daemon(state, observer=hold)
+        try:
+            server_id, other = live.create_server("full"), live.create_server("other")
+            assert _rebuild(live, server_id) == 202
+            assert hold.reached.wait(30)
+            filler = state / "filler"
+            _fill(filler)
+            hold.release.set()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                _rebuild(live, other)
+                for each in (server_id, other):
+                    _answered(live.client.get(f"/v2.1/servers/{each}"))
+                time.sleep(0.1)
+            filler.unlink()
+            settled(live)
+            assert live.server(server_id)["image"]["id"] == live.image_ids[0]
+            actions = live.client.get(f"/v2.1/servers/{server_id}/os-instance-actions").json()
+            request_id = actions["instanceActions"][0]["request_id"]
+            action = live.client.get(
+                f"/v2.1/servers/{server_id}/os-instance-actions/{request_id}",
+                headers={"OpenStack-API-Version": "compute 2.51"},
+            ).json()["instanceAction"]
+            assert "Error" in [e["result"] for e in action["events"]]
+        finally:
+            live.stop()
