@@ -196,6 +196,48 @@ class TestSqliteLocked:
             live.stop()
 
 
+@pytest.mark.parametrize(
+    ("job", "step"),
+    [
+        ("create", "define_domain"),
+        ("stop", "power_off"),
+        ("start", "start_domain"),
+        ("delete", "remove_disks"),
+    ],
+)
+def test_a_lock_during_a_lifecycle_job_is_waited_out(tmp_path: Path, job: str, step: str) -> None:
+    """Another process locks the database while a create, stop, start or delete runs: reads
+    still answer, the job waits for the lock and ends once it goes, without a restart."""
+    hold = Hold(step, job=job)
+    live = start_live_daemon(tmp_path, observer=hold)
+    try:
+        server_id = ""
+        if job != "create":
+            server_id = live.create_server()
+        if job == "start":
+            live.client.post(f"/v2.1/servers/{server_id}/action", json={"os-stop": None})
+            live.wait_for(server_id, "SHUTOFF")
+        if job == "create":
+            body = {"server": {"name": "new", "imageRef": live.image_ids[0], "flavorRef": "1"}}
+            response = live.client.post("/v2.1/servers", json=body)
+        elif job == "delete":
+            response = live.client.delete(f"/v2.1/servers/{server_id}")
+        else:
+            request = {"os-stop": None} if job == "stop" else {"os-start": None}
+            response = live.client.post(f"/v2.1/servers/{server_id}/action", json=request)
+        assert response.status_code in (202, 204), response.text
+        server_id = server_id or response.json()["server"]["id"]
+        assert hold.reached.wait(30)
+        with sqlite_locked(tmp_path / "rebuildd.db"):
+            hold.release.set()
+            time.sleep(live.daemon.store.busy_wait + 1)
+            # Reads answer while the job waits (the lock holds until they have).
+            assert live.client.get(f"/v2.1/servers/{server_id}").status_code == 200
+        settled(live)
+    finally:
+        live.stop()
+
+
 def test_delete_takes_a_server_no_job_holds(tmp_path: Path) -> None:
     """A server left in a task_state by a job that no longer runs is deleted, and the
     abandoned action ends as failed."""
@@ -228,6 +270,39 @@ def test_delete_takes_a_server_no_job_holds(tmp_path: Path) -> None:
         live.stop()
 
 
+@contextlib.contextmanager
+def backends_terminated(postgres_url: str) -> Iterator[list[int]]:
+    """Every backend of the database terminated every 0.3 s until the block ends; yields the
+    list of how many each round terminated."""
+    name = postgres_url.rsplit("/", 1)[1]
+    stop = threading.Event()
+    killed: list[int] = []
+
+    async def terminate() -> None:
+        admin = create_async_engine(
+            postgres_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT"
+        )
+        kill = sqlalchemy.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = :name AND pid <> pg_backend_pid()"
+        )
+        try:
+            async with admin.connect() as conn:
+                while not stop.is_set():
+                    killed.append(int((await conn.execute(kill, {"name": name})).scalar_one()))
+                    await asyncio.sleep(0.3)
+        finally:
+            await admin.dispose()
+
+    killer = threading.Thread(target=lambda: asyncio.run(terminate()))
+    killer.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        killer.join(timeout=30)
+
+
 class TestPostgresBackendsTerminated:
     def test_rebuilds_under_terminated_backends_all_end(
         self, tmp_path: Path, postgres_url: str
@@ -236,40 +311,48 @@ class TestPostgresBackendsTerminated:
         rebuild: every request is answered (202, 409 or 503, never a 500 or a reset), and
         once it stops every job ends with its action and events finished."""
         live = start_live_daemon(tmp_path, database_url=postgres_url)
-        name = postgres_url.rsplit("/", 1)[1]
-        stop = threading.Event()
-        killed: list[int] = []
-
-        async def terminate() -> None:
-            admin = create_async_engine(
-                postgres_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT"
-            )
-            kill = sqlalchemy.text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"
-            )
-            try:
-                async with admin.connect() as conn:
-                    while not stop.is_set():
-                        killed.append(int((await conn.execute(kill, {"name": name})).scalar_one()))
-                        await asyncio.sleep(0.3)
-            finally:
-                await admin.dispose()
-
         try:
             servers = [live.create_server(f"vm{i}") for i in range(4)]
-            killer = threading.Thread(target=lambda: asyncio.run(terminate()))
-            killer.start()
-            try:
+            with backends_terminated(postgres_url) as killed:
                 codes = _storm(live, servers, seconds=8)
-            finally:
-                stop.set()
-                killer.join(timeout=30)
             assert sum(killed) > 0
             assert 202 in codes
             settled(live)
             for server_id in servers:
                 assert live.server(server_id)["status"] == "ACTIVE"
+        finally:
+            live.stop()
+
+    def test_create_stop_start_delete_under_terminated_backends_all_end(
+        self, tmp_path: Path, postgres_url: str
+    ) -> None:
+        """Servers are created, stopped, started and deleted while every backend is
+        terminated again and again: every request is answered (never a 500 or a reset), and
+        once it stops no server is left in a task_state and every action has ended."""
+        live = start_live_daemon(tmp_path, database_url=postgres_url)
+        body = {"server": {"name": "x", "imageRef": live.image_ids[0], "flavorRef": "1"}}
+        made: list[str] = []
+        try:
+            with (
+                backends_terminated(postgres_url) as killed,
+                httpx.Client(base_url=live.url, timeout=60) as client,
+            ):
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline:
+                    response = client.post("/v2.1/servers", json=body)
+                    _answered(response)
+                    if response.status_code == 202:
+                        made.append(response.json()["server"]["id"])
+                    for server_id in made:
+                        for request in ({"os-stop": None}, {"os-start": None}):
+                            _answered(
+                                client.post(f"/v2.1/servers/{server_id}/action", json=request)
+                            )
+                    if len(made) > 2:
+                        _answered(client.delete(f"/v2.1/servers/{made.pop(0)}"))
+                    time.sleep(0.05)
+            assert sum(killed) > 0 and made
+            settled(live)
         finally:
             live.stop()
 
