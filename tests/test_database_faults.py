@@ -260,7 +260,11 @@ def test_delete_takes_a_server_no_job_holds(tmp_path: Path) -> None:
 
         live.run(wedge())
         assert live.server(server_id)["status"] == "REBUILD"
-        response = live.client.delete(f"/v2.1/servers/{server_id}")
+        # 409 for a moment (an api stage may be about to submit its job), then taken.
+        deadline = time.monotonic() + SETTLE_LIMIT
+        while (response := live.client.delete(f"/v2.1/servers/{server_id}")).status_code == 409:
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.2)
         assert response.status_code == 204, response.text
         settled(live)
         assert live.client.get(f"/v2.1/servers/{server_id}").status_code == 404
