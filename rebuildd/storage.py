@@ -349,19 +349,28 @@ class Store:
         sleep on the loop, with backoff, for up to ``busy_wait``; so the loop itself never waits
         longer than the busy handler's few milliseconds. What it cannot do raises
         DatabaseUnavailable."""
-        delay, waited = _BUSY_RETRY_FIRST, 0.0
+        try:
+            return transaction()
+        except Exception as exc:
+            return await self._sqlite_retry(exc, transaction)
+
+    async def _sqlite_retry(self, first: Exception, transaction: Callable[[], T]) -> T:
+        """:meth:`_on_sqlite` after its first attempt failed with ``first`` (apart, so that
+        the hot statements' first attempt costs no coroutine of its own)."""
+        delay, waited, exc = _BUSY_RETRY_FIRST, 0.0, first
         while True:
-            try:
-                return transaction()
-            except Exception as exc:
-                unavailable = dbapi.unavailable(exc)
-                if unavailable is None:
-                    raise
-                if not dbapi.busy(exc) or waited >= self.busy_wait:
-                    raise unavailable from exc
+            unavailable = dbapi.unavailable(exc)
+            if unavailable is None:
+                raise exc
+            if not dbapi.busy(exc) or waited >= self.busy_wait:
+                raise unavailable from exc
             await asyncio.sleep(delay)
             waited += delay + _LOOP_BUSY_SECONDS
             delay = min(delay * 2, _BUSY_RETRY_MAX)
+            try:
+                return transaction()
+            except Exception as again:
+                exc = again
 
     async def _async_transaction(self, work: Callable[[Connection], T], write: bool) -> T:
         """One transaction through asyncpg. A pooled connection the server dropped (after a
@@ -394,7 +403,10 @@ class Store:
         with self._reads.time():
             if self._raw is not None:
                 tx = dbapi.SqliteTx(self._raw, self._dialect)
-                return await self._on_sqlite(lambda: dbapi.run_now(work(tx)))
+                try:
+                    return dbapi.run_now(work(tx))
+                except Exception as exc:
+                    return await self._sqlite_retry(exc, lambda: dbapi.run_now(work(tx)))
             return await _translated(self._pg(work, _READ))
 
     async def _fast_write(self, work: _Work[T], *, single: bool = False) -> T:
@@ -408,7 +420,10 @@ class Store:
                 return await _translated(self._pg(work, mode))
             tx = dbapi.SqliteTx(conn, self._dialect)
             if single:
-                return await self._on_sqlite(lambda: dbapi.run_now(work(tx)))
+                try:
+                    return dbapi.run_now(work(tx))
+                except Exception as exc:
+                    return await self._sqlite_retry(exc, lambda: dbapi.run_now(work(tx)))
 
             def transaction() -> T:
                 # IMMEDIATE: a lock held elsewhere refuses the BEGIN, before anything is done.
@@ -421,7 +436,10 @@ class Store:
                     raise
                 return result
 
-            return await self._on_sqlite(transaction)
+            try:
+                return transaction()
+            except Exception as exc:
+                return await self._sqlite_retry(exc, transaction)
 
     async def _pg(self, work: _Work[T], mode: str) -> T:
         """``work`` on a connection of the hot path's own asyncpg pool (checking a connection
