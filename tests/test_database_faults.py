@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from rebuildd import errors
 from rebuildd.storage import ServerFilters, Store
 from tests.live import LiveDaemon, start_live_daemon
+from tests.test_rollback import FaultyHypervisor
 
 SETTLE_LIMIT = 60.0  # an upper bound for the jobs to end after a fault clears
 _LOCKER = """
@@ -444,3 +446,27 @@ def test_a_full_state_dir_fails_the_rebuild_and_it_ends(tmp_path: Path) -> None:
             assert "Error" in [e["result"] for e in action["events"]]
         finally:
             live.stop()
+
+
+def test_a_failure_outcome_that_fails_still_ends_the_job(tmp_path: Path) -> None:
+    """A stop fails, and so does reading the power state for its failed outcome: the job
+    still ends, with its fault recorded and no task_state."""
+    holder: dict[str, FaultyHypervisor] = {}
+
+    def port(real: Any) -> FaultyHypervisor:
+        holder["hv"] = FaultyHypervisor(real)
+        return holder["hv"]
+
+    live = start_live_daemon(tmp_path, hypervisor_port=port)
+    try:
+        server_id = live.create_server()
+        holder["hv"].arm(power_off=1, power_state=1)
+        response = live.client.post(f"/v2.1/servers/{server_id}/action", json={"os-stop": None})
+        assert response.status_code == 202, response.text
+        settled(live)
+        actions = live.run(live.daemon.store.list_actions(server_id))
+        stop = live.run(live.daemon.store.get_action(server_id, actions[0].request_id))
+        assert (stop.action, stop.job_state) == ("stop", "rolled_back")
+        assert [e.result for e in stop.events] == ["Error"]
+    finally:
+        live.stop()
