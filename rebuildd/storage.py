@@ -280,10 +280,14 @@ class Store:
     SQLite it runs right on the event loop: a WAL commit with ``synchronous=NORMAL`` does not
     wait for the disk, a reader never waits for a lock, and the only writer is this process,
     so a transaction takes tens of microseconds — less than handing it to a thread cost
-    (bench/, see the README). On PostgreSQL it goes through asyncpg, with
-    :meth:`AsyncConnection.run_sync` or directly; a single-statement write there commits by
-    itself, without BEGIN and COMMIT round trips. A started transaction always runs to its
-    end: a caller cancelled meanwhile sees the cancellation only after the commit or rollback.
+    (bench/, see the README). Another process holding the file's lock never freezes the
+    loop: SQLite's busy handler waits a few milliseconds, then the transaction is retried
+    by sleeping on the loop (:meth:`_on_sqlite`), and fails as DatabaseUnavailable (503
+    with Retry-After) after ``busy_wait``; WAL readers are not held by the lock at all. On
+    PostgreSQL it goes through asyncpg, with :meth:`AsyncConnection.run_sync` or directly; a
+    single-statement write there commits by itself, without BEGIN and COMMIT round trips. A
+    started transaction always runs to its end: a caller cancelled meanwhile sees the
+    cancellation only after the commit or rollback.
     """
 
     def __init__(
