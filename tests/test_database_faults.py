@@ -470,3 +470,30 @@ def test_a_failure_outcome_that_fails_still_ends_the_job(tmp_path: Path) -> None
         assert [e.result for e in stop.events] == ["Error"]
     finally:
         live.stop()
+
+
+def test_start_and_delete_of_a_server_whose_domain_vanished(tmp_path: Path) -> None:
+    """A stopped server whose domain was undefined behind the daemon's back: its start
+    fails and ends (never stuck powering-on), and its delete succeeds, disks and all, as
+    Nova's delete of an instance whose domain is gone does."""
+    libvirt = pytest.importorskip("libvirt")
+    live = start_live_daemon(tmp_path)
+    try:
+        server_id = live.create_server()
+        live.client.post(f"/v2.1/servers/{server_id}/action", json={"os-stop": None})
+        live.wait_for(server_id, "SHUTOFF")
+        conn = libvirt.open("test:///default")
+        try:
+            conn.lookupByUUIDString(server_id).undefine()
+        finally:
+            conn.close()
+        response = live.client.post(f"/v2.1/servers/{server_id}/action", json={"os-start": None})
+        assert response.status_code == 202, response.text
+        settled(live)
+        response = live.client.delete(f"/v2.1/servers/{server_id}")
+        assert response.status_code == 204, response.text
+        settled(live)
+        assert live.client.get(f"/v2.1/servers/{server_id}").status_code == 404
+        assert not (tmp_path / "instances" / server_id).exists()
+    finally:
+        live.stop()
