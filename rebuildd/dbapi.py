@@ -9,19 +9,25 @@ execution context, cache-key generation, result objects), which cost several tim
 database's own work for these small statements (bench/, see the README). It knows no table:
 storage.py builds the statements and owns every transaction. It must not be used for a
 statement whose parameters expand at execution time (``IN`` over a bound list).
+
+Also owns what a database error means (:func:`unavailable`, :func:`busy`): the one place the
+drivers' exceptions are read, whether they come raw or wrapped by SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import sqlite3
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import ClauseElement
 from sqlalchemy.types import TypeEngine
+
+from rebuildd import errors
 
 T = TypeVar("T")
 _NO_DEFAULT = object()
@@ -182,10 +188,89 @@ def run_now(coroutine: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a SQLite transaction's work suspended")
 
 
-def sqlite_connect(path: str, pragmas: Sequence[str]) -> sqlite3.Connection:
+def sqlite_connect(path: str, pragmas: Sequence[str], timeout: float) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit BEGIN/COMMIT), used only on
     the event loop's thread."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     for pragma in pragmas:
         conn.execute(f"PRAGMA {pragma}")
     return conn
+
+
+# -- what a database error means ------------------------------------------------------------
+
+# SQLite's primary result codes that say the database cannot be written now, not that the
+# statement is wrong: another process holds the lock; the disk is full, failing or read-only.
+_SQLITE_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_SQLITE_UNAVAILABLE = _SQLITE_BUSY | {
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_PROTOCOL,
+}
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, the driver's exception SQLAlchemy wrapped (``orig``), and their causes."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        each = todo.pop()
+        if each is None or id(each) in seen or len(seen) > 8:
+            continue
+        seen.add(id(each))
+        yield each
+        todo += [getattr(each, "orig", None), each.__cause__, each.__context__]
+
+
+@functools.cache
+def _pg_unavailable() -> tuple[type[BaseException], ...]:
+    """asyncpg's errors that say PostgreSQL is unreachable, went away or is out of room."""
+    try:
+        import asyncpg  # type: ignore[import-untyped]
+    except ImportError:  # pragma: no cover - asyncpg is a dependency
+        return ()
+    found = asyncpg.exceptions
+    return (
+        found.PostgresConnectionError,  # class 08, ConnectionDoesNotExistError among them
+        found.OperatorInterventionError,  # class 57: pg_terminate_backend, shutdown
+        found.InsufficientResourcesError,  # class 53: disk full, too many connections
+        found.InterfaceError,  # the connection closed or was released under us
+        # The protocol confused by a backend's termination message ("cannot switch to state
+        # 12; another operation is in progress").
+        found.InternalClientError,
+    )
+
+
+def _sqlite_code(exc: BaseException) -> int | None:
+    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return None if code is None else int(code) & 0xFF
+    return None
+
+
+def busy(exc: BaseException) -> bool:
+    """True when SQLite refused because another connection holds its lock (worth a retry
+    in a moment; nothing of the transaction was written)."""
+    return any(_sqlite_code(each) in _SQLITE_BUSY for each in _causes(exc))
+
+
+def unavailable(exc: BaseException) -> errors.DatabaseUnavailable | None:
+    """The DatabaseUnavailable a driver's (or SQLAlchemy's) exception means, or None when it
+    means something else (a constraint, a bug). The reason names the kind of fault, never a
+    statement or a value."""
+    if isinstance(exc, errors.RebuilddError):
+        return None
+    kinds = _pg_unavailable()
+    for each in _causes(exc):
+        code = _sqlite_code(each)
+        if code in _SQLITE_BUSY:
+            return errors.DatabaseUnavailable(reason="the database is locked by another process")
+        if code in _SQLITE_UNAVAILABLE:
+            return errors.DatabaseUnavailable(reason=f"SQLite: {each}")
+        if getattr(each, "connection_invalidated", False) or isinstance(
+            each, (*kinds, OSError, TimeoutError)
+        ):
+            return errors.DatabaseUnavailable(reason="the database connection failed")
+    return None

@@ -25,7 +25,8 @@ on Nova's messages keeps working.
     ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
     │   ├── IdentityUnavailable                          answer the request is down)
     │   ├── ImageServiceUnavailable
-    │   └── VolumeServiceUnavailable
+    │   ├── VolumeServiceUnavailable
+    │   └── DatabaseUnavailable    (with Retry-After)
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
         ├── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
         ├── VolumeNotCreated, VolumeNotDeleted
@@ -294,6 +295,15 @@ class VolumeServiceUnavailable(ServiceUnavailable):
     that fails after it."""
 
     template = "The volume service (Cinder at {url}) failed: {reason}"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """rebuildd's own database did not answer: SQLite locked by another process, its disk
+    full or failing; PostgreSQL unreachable or the connection dropped. Nothing of the request
+    was written (or, for a job's bookkeeping, it is written again once the database answers)."""
+
+    template = "The database is unavailable ({reason}); try again later."
+    retry_after: ClassVar[int] = 2  # seconds, the Retry-After of the 503
 
 
 class OperationFailed(RebuilddError):

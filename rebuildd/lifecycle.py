@@ -9,11 +9,12 @@ rebuild and a stop/start/delete of one server can never interleave: each needs
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import secrets
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from rebuildd import boot_volumes, configdrive, domxml, errors, guestdisks, imageprops
 from rebuildd.models import (
@@ -38,6 +39,9 @@ from rebuildd.pipeline import (
 from rebuildd.rebuild_checks import check_image_fits
 from rebuildd.runner import Job, Outcome, Stage, Step
 from rebuildd.states import PowerState, TaskState, VmState
+
+# How long a server stays in a task_state no job holds before a delete may take it.
+STUCK_AFTER: Final = dt.timedelta(seconds=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,8 +370,16 @@ async def request_power_action(
 
 
 async def request_delete(deps: Deps, request: RequestContext, server_id: str) -> Server:
+    """Delete from any vm_state, as Nova does. A server left in a task_state that no job of
+    this process holds (its job ended without clearing it), unchanged for ``STUCK_AFTER``,
+    is stuck: its delete takes the
+    server from that task_state (Nova's delete of a BUILD or ERROR server likewise goes
+    ahead whatever the task), and the abandoned action and its events end as failed. A server
+    a job holds answers 409 until that job ends."""
     vm_states = (VmState.ACTIVE, VmState.STOPPED, VmState.ERROR, VmState.BUILDING)
-    server = await _begin(deps, request, server_id, "delete", vm_states, TaskState.DELETING)
+    server = await _begin(
+        deps, request, server_id, "delete", vm_states, TaskState.DELETING, force_stuck=True
+    )
     deps.runner.submit(_delete_job(ServerContext(deps=deps, request=request, server=server)))
     return server
 
@@ -379,6 +391,8 @@ async def _begin(
     action: str,
     vm_states: tuple[str, ...],
     task_state: str,
+    *,
+    force_stuck: bool = False,
 ) -> Server:
     deps.runner.check_accepting()
     project = None if request.is_admin else request.project_id
@@ -386,16 +400,31 @@ async def _begin(
     deps.policy.authorize(f"os_compute_api:servers:{action}", request, server.project_id)
     if server.locked and not request.is_admin:
         raise errors.InstanceIsLocked(server_id=server.id)
-    return await deps.store.transition(
+    expected: tuple[str | None, ...] = (None,)
+    stuck = (
+        force_stuck
+        and server.task_state is not None
+        and not deps.runner.owns(server.id)
+        # An api stage commits the task_state a moment before its job is submitted.
+        and utcnow() - server.updated_at > STUCK_AFTER
+    )
+    if stuck:
+        expected = (server.task_state,)
+    begun = await deps.store.transition(
         server.id,
         action=action,
-        expected_task_state=(None,),
+        expected_task_state=expected,
         expected_vm_state=vm_states,
         task_state=task_state,
         new_action=NewAction(
             action, request.request_id, request.user_id, request.project_id, params={}
         ),
     )
+    if stuck:
+        await deps.store.abandon_actions(
+            server.id, keep=request.request_id, reason=f"Superseded by {action}"
+        )
+    return begun
 
 
 def _single_stage_job(

@@ -9,15 +9,24 @@ so no server is left in a task state — REBUILD included — after a restart.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
 import structlog
 
-from rebuildd import lifecycle, volume_jobs
+from rebuildd import errors, lifecycle, volume_jobs
 from rebuildd.models import InstanceAction, Server
 from rebuildd.pipeline import Deps, rebuild_job_from_action, upgrade_journal
 from rebuildd.runner import Job, Journal
 from rebuildd.volumestore import VolumeStore
 
 log = structlog.get_logger("rebuildd.recovery")
+T = TypeVar("T")
+# Backoff of recovery waiting for the database: first wait, longest wait (seconds).
+RETRY_FIRST: Final = 0.1
+RETRY_MAX: Final = 5.0
 
 
 async def recover(
@@ -25,11 +34,13 @@ async def recover(
 ) -> int:
     """Resume every in-flight job, oldest first; return how many were found. ``volumes``: the
     volume store attach and detach jobs need (without it they are left to a later start)."""
-    actions = await deps.store.in_flight_actions()
+    actions = await _waiting(deps.store.in_flight_actions)
     for action in actions:
         try:
-            server = await deps.store.get_server(action.server_id, include_deleted=True)
-            job = await _job(deps, domain, action, server, volumes)
+            server = await _waiting(
+                functools.partial(deps.store.get_server, action.server_id, include_deleted=True)
+            )
+            job = await _waiting(functools.partial(_job, deps, domain, action, server, volumes))
             journal = action.journal
             if action.action == "rebuild":
                 journal = upgrade_journal(journal)
@@ -46,6 +57,21 @@ async def recover(
     if actions:
         log.info("recovery finished", actions=len(actions))
     return len(actions)
+
+
+async def _waiting(read: Callable[[], Awaitable[T]]) -> T:
+    """``read`` once the database answers: a database that is down at start-up (PostgreSQL
+    not yet up, SQLite locked) delays recovery instead of leaving a job for the next one."""
+    delay, waiting = RETRY_FIRST, False
+    while True:
+        try:
+            return await read()
+        except errors.DatabaseUnavailable as exc:
+            if not waiting:
+                waiting = True
+                log.warning("recovery_waits_for_database", reason=exc.message)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)
 
 
 async def _job(

@@ -5,6 +5,10 @@ notifications, task_state transitions between steps, the journal saved at every 
 undo on failure (newest first, shielded from cancellation), the final state with its fault,
 resuming jobs a killed daemon left behind, and bounded concurrency.
 
+Every job ends: its bookkeeping (journal, task_state, events, the final state) waits for a
+database that does not answer (DatabaseUnavailable), retrying with backoff, instead of
+dropping the write; a failure of the failure path is logged once and retried too.
+
 The journal is a saga log: which steps started, which finished, and the *facts* their undos
 need. A step's undo may rely only on facts saved before the step began — so a step that must
 remember something before a side effect (a path it is about to create, the disk it is about to
@@ -15,6 +19,8 @@ after a crash, a started step is either re-run (rolling forward) or undone (roll
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -30,9 +36,13 @@ from rebuildd.models import Fault, NewAction, Notification, RequestContext, Serv
 # Backoff of an undo waiting for an upstream service: first wait, longest wait (seconds).
 UNDO_RETRY_FIRST: Final = 0.5
 UNDO_RETRY_MAX: Final = 10.0
+# Backoff of bookkeeping waiting for the database to answer again: first wait, longest wait.
+DB_RETRY_FIRST: Final = 0.05
+DB_RETRY_MAX: Final = 2.0
 
 log = structlog.get_logger("rebuildd.runner")
 C = TypeVar("C")
+T = TypeVar("T")
 StepFn = Callable[[C], Awaitable[None]]
 
 RUNNING, CLEANING, DONE, ROLLED_BACK, FAILED = (
@@ -172,6 +182,22 @@ class Runner:
         self.accepting = True
         self.active = 0  # jobs holding a slot now
         self.peak = 0  # most jobs that ever held a slot at once
+        self._owned: collections.Counter[str] = collections.Counter()  # server id -> jobs
+
+    def owns(self, server_id: str) -> bool:
+        """Whether a job of this process (queued, running or resumed) holds the server: a
+        server in a task_state no job holds is stuck, and may be deleted by force."""
+        return self._owned[server_id] > 0
+
+    def _hold(self, server_id: str) -> Callable[..., None]:
+        self._owned[server_id] += 1
+
+        def release(*_: object) -> None:
+            self._owned[server_id] -= 1
+            if self._owned[server_id] <= 0:
+                del self._owned[server_id]
+
+        return release
 
     def check_accepting(self) -> None:
         """The api stage calls this before committing anything."""
@@ -182,6 +208,7 @@ class Runner:
         task = asyncio.create_task(self._guarded(job), name=f"{job.action}:{job.server_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._hold(job.server_id))
 
     @property
     def running(self) -> int:
@@ -216,7 +243,29 @@ class Runner:
                 self.metrics.jobs_running.dec()
 
     async def _save(self, job: Job[C], journal: Journal, facts: Mapping[str, Any]) -> None:
-        await self.store.save_journal(job.request.request_id, journal.dump(facts))
+        saved = journal.dump(facts)
+        await self._persist(
+            job, "save_journal", lambda: self.store.save_journal(job.request.request_id, saved)
+        )
+
+    async def _persist(self, job: Job[C], what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` (one bookkeeping transaction) until the database answers: while it raises
+        DatabaseUnavailable the job waits, retrying with backoff; logged once when it starts
+        waiting and once when the database answers again."""
+        delay, waiting = DB_RETRY_FIRST, False
+        while True:
+            try:
+                result = await call()
+            except errors.DatabaseUnavailable as exc:
+                if not waiting:
+                    waiting = True
+                    _bound(job).warning("job_waits_for_database", write=what, reason=exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DB_RETRY_MAX)
+                continue
+            if waiting:
+                _bound(job).info("job_database_answers", write=what)
+            return result
 
     async def _execute(self, job: Job[C], journal: Journal, task_state: str | None = None) -> None:
         bound = log.bind(
@@ -234,8 +283,15 @@ class Runner:
                 last = index == len(job.stages) - 1
                 pending = [s for s in stage.steps if s.name not in journal.done]
                 if not pending and not last and stage.steps:
-                    await self.store.finish_event(
-                        job.request.request_id, stage.event, result="Success"
+                    await self._persist(
+                        job,
+                        "finish_event",
+                        functools.partial(
+                            self.store.finish_event,
+                            job.request.request_id,
+                            stage.event,
+                            result="Success",
+                        ),
                     )
                     continue
                 fresh = not any(s.name in journal.started for s in stage.steps)
@@ -243,12 +299,17 @@ class Runner:
                 if stage.notify_start and fresh:
                     starting = await self._notification(job, stage.notify_start, read)
                 sent = [n for n in (ended[1] if ended else None, starting) if n is not None]
-                await self.store.start_event(
-                    job.request.request_id,
-                    stage.event,
-                    self.host,
-                    notifications=sent,
-                    after=ended[0] if ended else None,
+                await self._persist(
+                    job,
+                    "start_event",
+                    functools.partial(
+                        self.store.start_event,
+                        job.request.request_id,
+                        stage.event,
+                        self.host,
+                        notifications=sent,
+                        after=ended[0] if ended else None,
+                    ),
                 )
                 ended, read = None, None
                 for notification in sent:
@@ -262,7 +323,7 @@ class Runner:
                 if not last:
                     ending = None
                     if stage.notify_end:
-                        read = await self.store.get_server(job.server_id, include_deleted=True)
+                        read = await self._read_server(job)
                         ending = self._build(job, stage.notify_end, read)
                     ended = (stage.event, ending)
                     continue
@@ -273,7 +334,7 @@ class Runner:
                 bound.exception("job bookkeeping after success failed")
                 raise
             if ended is not None:  # a stage that succeeded stays a success
-                await asyncio.shield(self._finish_ended(job, ended, bound))
+                await asyncio.shield(self._finish_ended(job, ended))
             await asyncio.shield(self._fail(job, stage, journal, task_state, exc, bound))
             if not isinstance(exc, Exception):
                 raise
@@ -293,9 +354,8 @@ class Runner:
             built[:] = [self._build(job, stage.notify_end, server)]  # once, if PG retries
             return built[0]
 
-        await self.store.transition(
-            job.server_id,
-            action=job.action,
+        await self._swap(
+            job,
             expected_task_state=(task_state,),
             task_state=None,
             changes=outcome.changes,
@@ -307,15 +367,18 @@ class Runner:
         for notification in built:
             notifications.sent(notification)
 
-    async def _finish_ended(
-        self, job: Job[C], ended: tuple[str, Notification | None], bound: Any
-    ) -> None:
+    async def _finish_ended(self, job: Job[C], ended: tuple[str, Notification | None]) -> None:
         try:
-            await self.store.finish_event(
-                job.request.request_id, ended[0], result="Success", notification=ended[1]
+            await self._persist(
+                job,
+                "finish_event",
+                lambda: self.store.finish_event(
+                    job.request.request_id, ended[0], result="Success", notification=ended[1]
+                ),
             )
         except Exception:
-            bound.exception("recording a finished stage failed", event=ended[0])
+            # ``event`` is structlog's own key (the message): the stage goes as ``stage``.
+            _bound(job).exception("recording_finished_stage_failed", stage=ended[0])
             return
         notifications.sent(ended[1])
 
@@ -379,7 +442,9 @@ class Runner:
                 bound.exception("cleanup step failed", step=step.name)
             await self.observer.after_step(job.action, step.name, job.server_id)
         if job.cleanup:
-            await self.store.set_job_state(job.request.request_id, DONE)
+            await self._persist(
+                job, "set_job_state", lambda: self.store.set_job_state(job.request.request_id, DONE)
+            )
 
     async def _fail(
         self,
@@ -391,22 +456,66 @@ class Runner:
         bound: Any,
     ) -> None:
         message = _fault_message(exc)
-        details = "".join(traceback.format_exception(exc))
         bound.error("job failed", stage=stage.event, reason=message)
         rolled_back = await self._undo(job, journal, bound)
-        outcome = await job.fail(job.context, rolled_back)
-        fault = Fault(code=500, message=message, details=details, created_at=utcnow())
-        server = await self._transition(
-            job,
-            task_state,
-            None,
-            outcome,
-            fault=fault,
-            job_state=ROLLED_BACK if rolled_back else FAILED,
-        )
         self.metrics.jobs.labels(
             action=job.action, result=ROLLED_BACK if rolled_back else FAILED
         ).inc()
+        # The failure's own bookkeeping must end too: what fails in it (a bug; the database's
+        # failures are waited out inside) is logged once and the whole record tried again.
+        delay, logged = DB_RETRY_FIRST, False
+        while True:
+            try:
+                await self._record_failure(job, stage, task_state, exc, rolled_back, bound)
+                return
+            except Exception:
+                if not logged:
+                    logged = True
+                    bound.exception("recording_job_failure_failed")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, UNDO_RETRY_MAX)
+
+    async def _record_failure(
+        self,
+        job: Job[C],
+        stage: Stage[C],
+        task_state: str,
+        exc: BaseException,
+        rolled_back: bool,
+        bound: Any,
+    ) -> None:
+        """The failed job's final state with its fault, and every open event and the action
+        finished as errors. A task_state some other request changed meanwhile (a delete of a
+        stuck server) is left alone, the events and action still end."""
+        message = _fault_message(exc)
+        details = "".join(traceback.format_exception(exc))
+        try:
+            outcome = await job.fail(job.context, rolled_back)
+        except Exception:
+            # The outcome reads the hypervisor (which may be what failed): record the
+            # failure with no state changes rather than not at all.
+            bound.exception("job_failure_outcome_failed")
+            outcome = Outcome({})
+        fault = Fault(code=500, message=message, details=details, created_at=utcnow())
+        job_state = ROLLED_BACK if rolled_back else FAILED
+        server: Server | None = None
+        try:
+            server = await self._swap(
+                job,
+                expected_task_state=(task_state,),
+                task_state=None,
+                changes=outcome.changes,
+                block_device_changes=outcome.block_device_changes,
+                fault=fault,
+                job=(job.request.request_id, job_state),
+            )
+        except (errors.Conflict, errors.NotFound) as lost:
+            bound.warning("job_final_state_superseded", reason=lost.message)
+            await self._persist(
+                job,
+                "set_job_state",
+                lambda: self.store.set_job_state(job.request.request_id, job_state),
+            )
         error = None
         if stage.notify_error:
             error = await self._notification(
@@ -419,14 +528,19 @@ class Runner:
         # Every event still open fails with it (after a crash that may be a later stage's).
         for each in job.stages:
             final = each is job.stages[-1]
-            await self.store.finish_event(
-                job.request.request_id,
-                each.event,
-                result="Error",
-                traceback=details,
-                details=message,
-                finish_action=final,
-                notification=error if final else None,
+            await self._persist(
+                job,
+                "finish_event",
+                functools.partial(
+                    self.store.finish_event,
+                    job.request.request_id,
+                    each.event,
+                    result="Error",
+                    traceback=details,
+                    details=message,
+                    finish_action=final,
+                    notification=error if final else None,
+                ),
             )
         notifications.sent(error)
 
@@ -478,38 +592,71 @@ class Runner:
             return
         if task_state is None:
             # The final state was written but the job state was not: nothing left to do.
-            await self.store.set_job_state(job.request.request_id, DONE)
+            await self._persist(
+                job, "set_job_state", lambda: self.store.set_job_state(job.request.request_id, DONE)
+            )
             return
-        if job.resume_forward(frozenset(journal.done)):
-            bound.info("rolling forward", done=journal.done)
-            async with self._slots:
-                await self._execute(job, journal, task_state)
-            return
-        bound.info("rolling back", started=journal.started)
-        stage = _stage_of(job, journal)
-        await self._fail(job, stage, journal, task_state, Interrupted(when="stopped"), bound)
+        release = self._hold(job.server_id)
+        try:
+            if job.resume_forward(frozenset(journal.done)):
+                bound.info("rolling forward", done=journal.done)
+                async with self._slots:
+                    await self._execute(job, journal, task_state)
+                return
+            bound.info("rolling back", started=journal.started)
+            stage = _stage_of(job, journal)
+            await self._fail(job, stage, journal, task_state, Interrupted(when="stopped"), bound)
+        finally:
+            release()
 
     # -- helpers ------------------------------------------------------------------------------
 
     async def _transition(
-        self,
-        job: Job[C],
-        expected: str | None,
-        task_state: str | None,
-        outcome: Outcome | None = None,
-        *,
-        fault: Fault | None = None,
-        job_state: str | None = None,
+        self, job: Job[C], expected: str | None, task_state: str | None
     ) -> Server:
-        return await self.store.transition(
-            job.server_id,
-            action=job.action,
-            expected_task_state=(expected,),
-            task_state=task_state,
-            changes=outcome.changes if outcome else None,
-            block_device_changes=outcome.block_device_changes if outcome else None,
-            fault=fault,
-            job=(job.request.request_id, job_state) if job_state else None,
+        return await self._swap(job, expected_task_state=(expected,), task_state=task_state)
+
+    async def _swap(
+        self,
+        owner: Job[C],
+        /,
+        *,
+        expected_task_state: Collection[str | None],
+        task_state: str | None,
+        **kwargs: Any,
+    ) -> Server:
+        """The job's compare-and-swap, waiting for the database (:meth:`_persist`). When an
+        attempt the database failed to answer had in fact taken (a PostgreSQL statement
+        commits by itself), the next one finds the server already in ``task_state``: that is
+        the swap done, not a conflict."""
+        attempts = 0
+
+        async def swap() -> Server:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return await self.store.transition(
+                    owner.server_id,
+                    action=owner.action,
+                    expected_task_state=expected_task_state,
+                    task_state=task_state,
+                    **kwargs,
+                )
+            except (errors.InstanceInvalidState, errors.ServerNotFound):
+                if attempts == 1:
+                    raise
+                server = await self.store.get_server(owner.server_id, include_deleted=True)
+                if server.task_state != task_state:
+                    raise
+                return server
+
+        return await self._persist(owner, "transition", swap)
+
+    async def _read_server(self, job: Job[C]) -> Server:
+        return await self._persist(
+            job,
+            "get_server",
+            lambda: self.store.get_server(job.server_id, include_deleted=True),
         )
 
     async def _notification(
@@ -522,7 +669,7 @@ class Runner:
         extra: Mapping[str, Any] | None = None,
     ) -> Notification:
         if server is None:
-            server = await self.store.get_server(job.server_id, include_deleted=True)
+            server = await self._read_server(job)
         return self._build(job, event_type, server, priority=priority, extra=extra)
 
     def _build(
@@ -537,6 +684,10 @@ class Runner:
         return self.notifier.build(
             event_type, server, context=job.request, priority=priority, extra=extra
         )
+
+
+def _bound(job: Job[Any]) -> Any:
+    return log.bind(action=job.action, server_id=job.server_id, request_id=job.request.request_id)
 
 
 def _stage_of(job: Job[C], journal: Journal) -> Stage[C]:

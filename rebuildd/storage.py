@@ -81,8 +81,15 @@ _SQLITE_PRAGMAS = (
     "journal_mode=WAL",
     "synchronous=NORMAL",
     "foreign_keys=ON",
-    "busy_timeout=30000",
+    "busy_timeout=30000",  # aiosqlite's connections wait in their own thread
 )
+# The connections used on the event loop wait at most this long in SQLite's busy handler
+# (which sleeps in the calling thread); a locked database is retried by sleeping on the loop.
+_LOOP_BUSY_SECONDS = 0.02
+_LOOP_PRAGMAS = (*_SQLITE_PRAGMAS[:-1], f"busy_timeout={int(_LOOP_BUSY_SECONDS * 1000)}")
+# Backoff of a transaction SQLite refused as locked: first wait, longest wait (seconds).
+_BUSY_RETRY_FIRST = 0.01
+_BUSY_RETRY_MAX = 0.25
 T = TypeVar("T")
 _Work = Callable[[dbapi.Tx], Coroutine[Any, Any, T]]
 _READ, _WRITE, _SINGLE = "read", "write", "single"
@@ -277,21 +284,32 @@ class Store:
     SQLite it runs right on the event loop: a WAL commit with ``synchronous=NORMAL`` does not
     wait for the disk, a reader never waits for a lock, and the only writer is this process,
     so a transaction takes tens of microseconds — less than handing it to a thread cost
-    (bench/, see the README). On PostgreSQL it goes through asyncpg, with
-    :meth:`AsyncConnection.run_sync` or directly; a single-statement write there commits by
-    itself, without BEGIN and COMMIT round trips. A started transaction always runs to its
-    end: a caller cancelled meanwhile sees the cancellation only after the commit or rollback.
+    (bench/, see the README). Another process holding the file's lock never freezes the
+    loop: SQLite's busy handler waits a few milliseconds, then the transaction is retried
+    by sleeping on the loop (:meth:`_on_sqlite`), and fails as DatabaseUnavailable (503
+    with Retry-After) after ``busy_wait``; WAL readers are not held by the lock at all. On
+    PostgreSQL it goes through asyncpg, with :meth:`AsyncConnection.run_sync` or directly; a
+    single-statement write there commits by itself, without BEGIN and COMMIT round trips. A
+    started transaction always runs to its end: a caller cancelled meanwhile sees the
+    cancellation only after the commit or rollback.
     """
 
-    def __init__(self, engine: AsyncEngine, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, metrics: Metrics | None = None, busy_wait: float = 3.0
+    ) -> None:
         self.engine = engine
+        # How long a transaction SQLite refuses as locked is retried before it fails as
+        # DatabaseUnavailable (a 503 to a request; a job's bookkeeping retries it again).
+        self.busy_wait = busy_wait
         self._sqlite: Engine | None = None
         self._raw: sqlite3.Connection | None = None
         self._dialect = engine.dialect
         if engine.dialect.name == "sqlite":
             self._sqlite = _sqlite_sync_engine(engine.url)
             self._dialect = self._sqlite.dialect
-            self._raw = dbapi.sqlite_connect(str(engine.url.database), _SQLITE_PRAGMAS)
+            self._raw = dbapi.sqlite_connect(
+                str(engine.url.database), _LOOP_PRAGMAS, _LOOP_BUSY_SECONDS
+            )
         self._pool: Any = None  # PostgreSQL: the hot path's asyncpg pool, opened on first use
         self._pool_opening = asyncio.Lock()
         self._seconds = (metrics or Metrics()).db_seconds
@@ -311,16 +329,56 @@ class Store:
     async def _read(self, work: Callable[[Connection], T]) -> T:
         with self._reads.time():
             if self._sqlite is not None:
-                with self._sqlite.connect() as conn:
-                    return work(conn)
-            return await _uncancelled(asyncio.ensure_future(self._async_transaction(work, False)))
+                engine = self._sqlite
+
+                def read() -> T:
+                    with engine.connect() as conn:
+                        return work(conn)
+
+                return await self._on_sqlite(read)
+            return await _translated(self._async_transaction(work, False))
 
     async def _write(self, work: Callable[[Connection], T]) -> T:
         with self._writes.time():
             if self._sqlite is not None:
-                with self._sqlite.begin() as conn:
-                    return work(conn)
-            return await _uncancelled(asyncio.ensure_future(self._async_transaction(work, True)))
+                engine = self._sqlite
+
+                def write() -> T:
+                    with engine.begin() as conn:
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                        return work(conn)
+
+                return await self._on_sqlite(write)
+            return await _translated(self._async_transaction(work, True))
+
+    async def _on_sqlite(self, transaction: Callable[[], T]) -> T:
+        """One SQLite transaction, right on the event loop. One that SQLite refuses as locked
+        (another process holds the write lock: nothing was written) is tried again after a
+        sleep on the loop, with backoff, for up to ``busy_wait``; so the loop itself never waits
+        longer than the busy handler's few milliseconds. What it cannot do raises
+        DatabaseUnavailable."""
+        try:
+            return transaction()
+        except Exception as exc:
+            return await self._sqlite_retry(exc, transaction)
+
+    async def _sqlite_retry(self, first: Exception, transaction: Callable[[], T]) -> T:
+        """:meth:`_on_sqlite` after its first attempt failed with ``first`` (apart, so that
+        the hot statements' first attempt costs no coroutine of its own)."""
+        delay, waited, exc = _BUSY_RETRY_FIRST, 0.0, first
+        while True:
+            unavailable = dbapi.unavailable(exc)
+            if unavailable is None:
+                raise exc
+            if not dbapi.busy(exc) or waited >= self.busy_wait:
+                raise unavailable from exc
+            await asyncio.sleep(delay)
+            waited += delay + _LOOP_BUSY_SECONDS
+            delay = min(delay * 2, _BUSY_RETRY_MAX)
+            try:
+                return transaction()
+            except Exception as again:
+                exc = again
 
     async def _async_transaction(self, work: Callable[[Connection], T], write: bool) -> T:
         """One transaction through asyncpg. A pooled connection the server dropped (after a
@@ -334,7 +392,12 @@ class Store:
                     await conn.begin()
                     result = await conn.run_sync(work)
                 except DBAPIError as exc:
-                    if attempt == 1 and exc.connection_invalidated:
+                    if not exc.connection_invalidated and dbapi.unavailable(exc) is not None:
+                        # A connection left in a state SQLAlchemy does not see as a
+                        # disconnect (asyncpg's protocol after a terminated backend): never
+                        # back into the pool.
+                        await conn.invalidate()
+                    elif attempt == 1 and exc.connection_invalidated:
                         log.warning("database connection lost; retrying the transaction")
                         continue
                     raise
@@ -347,8 +410,12 @@ class Store:
         """A read of the hot statements on the raw connection (dbapi.py); on SQLite inline."""
         with self._reads.time():
             if self._raw is not None:
-                return dbapi.run_now(work(dbapi.SqliteTx(self._raw, self._dialect)))
-            return await _uncancelled(asyncio.ensure_future(self._pg(work, _READ)))
+                tx = dbapi.SqliteTx(self._raw, self._dialect)
+                try:
+                    return dbapi.run_now(work(tx))
+                except Exception as exc:
+                    return await self._sqlite_retry(exc, lambda: dbapi.run_now(work(tx)))
+            return await _translated(self._pg(work, _READ))
 
     async def _fast_write(self, work: _Work[T], *, single: bool = False) -> T:
         """A write transaction of the hot statements on the raw connection. ``single``: the
@@ -358,17 +425,29 @@ class Store:
             conn = self._raw
             if conn is None:
                 mode = _SINGLE if single else _WRITE
-                return await _uncancelled(asyncio.ensure_future(self._pg(work, mode)))
+                return await _translated(self._pg(work, mode))
+            tx = dbapi.SqliteTx(conn, self._dialect)
             if single:
-                return dbapi.run_now(work(dbapi.SqliteTx(conn, self._dialect)))
-            conn.execute("BEGIN")
+                try:
+                    return dbapi.run_now(work(tx))
+                except Exception as exc:
+                    return await self._sqlite_retry(exc, lambda: dbapi.run_now(work(tx)))
+
+            def transaction() -> T:
+                # IMMEDIATE: a lock held elsewhere refuses the BEGIN, before anything is done.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = dbapi.run_now(work(tx))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+                return result
+
             try:
-                result = dbapi.run_now(work(dbapi.SqliteTx(conn, self._dialect)))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+                return transaction()
+            except Exception as exc:
+                return await self._sqlite_retry(exc, transaction)
 
     async def _pg(self, work: _Work[T], mode: str) -> T:
         """``work`` on a connection of the hot path's own asyncpg pool (checking a connection
@@ -386,14 +465,19 @@ class Store:
                     if transaction is not None:
                         await transaction.start()
                     result = await work(dbapi.PgTx(raw, self._dialect))
-                except BaseException:
-                    if raw.is_closed():
+                except BaseException as exc:
+                    if _lost(raw) or dbapi.unavailable(exc) is not None:
+                        # Never back into the pool in whatever state it is in: the pool
+                        # opens a fresh connection for the next use.
+                        with contextlib.suppress(Exception):
+                            raw.terminate()
                         if not retried and mode != _SINGLE:
                             retried = True
                             log.warning("database connection lost; retrying the transaction")
                             continue
                     elif transaction is not None:
-                        await transaction.rollback()
+                        with contextlib.suppress(Exception):  # the work's error is the one
+                            await transaction.rollback()
                     raise
                 if transaction is not None:
                     await transaction.commit()
@@ -1025,6 +1109,33 @@ class Store:
         rows = await self._read(lambda conn: conn.execute(query).all())
         return [records.action_record(row, ()) for row in rows]
 
+    async def abandon_actions(self, server_id: str, *, keep: str, reason: str) -> int:
+        """End every in-flight action of a server but ``keep`` (a request id) as failed, its
+        open events as errors with ``reason``: the jobs of a server deleted by force, which
+        no process runs any more. Returns how many actions it ended."""
+        now = utcnow()
+        open_jobs = and_(
+            ACTIONS.c.server_id == server_id,
+            ACTIONS.c.request_id != keep,
+            ACTIONS.c.job_state.in_(["running", "cleaning"]),
+        )
+        ids = select(ACTIONS.c.id).where(open_jobs).scalar_subquery()
+
+        def work(conn: Connection) -> int:
+            conn.execute(
+                update(EVENTS.table)
+                .where(EVENTS.c.action_id.in_(ids), EVENTS.c.finish_time.is_(None))
+                .values(finish_time=now, result="Error", details=reason)
+            )
+            ended = conn.execute(
+                update(ACTIONS.table)
+                .where(open_jobs)
+                .values(job_state="failed", updated_at=now, finish_time=now)
+            )
+            return int(ended.rowcount)
+
+        return await self._write(work)
+
     async def find_action_by_key(self, server_id: str, key: str) -> InstanceAction | None:
         query = ACTIONS.select().where(
             ACTIONS.c.server_id == server_id, ACTIONS.c.idempotency_key == key
@@ -1056,19 +1167,33 @@ class Store:
 
 
 def _sqlite_sync_engine(url: URL) -> Engine:
-    """The synchronous pysqlite twin of an aiosqlite URL, with the same pragmas."""
+    """The synchronous pysqlite twin of an aiosqlite URL, with the same pragmas but the short
+    busy timeout (it runs on the event loop). Transactions are explicit (BEGIN IMMEDIATE), as
+    on the raw connection."""
     engine = create_sync_engine(
         url.set(drivername="sqlite"),
-        connect_args={"timeout": 30, "check_same_thread": False},
+        connect_args={
+            "timeout": _LOOP_BUSY_SECONDS,
+            "check_same_thread": False,
+            "isolation_level": None,
+        },
         hide_parameters=True,
     )
-    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "connect", _loop_pragmas)
     return engine
 
 
 def _sqlite_pragmas(conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    _pragmas(conn, _SQLITE_PRAGMAS)
+
+
+def _loop_pragmas(conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    _pragmas(conn, _LOOP_PRAGMAS)
+
+
+def _pragmas(conn: DBAPIConnection, pragmas: Sequence[str]) -> None:
     cursor = conn.cursor()
-    for pragma in _SQLITE_PRAGMAS:
+    for pragma in pragmas:
         cursor.execute(f"PRAGMA {pragma}")
     cursor.execute("PRAGMA database_list")
     files = [row[2] for row in cursor.fetchall() if row[1] == "main" and row[2]]
@@ -1086,6 +1211,35 @@ def _owner_only(database: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_mode & 0o077:
                 path.chmod(0o600)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed transaction; a ROLLBACK that fails too (the disk went away) leaves the
+    connection to SQLite, which rolls back what it cannot commit."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _lost(raw: Any) -> bool:
+    """Whether a pooled asyncpg connection is gone. The pool releases (detaches) the proxy of
+    a connection that closed under it, and a released proxy raises on every call."""
+    try:
+        return bool(raw.is_closed())
+    except Exception:
+        return True
+
+
+async def _translated(transaction: Coroutine[Any, Any, T]) -> T:
+    """A PostgreSQL transaction run to its end (:func:`_uncancelled`); a failure that says the
+    database is unreachable or went away raises DatabaseUnavailable."""
+    try:
+        return await _uncancelled(asyncio.ensure_future(transaction))
+    except Exception as exc:
+        unavailable = dbapi.unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
 
 
 async def _uncancelled(future: asyncio.Future[T]) -> T:
