@@ -75,6 +75,13 @@ def vmdk_with_host_extent(dest: Path, target: Path) -> bytes:
     return bytes(data)
 
 
+def qcow2_overlay(dest: Path, base: Path, base_format: str) -> None:
+    """An empty qcow2 over ``base`` (``-u``: the base is not opened)."""
+    _qemu_img(
+        "create", "-q", "-f", "qcow2", "-u", "-b", str(base), "-F", base_format, str(dest), "1M"
+    )
+
+
 def plain_vmdk(dest: Path) -> bytes:
     _qemu_img("create", "-q", "-f", "vmdk", str(dest), "1M")
     return dest.read_bytes()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from rebuildd import errors, imagecheck
 from rebuildd.disks import DiskManager
@@ -24,6 +25,7 @@ from rebuildd.models import Image, RequestContext, utcnow
 from rebuildd.storage import Store
 from tests import hostile_images as hostile
 from tests.live import POLL_INTERVAL, LiveDaemon, start_live_daemon
+from tests.test_adopt import _sub, run_adopt
 
 Craft = Callable[[Path, Path], bytes]
 CRAFTED: dict[str, Craft] = {
@@ -369,3 +371,57 @@ class TestUploadRace:
         assert hashlib.sha512(stored).hexdigest() == won[0].os_hash_value
         assert stored in payloads
         assert [p.name for p in (tmp_path / "images").iterdir()] == [image.id]
+
+
+def _node(tmp_path: Path, disks: dict[str, tuple[Path, str]]) -> str:
+    """A libvirt test-driver host with one domain per (root file, driver type)."""
+    node = etree.Element("node")
+    for name, (path, fmt) in disks.items():
+        domain = _sub(node, "domain", type="test")
+        _sub(domain, "name", name)
+        _sub(domain, "uuid", str(uuid.uuid4()))
+        _sub(domain, "memory", "131072")
+        _sub(domain, "vcpu", "1")
+        _sub(_sub(domain, "os"), "type", "hvm")
+        disk = _sub(_sub(domain, "devices"), "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type=fmt)
+        _sub(disk, "source", file=str(path))
+        _sub(disk, "target", dev="vda", bus="virtio")
+    xml = tmp_path / "node.xml"
+    xml.write_bytes(etree.tostring(node))
+    return f"test://{xml}"
+
+
+class TestAdopt:
+    def test_a_domain_whose_disk_or_base_points_at_a_host_file_is_not_adopted(
+        self, tmp_path: Path
+    ) -> None:
+        """adopt inspects the root disk as its <driver type> and the base it backs onto before
+        qemu-img reads either: a data file, a base with one, or qcow2 bytes the XML calls raw
+        refuse the domain, naming why; a plain overlay on a raw base is adopted."""
+        target = hostile.marker(tmp_path)
+        data_file, bad_base, good_base = (tmp_path / n for n in ("df.qcow2", "base", "raw.base"))
+        hostile.qcow2_with_data_file(data_file, target)
+        hostile.qcow2_with_data_file(bad_base, target)
+        good_base.write_bytes(b"\0" * (1 << 20))
+        overlays = {}
+        for base, fmt in ((bad_base, "qcow2"), (good_base, "raw")):
+            overlay = tmp_path / f"over-{base.name}.qcow2"
+            hostile.qcow2_overlay(overlay, base, fmt)
+            overlays[base] = overlay
+        cases = {
+            "adopt-data-file": ((data_file, "qcow2"), "data_file"),
+            "adopt-base-data-file": ((overlays[bad_base], "qcow2"), "data_file"),
+            "adopt-qcow2-as-raw": ((data_file, "raw"), "its content is qcow2"),
+        }
+        disks = {name: disk for name, (disk, _) in cases.items()}
+        disks["adopt-good"] = (overlays[good_base], "qcow2")
+        uri = _node(tmp_path, disks)
+        state = tmp_path / "state"
+        for name, (_disk, reason) in cases.items():
+            refused = run_adopt(state, name, uri=uri)
+            assert refused.returncode == 1, refused.stdout
+            assert "its root disk cannot be read" in refused.stderr and reason in refused.stderr
+        adopted = run_adopt(state, "adopt-good", uri=uri)
+        assert adopted.returncode == 0, adopted.stderr
+        assert target.read_bytes() == hostile.MARKER_BYTES
