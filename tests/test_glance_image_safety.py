@@ -188,3 +188,20 @@ def test_a_glance_image_in_a_format_rebuildd_does_not_take_is_refused(
     server_id = response.json()["server"]["id"]
     live.wait_for(server_id, "ERROR")
     assert "only qcow2, raw are accepted" in _fault(live, server_id)
+
+
+def test_an_image_larger_than_the_flavors_disk_fails_the_create_once_its_size_is_known(
+    live: LiveDaemon, glance: Glance, tmp_path: Path
+) -> None:
+    """A 2 GiB qcow2 whose virtual size Glance does not report passes the api stage on a 1 GiB
+    flavor; once fetched, its size fails the create with Nova's FlavorDiskSmallerThanImage."""
+    image_id = _plant(glance, hostile.plain_qcow2(tmp_path / "big.qcow2", "2G"), "qcow2", tmp_path)
+    with sqlite3.connect(glance.base / "glance.db") as db:
+        db.execute("UPDATE images SET virtual_size = NULL WHERE id = ?", (image_id,))
+    assert glance.show(image_id)["virtual_size"] is None
+    body = {"server": {"name": "vm", "imageRef": image_id, "flavorRef": "g1"}}
+    response = live.client.post("/v2.1/servers", json=body)
+    assert response.status_code == 202, response.text
+    server_id = response.json()["server"]["id"]
+    live.wait_for(server_id, "ERROR")
+    assert "Flavor's disk is too small for requested image" in _fault(live, server_id)
