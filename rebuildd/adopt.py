@@ -5,7 +5,10 @@ BlockDevices and a flavor, so rebuildd can be installed on a host that already r
 The reading is pure (:func:`inspect`, :func:`flavor_values`, :func:`choose_flavor`,
 :func:`build`: XML and facts in, records out); :func:`adopt` does the I/O around it: the
 persistent XML and power state from the hypervisor, virtual sizes from ``qemu-img info``, the
-Store's flavors and servers.
+Store's flavors and servers. A disk file is inspected (``imagecheck``, as the format its
+``<driver type>`` names) before qemu-img reads it, and so is the base an overlay backs onto:
+a root, ephemeral or swap file that fails is not measured (a root that fails refuses the
+domain).
 
 Adopting never changes a disk or a device. The only change to the domain is rebuildd's own
 ``<metadata>`` element, written into the persistent definition (a running domain keeps
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import math
 import re
 import uuid
@@ -26,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Final, Literal, Protocol
 
-from rebuildd import domxml, errors, novameta
+import anyio
+
+from rebuildd import domxml, errors, imagecheck, novameta
 from rebuildd.disks import ImageInfo
 from rebuildd.lifecycle import hostname_for
 from rebuildd.models import BlockDevice, Flavor, NewAction, Server, utcnow
@@ -427,7 +433,7 @@ class Domains(Protocol):
 
 
 class DiskInfo(Protocol):
-    async def info(self, path: Path, *, force_share: bool = False) -> ImageInfo: ...
+    async def info(self, path: Path, *, fmt: str, force_share: bool = False) -> ImageInfo: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,13 +545,24 @@ async def _virtual_sizes(disks: DiskInfo, found: Inspection) -> dict[str, int]:
         if disk.role not in ("root", "ephemeral", "swap") or disk.path is None:
             continue
         try:
-            # -U: a running guest's QEMU holds a write lock on its disks.
-            info = await disks.info(Path(disk.path), force_share=True)
-            sizes[disk.path] = info.virtual_size
-        except errors.DiskError as exc:
+            sizes[disk.path] = await _checked_size(disks, Path(disk.path), disk.fmt or "raw")
+        except (errors.DiskError, errors.ImageDataInvalid) as exc:
             if disk.role == "root":
                 raise refuse(found.name, f"its root disk cannot be read: {exc.message}") from exc
     return sizes
+
+
+async def _checked_size(disks: DiskInfo, path: Path, fmt: str) -> int:
+    """The virtual size of a disk file that passed the inspection as ``fmt``; an overlay (the
+    one failure allowed) passes only if its base passes the whole inspection."""
+    inspect = functools.partial(imagecheck.inspect, allow=("backing_file",))
+    await anyio.to_thread.run_sync(inspect, path, fmt)
+    # -U: a running guest's QEMU holds a write lock on its disks.
+    info = await disks.info(path, fmt=fmt, force_share=True)
+    if info.backing_file:
+        base = Path(info.backing_file)
+        await anyio.to_thread.run_sync(imagecheck.inspect, base, info.backing_format or "raw")
+    return info.virtual_size
 
 
 async def _flavor(store: Store, found: Inspection, sizes: Mapping[str, int]) -> tuple[Flavor, bool]:

@@ -11,6 +11,11 @@ root disk is a copy of it: ~15 ms of process start-up per rebuild become a file 
 hundred KiB (measured in bench/, see the README). Templates are named after their base, so the
 image cache's cleanup can remove a base's templates with it.
 
+Every ``qemu-img`` call names the format of the image it reads (``-f``, never a probe) and runs
+under Nova's ``QEMU_IMG_LIMITS`` through ``prlimit``: 1 GiB of address space and 30 s of CPU
+(a ``convert``, whose CPU time grows with an image already inspected and size-checked, gets
+the address-space limit only). Image files reach it only after ``imagecheck`` passed them.
+
 Ephemeral and swap disks are made as Nova's libvirt driver makes them: one raw base per (size,
 format) under ``_base`` — ``ephemeral_<MiB>_<fs>`` formatted with ``mkfs`` (label
 ``ephemeral0``), ``swap_<MiB>`` with ``mkswap`` — and a qcow2 overlay on it per server.
@@ -32,10 +37,14 @@ from typing import Any, Final
 import anyio
 
 from rebuildd import configdrive
-from rebuildd.errors import DiskError
+from rebuildd.errors import DiskError, FlavorDiskSmallerThanImage
 from rebuildd.offload import Offload
 
 MiB: Final = 1024**2
+GiB: Final = 1024**3
+# Nova's QEMU_IMG_LIMITS (nova/virt/images.py): what a hostile header can make qemu-img take.
+QEMU_IMG_ADDRESS_SPACE: Final = 1 * GiB
+QEMU_IMG_CPU_SECONDS: Final = 30
 # Filesystems an ephemeral disk may be formatted with ("none": left blank), and how.
 EPHEMERAL_FORMATS: Final = {
     "ext4": ("mkfs.ext4", "-F", "-q", "-L", "ephemeral0"),
@@ -56,6 +65,7 @@ class ImageInfo:
     format: str
     virtual_size: int
     backing_file: str | None
+    backing_format: str | None = None
 
 
 class DiskManager:
@@ -157,6 +167,10 @@ class DiskManager:
         await anyio.Path(template.parent).mkdir(parents=True, exist_ok=True)
         # Made under a unique name and renamed: racing creators each leave a whole template.
         partial = template.with_name(f".{uuid.uuid4().hex}.partial")
+        if size_bytes:  # Nova's verify_base_size: a root disk never cuts its image short
+            image_size = (await self.info(base, fmt=base_format)).virtual_size
+            if image_size > size_bytes:
+                raise FlavorDiskSmallerThanImage(flavor_size=size_bytes, image_size=image_size)
         args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format, str(partial)]
         if size_bytes:
             args.append(str(size_bytes))
@@ -166,16 +180,18 @@ class DiskManager:
         finally:
             await anyio.Path(partial).unlink(missing_ok=True)
 
-    async def info(self, path: Path, *, force_share: bool = False) -> ImageInfo:
-        """``force_share`` (``-U``): read the header of a disk a running QEMU holds locked
-        (safe for the format and virtual size, which is all this returns)."""
+    async def info(self, path: Path, *, fmt: str, force_share: bool = False) -> ImageInfo:
+        """The header of ``path`` read as ``fmt`` (never probed). ``force_share`` (``-U``):
+        read the header of a disk a running QEMU holds locked (safe for the format and virtual
+        size, which is all this returns)."""
         share = ("-U",) if force_share else ()
-        out = await self._run("info", *share, "--output=json", str(path))
+        out = await self._run("info", "-f", fmt, *share, "--output=json", str(path))
         data: dict[str, Any] = json.loads(out)
         return ImageInfo(
             format=str(data["format"]),
             virtual_size=int(data["virtual-size"]),
             backing_file=data.get("full-backing-filename") or data.get("backing-filename"),
+            backing_format=data.get("backing-filename-format"),
         )
 
     async def write_volume(
@@ -191,12 +207,13 @@ class DiskManager:
             if source is None:
                 await anyio.to_thread.run_sync(_sparse_file, partial, size_bytes)
             else:
-                info = await self.info(source)
+                info = await self.info(source, fmt=source_format)
                 if info.virtual_size > size_bytes:
                     raise VolumeTooSmall(virtual_size=info.virtual_size, size_bytes=size_bytes)
                 await self._run(
-                    "convert", "-q", "-f", source_format, "-O", "raw", str(source), str(partial)
-                )
+                    "convert", "-q", "-f", source_format, "-O", "raw", str(source), str(partial),
+                    cpu_limit=False,
+                )  # fmt: skip
                 await anyio.to_thread.run_sync(os.truncate, partial, size_bytes)
             await anyio.Path(partial).rename(path)
         except OSError as exc:
@@ -240,13 +257,17 @@ class DiskManager:
             await child.unlink(missing_ok=True)
         await directory.rmdir()
 
-    async def _run(self, *args: str) -> str:
-        return await _run(self.qemu_img, *args)
+    async def _run(self, *args: str, cpu_limit: bool = True) -> str:
+        limits = [f"--as={QEMU_IMG_ADDRESS_SPACE}"]
+        if cpu_limit:
+            limits.append(f"--cpu={QEMU_IMG_CPU_SECONDS}")
+        command = f"{self.qemu_img} {args[0]}"
+        return await _run("prlimit", *limits, "--", self.qemu_img, *args, name=command)
 
 
-async def _run(program: str, *args: str) -> str:
+async def _run(program: str, *args: str, name: str | None = None) -> str:
     """One tool call; its failure is a DiskError with the tool's own message."""
-    command = f"{program} {args[0]}"
+    command = name or f"{program} {args[0]}"
     try:
         process = await asyncio.create_subprocess_exec(
             program,

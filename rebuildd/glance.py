@@ -4,8 +4,9 @@ Owns the conversation with Glance: image JSON parsed into :class:`~rebuildd.mode
 records at the edge (pydantic), ``GET /v2/images/{id}/file`` streamed to a file chunk by
 chunk, listing for the read-only image API rebuildd serves in front of it, and the one
 translation of every failure to talk to Glance into :class:`errors.ImageServiceUnavailable`
-(:func:`map_glance_errors`). It does not verify image data (``images.ImageCache`` does, for
-every backend), does not own or close the client (the daemon does), and reads no settings.
+(:func:`map_glance_errors`). It does not verify image data: ``images.ImageCache`` checks the
+hash of its own copy and inspects it (``imagecheck``) before any qemu process reads it, for
+every backend. It does not own or close the client (the daemon does), and reads no settings.
 
 Authentication is a seam: the client may carry an ``httpx.Auth`` (a Keystone token); without
 one Glance must run unauthenticated (``[paste_deploy] flavor =``).
@@ -164,10 +165,10 @@ class GlanceImageService:
         return image
 
     async def download(self, image_id: str, dest: Path) -> None:
-        """Stream the image's data to ``dest``, one chunk in memory at a time."""
+        """Stream the image's data into the new file ``dest``, one chunk in memory at a time."""
         with map_glance_errors(self.url):
             # The file is opened only once Glance has answered 200.
-            async with self._data(image_id) as response, await anyio.open_file(dest, "wb") as out:
+            async with self._data(image_id) as response, await anyio.open_file(dest, "xb") as out:
                 async for chunk in response.aiter_raw(CHUNK):
                     await out.write(chunk)
 

@@ -4,6 +4,11 @@ Owns image files under ``<state_dir>/images`` (the store) and ``<state_dir>/_bas
 of base files that root-disk overlays back onto, and its cleanup of unused bases). Image
 records live in the Store. File names are image uuids that rebuildd generated, never client
 input. It must not call libvirt.
+
+Bytes are inspected (``imagecheck``) before any qemu process reads them, and cannot change
+once checked: an upload holds the image by one compare-and-swap ``queued -> saving`` and
+writes a private temporary file; the cache's base is its own copy (never a hard link into the
+store), checked against the image's hash and inspected before first use in each process.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import shutil
 import time
 import uuid
@@ -21,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from rebuildd import errors
+from rebuildd import errors, imagecheck
 from rebuildd.auth import image_visible
 from rebuildd.disks import DiskManager, touch
 from rebuildd.metrics import Metrics
@@ -61,17 +65,10 @@ class LocalImageService:
         return None
 
     async def download(self, image_id: str, dest: Path) -> None:
-        """Place the image's bytes at ``dest``: a hard link when possible, else a copy."""
-        source = self._path(image_id)
-
-        def place() -> None:
-            try:
-                os.link(source, dest)
-            except OSError:
-                shutil.copyfile(source, dest)
-
+        """Copy the image's bytes to ``dest``: a copy of its own, never a hard link, so the
+        cache's checked bytes share no inode with the store."""
         try:
-            await anyio.to_thread.run_sync(place)
+            await anyio.to_thread.run_sync(shutil.copyfile, self._path(image_id), dest)
         except OSError as exc:
             raise errors.ImageFetchError(image_id=image_id, reason=str(exc)) from exc
 
@@ -109,57 +106,56 @@ class LocalImageService:
         return await self.store.list_images(filters)
 
     async def upload(self, image_id: str, chunks: AsyncIterator[bytes]) -> Image:
-        """Store the bytes, check they are the declared disk_format, and activate the image."""
+        """Store the bytes, check they are the declared disk_format and safe, and activate the
+        image. Only the caller whose ``queued -> saving`` swap won writes; a refused upload
+        leaves the image ``queued``."""
         image = await self.store.get_image(image_id)
         if image is None:
             raise errors.ImageNotFound(image_id=image_id)
-        if image.status != "queued":
-            raise errors.Conflict(
-                f"Image status transition from {image.status} to saving is not allowed"
-            )
-        if image.disk_format not in DISK_FORMATS:
+        if image.status == "queued" and image.disk_format not in DISK_FORMATS:
             raise errors.Invalid(
                 f"Image {image_id} needs a disk_format of "
                 f"{', '.join(sorted(DISK_FORMATS))} before upload"
             )
-        await self.store.update_image(image_id, status="saving")
+        image = await self.store.swap_image_status(image_id, "queued", "saving")
         await anyio.Path(self.directory).mkdir(parents=True, exist_ok=True)
         path = self._path(image_id)
-        partial = path.with_suffix(".part")
-        md5, sha512, size = hashlib.md5(usedforsecurity=False), hashlib.sha512(), 0
+        partial = self.directory / f".{path.name}.{uuid.uuid4().hex}.part"
         try:
-            async with await anyio.open_file(partial, "wb") as out:
-                async for chunk in chunks:
-                    md5.update(chunk)
-                    sha512.update(chunk)
-                    size += len(chunk)
-                    await out.write(chunk)
-            try:
-                info = await self.disks.info(partial)
-            except errors.DiskError as exc:  # qemu-img could not even parse the bytes
-                raise errors.ImageDataInvalid(
-                    disk_format=image.disk_format, reason="qemu-img cannot read it"
-                ) from exc
-            if info.format != image.disk_format or info.backing_file:
-                raise errors.ImageDataInvalid(
-                    disk_format=image.disk_format,
-                    reason=f"qemu-img sees {info.format}"
-                    + (" with a backing file" if info.backing_file else ""),
-                )
+            size, md5, sha512 = await _write_new(partial, chunks)
+            info = await self._check(partial, image.disk_format)
             await anyio.Path(partial).rename(path)
         except BaseException:
-            await anyio.Path(partial).unlink(missing_ok=True)
-            await self.store.update_image(image_id, status="queued")
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(partial).unlink(missing_ok=True)
+                with contextlib.suppress(errors.RebuilddError):
+                    await self.store.swap_image_status(image_id, "saving", "queued")
             raise
-        return await self.store.update_image(
-            image_id,
-            status="active",
-            size=size,
-            virtual_size=info.virtual_size,
-            checksum=md5.hexdigest(),
-            os_hash_algo="sha512",
-            os_hash_value=sha512.hexdigest(),
-        )
+        try:
+            return await self.store.swap_image_status(
+                image_id,
+                "saving",
+                "active",
+                size=size,
+                virtual_size=info.virtual_size,
+                checksum=md5,
+                os_hash_algo="sha512",
+                os_hash_value=sha512,
+            )
+        except errors.RebuilddError:  # deleted while saving: its bytes go with it
+            await anyio.Path(path).unlink(missing_ok=True)
+            raise
+
+    async def _check(self, path: Path, disk_format: str | None) -> imagecheck.Inspected:
+        """Inspection first; only then may qemu-img open the file (with -f, to see it can)."""
+        inspected = await anyio.to_thread.run_sync(imagecheck.inspect, path, disk_format)
+        try:
+            await self.disks.info(path, fmt=inspected.disk_format)
+        except errors.DiskError as exc:
+            raise errors.ImageDataInvalid(
+                disk_format=inspected.disk_format, reason="qemu-img cannot read it"
+            ) from exc
+        return inspected
 
     async def read(self, image_id: str) -> AsyncIterator[bytes]:
         async with await anyio.open_file(self._path(image_id), "rb") as source:
@@ -198,6 +194,9 @@ class ImageCache:
         self.disks = disks
         self.metrics = metrics or Metrics()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Bases this process has checked (hash and inspection): a base left by an earlier
+        # process, or an older rebuildd, is checked again before its first use here.
+        self._checked: set[str] = set()
         # Base name -> when this process last touched it: a base used again within
         # _TOUCH_EVERY is not touched again (one thread hop fewer a rebuild). Its mtime, the
         # cleanup's age, lags by that much at most, against a minimum age of hours.
@@ -209,7 +208,9 @@ class ImageCache:
         async with lock:
             if self._used_lately(path.name):
                 return path
-            if await self.disks.files.run(touch, path):  # one hop: there, and now used
+            there = await self.disks.files.run(touch, path)  # one hop: there, and now used
+            if there and (path.name in self._checked or await self._still_good(image, path)):
+                self._checked.add(path.name)
                 self._touched[path.name] = time.monotonic()
                 return path
             await anyio.Path(self.directory).mkdir(parents=True, exist_ok=True)
@@ -217,12 +218,34 @@ class ImageCache:
             try:
                 self.metrics.image_downloads.inc()
                 await self.images.download(image.id, partial)
-                await _verify(image, partial)
+                await self._check(image, partial)
                 await anyio.Path(partial).rename(path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     await anyio.Path(partial).unlink()
+            self._checked.add(path.name)
         return path
+
+    async def _check(self, image: Image, path: Path) -> None:
+        """The hash, then the inspection, of the cache's own copy: what qemu will read."""
+        await _verify(image, path)
+        try:
+            await anyio.to_thread.run_sync(imagecheck.inspect, path, image.disk_format)
+        except errors.ImageDataInvalid as exc:
+            raise errors.ImageUnacceptable(image_id=image.id, reason=exc.message) from exc
+
+    async def _still_good(self, image: Image, path: Path) -> bool:
+        """A base this process did not fetch: kept if it is a file of its own that passes the
+        checks, else removed (with its overlay templates) to be fetched again."""
+        try:
+            if (await anyio.Path(path).stat()).st_nlink == 1:
+                await self._check(image, path)
+                return True
+        except (errors.ImageUnacceptable, errors.ImageFetchError):
+            pass
+        await anyio.Path(path).unlink(missing_ok=True)
+        await self.disks.remove_templates(path)
+        return False
 
     def _used_lately(self, name: str) -> bool:
         touched = self._touched.get(name)
@@ -247,6 +270,7 @@ class ImageCache:
                     if (await entry.stat()).st_mtime > cutoff:
                         continue
                     await entry.unlink()
+                    self._checked.discard(name)
                 except FileNotFoundError:
                     continue
                 finally:
@@ -255,6 +279,18 @@ class ImageCache:
             self._locks.pop(name, None)
             removed.append(name)
         return removed
+
+
+async def _write_new(path: Path, chunks: AsyncIterator[bytes]) -> tuple[int, str, str]:
+    """Write ``chunks`` into a new file (never an existing one); its size, md5 and sha512."""
+    md5, sha512, size = hashlib.md5(usedforsecurity=False), hashlib.sha512(), 0
+    async with await anyio.open_file(path, "xb") as out:
+        async for chunk in chunks:
+            md5.update(chunk)
+            sha512.update(chunk)
+            size += len(chunk)
+            await out.write(chunk)
+    return size, md5.hexdigest(), sha512.hexdigest()
 
 
 async def _verify(image: Image, path: Path) -> None:

@@ -589,6 +589,31 @@ class Store:
             raise errors.ImageNotFound(image_id=image_id)
         return records.image_record(row)
 
+    async def swap_image_status(
+        self, image_id: str, expected: str, status: str, **changes: Any
+    ) -> Image:
+        """Glance's status compare-and-swap: ``expected -> status`` (with ``changes``) in one
+        conditional UPDATE, so of two racing uploads into one queued image one wins and the
+        other is a 409."""
+        unknown = set(changes) - _IMAGE_COLUMNS
+        if unknown:
+            raise ValueError(f"not image columns: {sorted(unknown)}")
+        statement = (
+            update(IMAGES.table)
+            .where(IMAGES.c.id == image_id, IMAGES.c.status == expected)
+            .values(IMAGES.values({**changes, "status": status, "updated_at": utcnow()}))
+            .returning(*IMAGES.selected)
+        )
+        row = await self._write(lambda conn: conn.execute(statement).first())
+        if row is not None:
+            return records.image_record(row)
+        current = await self.get_image(image_id)
+        if current is None:
+            raise errors.ImageNotFound(image_id=image_id)
+        raise errors.Conflict(
+            f"Image status transition from {current.status} to {status} is not allowed"
+        )
+
     async def delete_image(self, image_id: str) -> None:
         statement = delete(IMAGES.table).where(IMAGES.c.id == image_id).returning(IMAGES.c.id)
         deleted = await self._write(lambda conn: conn.execute(statement).first())

@@ -5,10 +5,11 @@ Owns the volume files under ``<state_dir>/volumes/volume-<uuid>`` and the connec
 points libvirt at them. A volume file is **sparse raw**: what Cinder's NFS and generic file
 drivers make, what QEMU reads without a format layer, and what an operator (or a test) can
 read and write with ordinary tools — a GiB costs no space until written. A volume made from an
-image, and a re-image, is a full copy of the image cache's base converted to raw (``qemu-img
-convert``, through disks.py), never an overlay: a volume must not depend on a base the cache
-may remove. State changes go through :class:`~rebuildd.volumestore.VolumeStore` (compare-and-
-swap each). It must not call libvirt.
+image, and a re-image, is a full copy of the image cache's base (hashed and inspected there
+before any qemu-img reads it) converted to raw (``qemu-img convert -f <disk_format>``, through
+disks.py), never an overlay: a volume must not depend on a base the cache may remove. State
+changes go through :class:`~rebuildd.volumestore.VolumeStore` (compare-and-swap each).
+It must not call libvirt.
 """
 
 from __future__ import annotations

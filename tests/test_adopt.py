@@ -440,6 +440,7 @@ def _test_node(tmp: Path, names: list[str]) -> str:
         _sub(domain, "vcpu", "1")
         _sub(_sub(domain, "os"), "type", "hvm")
         disk = _sub(_sub(domain, "devices"), "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type="qcow2")  # libvirt reads a disk without one as raw
         _sub(disk, "source", file=str(disk_file))
         _sub(disk, "target", dev="vda", bus="virtio")
     path = tmp / "node.xml"

@@ -57,7 +57,7 @@ class TestOverlayTemplates:
         assert calls.read_text().splitlines() == ["create"]
         assert first.stat().st_ino != second.stat().st_ino
         for path in (first, second):
-            info = asyncio.run(disks.info(path))
+            info = asyncio.run(disks.info(path, fmt="qcow2"))
             assert (info.format, info.virtual_size) == ("qcow2", 1 << 30)
             assert info.backing_file == str(base)
 
@@ -70,7 +70,7 @@ class TestOverlayTemplates:
             asyncio.run(
                 disks.create_overlay(base=base, base_format="qcow2", path=path, size_bytes=size)
             )
-            assert asyncio.run(disks.info(path)).virtual_size == size
+            assert asyncio.run(disks.info(path, fmt="qcow2")).virtual_size == size
         assert len(calls.read_text().splitlines()) == 2
 
     def test_a_failed_create_leaves_no_template_and_no_disk(
