@@ -259,10 +259,15 @@ async def create_server(
             reason=f"Additional properties are not allowed ('{sorted(unknown)[0]}' was unexpected)",
         )
     model = schemas.validate(schemas.create_model(version), body["server"], field="server")
+    block_devices = _block_devices(model.block_device_mapping_v2 or [], model.imageRef)
+    if services.volumes is not None:  # local volumes: their limit, before the job makes them
+        for mapping in block_devices:
+            if mapping.volume_size is not None:
+                services.volumes.check_size(mapping.volume_size)
     spec = lifecycle.CreateSpec(
         name=model.name,
         image_ref=model.imageRef or "",
-        block_devices=_block_devices(model.block_device_mapping_v2 or [], model.imageRef),
+        block_devices=block_devices,
         flavor_ref=model.flavorRef,
         admin_pass=model.adminPass,
         metadata=dict(model.metadata or {}),
