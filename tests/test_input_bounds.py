@@ -346,6 +346,12 @@ class TestOtherCreateFields:
         assert status == 400
         assert message.startswith(f"Invalid input for field/attribute {field}."), message
 
+    def test_more_metadata_items_than_novas_quota_is_403(self, daemon: LiveDaemon) -> None:
+        """129 metadata items at create are Nova's 403, as at rebuild."""
+        metadata = {f"k{i}": "v" for i in range(129)}
+        fault = _refused_create(daemon, metadata=metadata)
+        assert fault == (403, "Maximum number of metadata items exceeds 128")
+
 
 # -- numbers ------------------------------------------------------------------------------------
 
