@@ -18,9 +18,10 @@ import httpx
 import pytest
 from lxml import etree
 
-from rebuildd import errors, imageprops, schemas
+from rebuildd import errors, imageprops, pipeline, schemas
 from rebuildd.models import RequestContext
 from tests.live import LiveDaemon, start_live_daemon
+from tests.test_store import _server as _stored_server
 
 V = "/volume/v3/demo/volumes"
 IMAGES = "/image/v2/images"
@@ -177,6 +178,13 @@ class TestImagePropertiesFromElsewhere:
         for key, value in kept.items():
             element.set("name", key)
             element.text = value  # raises ValueError on a character XML cannot hold
+
+    @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+    def test_a_shutdown_timeout_that_is_not_finite_falls_back(self, value: str) -> None:
+        """An image's os_shutdown_timeout of inf or nan does not make a stop wait forever:
+        the setting's timeout applies."""
+        server = _stored_server(image_properties={"os_shutdown_timeout": value})
+        assert pipeline.shutdown_timeout(server, 60.0) == 60.0
 
     def test_rebuild_onto_an_image_with_a_control_character_property(
         self, daemon: LiveDaemon
