@@ -382,6 +382,29 @@ class TestMicroversion:
         )
 
 
+class TestQueryLimits:
+    @pytest.mark.parametrize("limit", ["9" * 5000, str(10**20)])
+    def test_a_huge_instance_actions_limit_is_capped(self, daemon: LiveDaemon, limit: str) -> None:
+        """os-instance-actions' limit of thousands of digits is capped, as a large one is (it
+        was a 500)."""
+        server_id = daemon.create_server()
+        response = daemon.client.get(
+            f"/v2.1/servers/{server_id}/os-instance-actions",
+            params={"limit": limit},
+            headers={"OpenStack-API-Version": "compute 2.58"},
+        )
+        assert response.status_code == 200, response.text
+        assert [a["action"] for a in response.json()["instanceActions"]] == ["create"]
+
+    @pytest.mark.parametrize("path", ["/v2.1/servers", "/v2.1/servers/detail", IMAGES])
+    def test_list_limits_are_capped_or_400(self, daemon: LiveDaemon, path: str) -> None:
+        """A limit past any integer column is capped; one of thousands of digits is a 400."""
+        assert daemon.client.get(path, params={"limit": str(10**20)}).status_code == 200
+        status, message = _fault(daemon.client.get(path, params={"limit": "9" * 5000}))
+        assert status == 400
+        assert message.startswith("Invalid input for query parameters limit."), message
+
+
 class TestVolumeSizes:
     @pytest.mark.parametrize(
         ("size", "reason"),
