@@ -134,7 +134,7 @@ class LocalVolumeService:
             )
         self.check_size(size)
         if image is not None:
-            _check_image_fits(image, size)
+            check_image_fits(image, size)
         now = utcnow()
         volume = await self.volumes.add(
             Volume(
@@ -183,7 +183,7 @@ class LocalVolumeService:
         volume = await self.volumes.get(volume_id)
         if volume is None:
             raise errors.VolumeNotFound(volume_id=volume_id)
-        _check_image_fits(image, volume.size)
+        check_image_fits(image, volume.size)
         expected = reimage_expected(reimage_reserved)
         # From exactly the status just read, so the volume goes back to what it really was.
         previous = volume.status
@@ -234,8 +234,9 @@ class LocalVolumeService:
             raise
 
 
-def _check_image_fits(image: Image, size: int) -> None:
-    """Cinder's checks of an image against the volume it goes into (400 each)."""
+def check_image_fits(image: Image, size: int) -> None:
+    """Cinder's checks of an image against the volume of ``size`` GiB it goes into (400 each):
+    also made at a server create's API, before the job makes the volume."""
     if image.status != "active":
         raise errors.ImageNotActive(image_id=image.id)
     needed = max(image.virtual_size or 0, image.size or 0)

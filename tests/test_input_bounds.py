@@ -335,6 +335,26 @@ class TestBlockDeviceMappings:
             "Requested volume size 16384G is larger than maximum allowed limit 1024G.",
         )
 
+    @pytest.mark.parametrize("boot_index", [0, 1])
+    def test_a_volume_smaller_than_its_image_is_400(
+        self, daemon: LiveDaemon, boot_index: int
+    ) -> None:
+        """An image-to-volume mapping smaller than the image's min_disk is Cinder's 400 before
+        the 202 (it was a 202, then ERROR making the volume)."""
+        data = daemon.client.get(f"{IMAGES}/{daemon.image_ids[0]}/file").content
+        fields = {"name": "big", "disk_format": "qcow2", "container_format": "bare"}
+        image = daemon.client.post(IMAGES, json={**fields, "min_disk": 5}).json()
+        upload = daemon.client.put(
+            f"{IMAGES}/{image['id']}/file",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert upload.status_code == 204, upload.text
+        mapping = _volume_mapping(daemon, uuid=image["id"], volume_size=1, boot_index=boot_index)
+        image_ref = "" if boot_index == 0 else daemon.image_ids[0]
+        fault = _refused_create(daemon, imageRef=image_ref, block_device_mapping_v2=mapping)
+        assert fault == (400, "Size of specified image 5GB is larger than volume size 1GB.")
+
     def test_tag_with_a_slash_is_400(self, daemon: LiveDaemon) -> None:
         """A mapping's tag follows Nova's pattern (no ',' or '/')."""
         status, message = _refused_create(
