@@ -96,7 +96,8 @@ def _page_actions(
     if (raw_limit := params.get("limit")) is not None:
         if not re.fullmatch(r"[0-9]+", raw_limit):
             raise errors.Invalid("Invalid input for query parameters limit.")
-        limit = min(int(raw_limit), MAX_LIMIT)
+        # Digits beyond MAX_LIMIT's are capped unread: int() of thousands of them is an error.
+        limit = min(int(raw_limit), MAX_LIMIT) if len(raw_limit) <= 9 else MAX_LIMIT
         actions = actions[:limit]
     return actions, limit
 

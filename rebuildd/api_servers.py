@@ -35,6 +35,7 @@ from rebuildd.api import (
 )
 from rebuildd.microversion import Version
 from rebuildd.models import BlockDevice, RequestContext
+from rebuildd.rebuild_checks import METADATA_ITEMS
 from rebuildd.states import states_for_status
 from rebuildd.storage import ServerFilters
 
@@ -264,10 +265,17 @@ async def create_server(
             reason=f"Additional properties are not allowed ('{sorted(unknown)[0]}' was unexpected)",
         )
     model = schemas.validate(schemas.create_model(version), body["server"], field="server")
+    if model.metadata is not None and len(model.metadata) > METADATA_ITEMS:  # Nova's quota
+        raise errors.MetadataLimitExceeded(allowed=METADATA_ITEMS)
+    block_devices = _block_devices(model.block_device_mapping_v2 or [], model.imageRef)
+    if services.volumes is not None:  # local volumes: their limit, before the job makes them
+        for mapping in block_devices:
+            if mapping.volume_size is not None:
+                services.volumes.check_size(mapping.volume_size)
     spec = lifecycle.CreateSpec(
         name=model.name,
         image_ref=model.imageRef or "",
-        block_devices=_block_devices(model.block_device_mapping_v2 or [], model.imageRef),
+        block_devices=block_devices,
         flavor_ref=model.flavorRef,
         admin_pass=model.adminPass,
         metadata=dict(model.metadata or {}),

@@ -10,6 +10,7 @@ decides what it sees.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, Request, Response
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rebuildd import errors, schemas, views
 from rebuildd.api import BaseUrlDep, ContextDep, Services, ServicesDep, faults, read_json
 from rebuildd.models import RequestContext, Volume
-from rebuildd.volumes import LocalVolumeService
+from rebuildd.volumes import MAX_SIZE_GB, LocalVolumeService
 
 versions = APIRouter(tags=["volumes"])  # no authentication: clients discover with it
 router = APIRouter(tags=["volumes"])
@@ -138,7 +139,7 @@ class VolumeCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: int | str | None = None
+    size: Any = None  # checked by _size, with Cinder's words
     name: str | None = Field(default=None, max_length=255)
     description: str | None = Field(default=None, max_length=255)
     imageRef: str | None = None
@@ -153,16 +154,33 @@ class VolumeCreate(BaseModel):
     multiattach: bool = False
 
 
-def _size(value: int | str | None) -> int | None:
-    """Cinder takes an integer or its string; anything else is 400."""
+def _size(value: Any) -> int | None:
+    """Cinder's ``volume_size``: an integer or a string of digits (not a boolean), at most its
+    DB_MAX_INT; 0 and below keep Cinder's older words. Anything else is a 400."""
     if value is None:
         return None
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
-        return int(value)
-    raise errors.Invalid(
-        f"Invalid input for field/attribute size. Value: {value}. {value!r} is not of type "
-        "'integer', 'string'"
-    )
+    shown = schemas.show(value)
+    if isinstance(value, str) and _DIGITS.fullmatch(value) is None:
+        raise errors.Invalid(
+            f"Invalid input for field/attribute size. Value: {shown}. {shown} does not match "
+            "'^[0-9]+$'"
+        )
+    if not isinstance(value, int | str) or isinstance(value, bool):
+        raise errors.Invalid(
+            f"Invalid input for field/attribute size. Value: {shown}. {shown} is not of type "
+            "'integer', 'string'"
+        )
+    # Digits are counted before int() reads them: int() of thousands of digits is an error.
+    if len(str(value).lstrip("-")) > _MAX_DIGITS or int(value) > MAX_SIZE_GB:
+        raise errors.Invalid(
+            f"Invalid input for field/attribute size. Value: {shown}. {shown} is greater than "
+            f"the maximum of {MAX_SIZE_GB}"
+        )
+    return int(value)
+
+
+_DIGITS: Final = re.compile(r"[0-9]+")
+_MAX_DIGITS: Final = len(str(MAX_SIZE_GB))
 
 
 # The project in the path; Cinder 3.67+ also serves every URL without it.

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 from rebuildd import domxml, errors
 from rebuildd.connector import host_connector
 from rebuildd.models import BlockDevice, Image, RequestContext
+from rebuildd.volumes import check_image_fits
 
 if TYPE_CHECKING:
     from rebuildd.lifecycle import ServerContext
@@ -90,6 +91,7 @@ async def check(
             found = await deps.images.get(request, mapping.uuid)
             if found is None:
                 raise errors.ImageNotFound(image_id=mapping.uuid)
+            check_image_fits(found, mapping.volume_size)  # else ERROR in the job
             if mapping.boot_index == 0:
                 image = found
         else:

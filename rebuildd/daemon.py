@@ -185,7 +185,12 @@ async def open_daemon(
         )
     else:
         volumes = local_volumes = LocalVolumeService(
-            volume_store, state / "volumes", disks, cache, events=instance_events
+            volume_store,
+            state / "volumes",
+            disks,
+            cache,
+            events=instance_events,
+            max_size_gb=settings.max_volume_size_gb,
         )
     deps = Deps(
         store=store,

@@ -9,7 +9,7 @@ on Nova's messages keeps working.
     │   ├── ValidationFailed, MalformedBody, NoSuchAction, VersionInvalid
     │   ├── ImageNotFoundForRebuild, ImageNotFoundForBuild, InvalidFlavorRef, ImageNotActive
     │   ├── FlavorMemoryTooSmall, FlavorDiskSmallerThanImage, FlavorDiskSmallerThanMinDisk
-    │   ├── InvalidKeyName, ImageDataInvalid
+    │   ├── InvalidKeyName, ImageDataInvalid, InstanceUserDataMalformed, InvalidBDM
     │   ├── InvalidVolume, VolumeSizeTooSmall, InvalidDevicePath, DevicePathInUse
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
@@ -21,6 +21,8 @@ on Nova's messages keeps working.
     │       AdoptionRefused
     ├── VersionNotAcceptable    406 notAcceptable
     ├── PayloadTooLarge         413 overLimit
+    │   └── ImagePropertyLimitExceeded, ImageTagLimitExceeded, VolumeSizeExceedsLimit,
+    │       InsufficientStorage
     ├── UnsupportedMediaType    415 badMediaType
     ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
     │   ├── IdentityUnavailable                          answer the request is down)
@@ -123,6 +125,10 @@ class PersonalityUndecodable(Invalid):
 
 class ImageDataInvalid(Invalid):
     template = "Image data is not a valid {disk_format} image: {reason}"
+
+
+class InstanceUserDataMalformed(Invalid):
+    template = "User data needs to be valid base 64."
 
 
 class InvalidBDM(Invalid):
@@ -262,6 +268,36 @@ class VersionNotAcceptable(RebuilddError):
 
 class PayloadTooLarge(RebuilddError):
     template = "Request is too large."
+
+
+class ImagePropertyLimitExceeded(PayloadTooLarge):
+    """Glance's image_property_quota."""
+
+    template = (
+        "The limit has been exceeded on the number of allowed image properties. Attempted: "
+        "{attempted}, Maximum: {maximum}"
+    )
+
+
+class ImageTagLimitExceeded(PayloadTooLarge):
+    """Glance's image_tag_quota."""
+
+    template = (
+        "The limit has been exceeded on the number of allowed image tags. Attempted: "
+        "{attempted}, Maximum: {maximum}"
+    )
+
+
+class VolumeSizeExceedsLimit(PayloadTooLarge):
+    """Cinder's per-volume limit (here the ``max_volume_size_gb`` setting)."""
+
+    template = "Requested volume size {size}G is larger than maximum allowed limit {limit}G."
+
+
+class InsufficientStorage(PayloadTooLarge):
+    """The host's filesystem refused the bytes (ENOSPC, EDQUOT, EFBIG): named without a path."""
+
+    template = "Not enough space on this host to create {what} of {size} GiB: {reason}"
 
 
 class UnsupportedMediaType(RebuilddError):

@@ -1,11 +1,15 @@
 """Image properties as Nova keeps them with a server: copied from the image at boot and at
 every rebuild (Nova's ``image_*`` system metadata), shown from 2.98 in the server's ``image``.
 
-Owns which properties are kept and which are shown; pure functions, no I/O.
+Owns which properties are kept and which are shown; pure functions, no I/O. What is kept goes
+into the domain's XML: it holds no character XML 1.0 cannot carry, whatever the image service
+accepted (a local image's properties are refused at the API, schemas.ImageCreate; a Glance
+image's are not ours to refuse).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Final
 
 # nova.utils.SM_SKIP_KEYS: never copied to the server.
@@ -131,9 +135,9 @@ STANDARD: Final = frozenset(
 
 def kept(properties: dict[str, Any]) -> dict[str, str]:
     """What Nova's get_system_metadata_from_image keeps of an image's properties: every one
-    but the block-device mappings, as text of at most 255 bytes."""
+    but the block-device mappings, as text of at most 255 bytes, control characters dropped."""
     return {
-        key: _truncate(str(value), 255)
+        _xml_text(key): _truncate(_xml_text(str(value)), 255)
         for key, value in properties.items()
         if key not in _SKIPPED and value is not None
     }
@@ -142,6 +146,15 @@ def kept(properties: dict[str, Any]) -> dict[str, str]:
 def shown(kept_properties: dict[str, str]) -> dict[str, str]:
     """The 2.98+ view: only Nova's standard property names."""
     return {key: value for key, value in kept_properties.items() if key in STANDARD}
+
+
+def _xml_text(text: str) -> str:
+    """``text`` without control characters, surrogates and U+FFFE/U+FFFF (lxml refuses them)."""
+    return "".join(
+        char
+        for char in text
+        if unicodedata.category(char) not in {"Cc", "Cs"} and char not in "\ufffe\uffff"
+    )
 
 
 def _truncate(text: str, limit: int) -> str:

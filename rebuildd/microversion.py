@@ -27,15 +27,19 @@ class Version:
 
 MIN_VERSION: Final = Version(2, 1)
 MAX_VERSION: Final = Version(2, 104)
-_FORMAT: Final = re.compile(r"^([1-9]\d*)\.([1-9]\d*|0)$")
+# At most 9 digits a part (Nova's own pattern has no bound, but int() of thousands of digits
+# is slow and, past 4,300, an error): longer is malformed, as any other bad format.
+_FORMAT: Final = re.compile(r"^([1-9][0-9]{0,8})\.([1-9][0-9]{0,8}|0)$")
+_MAX_LENGTH: Final = 64  # what parse() strips and matches, whitespace included
 HEADER: Final = "openstack-api-version"
 LEGACY_HEADER: Final = "x-openstack-nova-api-version"
 
 
 def parse(text: str) -> Version:
-    match = _FORMAT.match(text.strip())
+    match = _FORMAT.match(text.strip()) if len(text) <= _MAX_LENGTH else None
     if match is None:
-        raise errors.VersionInvalid(version=text)
+        shown = text if len(text) <= _MAX_LENGTH else f"{text[:_MAX_LENGTH]}..."
+        raise errors.VersionInvalid(version=shown)
     return Version(int(match.group(1)), int(match.group(2)))
 
 

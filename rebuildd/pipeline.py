@@ -16,6 +16,7 @@ This module imports no libvirt, lxml, httpx or SQL: only the ports.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -500,9 +501,11 @@ def shutdown_timeout(server: Server, default: float) -> float:
     guest being shut down is the old one, so its image's value is the one that fits."""
     value = server.image_properties.get("os_shutdown_timeout")
     try:
-        return max(0.0, float(value)) if value is not None else default
+        timeout = float(value) if value is not None else default
     except ValueError:
         return default
+    # "inf" or "nan" from an image owner would make every stop of the guest wait forever.
+    return max(0.0, timeout) if math.isfinite(timeout) else default
 
 
 async def _power_on_again(ctx: RebuildContext) -> None:

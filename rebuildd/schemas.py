@@ -16,6 +16,7 @@ import binascii
 import ipaddress
 import json
 import math
+import re
 import unicodedata
 import uuid
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
@@ -34,6 +35,9 @@ from pydantic.json_schema import WithJsonSchema
 from rebuildd import errors
 from rebuildd.microversion import Version
 
+MAX_INT: Final = 2147483647  # Nova's db.MAX_INT: the columns are 32-bit integers
+MAX_FLOAT: Final = 3.40282e38  # Nova's rxtx_factor bound (a 32-bit float column)
+
 
 def _no_edge_whitespace(value: str) -> str:
     if value != value.strip():
@@ -42,12 +46,22 @@ def _no_edge_whitespace(value: str) -> str:
 
 
 def _printable(value: str) -> str:
-    """Nova's name rule: no control, format, surrogate or unassigned characters and no line or
-    paragraph separators (such names cannot go into a libvirt domain's XML, nor a log line)."""
+    """Nova's name and description rule: no control, format, surrogate or unassigned characters
+    and no line or paragraph separators (such text cannot go into a libvirt domain's XML, nor a
+    log line)."""
     for char in value:
         category = unicodedata.category(char)
         if category.startswith("C") or category in {"Zl", "Zp"}:
             raise ValueError(f"character {char!r} is not allowed in a name")
+    return value
+
+
+def _no_control(value: str) -> str:
+    """Text that XML 1.0 can hold and a log line shows as it is: no control character (tab and
+    newline included), surrogate or non-character (U+FFFE, U+FFFF)."""
+    for char in value:
+        if unicodedata.category(char) in {"Cc", "Cs"} or char in "\ufffe\uffff":
+            raise ValueError(f"character {char!r} is not allowed")
     return value
 
 
@@ -79,7 +93,38 @@ def _ipv4(value: str) -> str:
 
 
 def _ipv6(value: str) -> str:
-    ipaddress.IPv6Address(value)
+    """Nova's ``ipv6`` format (netaddr's, hence inet_pton's): no ``%zone`` suffix; kept in the
+    compressed form, at most 39 characters (the column's width)."""
+    if "%" in value:
+        raise ValueError(f"'{value}' is not a 'ipv6'")
+    return str(ipaddress.IPv6Address(value))
+
+
+def _user_data_at_create(value: str) -> str:
+    """Create's ``user_data``: base64 as ``base64.decodebytes`` reads it, else Nova's
+    InstanceUserDataMalformed (the message carries no part of the secret)."""
+    try:
+        base64.decodebytes(value.encode("ascii"))
+    except (ValueError, binascii.Error):
+        raise errors.InstanceUserDataMalformed() from None
+    return value
+
+
+# Block devices rebuildd can attach: virtio disks, as volume_jobs.next_device names them.
+_VIRTIO_DEVICE: Final = re.compile(r"(?:/dev/)?vd[a-z]")
+
+
+def _device_name(value: str) -> str:
+    """Nova's block_device.validate_device_name, then what the libvirt virtio bus can honour:
+    ``vdX`` or ``/dev/vdX`` (``hda``, ``sdb`` or ``/dev/../x`` would only fail in the job)."""
+    if not 1 <= len(value) <= 255:
+        raise errors.InvalidBDM(reason="Device name empty or too long.")
+    if " " in value:
+        raise errors.InvalidBDM(reason="Device name contains spaces.")
+    if _VIRTIO_DEVICE.fullmatch(value) is None:
+        raise errors.InvalidBDM(
+            reason=f"Device name {value!r} is not a virtio disk (vd[a-z] or /dev/vd[a-z])."
+        )
     return value
 
 
@@ -93,7 +138,7 @@ Uuid = Annotated[str, AfterValidator(_uuid), WithJsonSchema({"type": "string", "
 MetadataKey = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9-_:. ]{1,255}$")]
 MetadataValue = Annotated[str, StringConstraints(max_length=255)]
 Metadata = dict[MetadataKey, MetadataValue]
-Description = Annotated[str, StringConstraints(max_length=255)]
+Description = Annotated[str, StringConstraints(max_length=255), AfterValidator(_printable)]
 IPv4 = Annotated[str, AfterValidator(_ipv4), WithJsonSchema({"type": "string", "format": "ipv4"})]
 IPv6 = Annotated[str, AfterValidator(_ipv6), WithJsonSchema({"type": "string", "format": "ipv6"})]
 UserData = Annotated[
@@ -125,6 +170,20 @@ Hostname = Annotated[
     ),
 ]
 Fqdn = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[a-zA-Z0-9-._]*$")]
+# Create's user_data: the same bounds as rebuild's, Nova's own message when it is not base64.
+CreateUserData = Annotated[
+    str,
+    StringConstraints(max_length=65535),
+    AfterValidator(_user_data_at_create),
+    WithJsonSchema({"type": "string", "format": "base64", "maxLength": 65535}),
+]
+DeviceName = Annotated[
+    str,
+    AfterValidator(_device_name),
+    WithJsonSchema({"type": "string", "pattern": "^(/dev/)?vd[a-z]$"}),
+]
+# Nova's parameter_types.tag.
+Tag = Annotated[str, StringConstraints(max_length=60, pattern=r"^[^,/]*$")]
 
 
 class Strict(BaseModel):
@@ -236,15 +295,15 @@ class BlockDeviceMappingV2(Strict):
     source_type: Literal["volume", "image", "snapshot", "blank"]
     destination_type: Literal["local", "volume"] | None = None
     uuid: Uuid | None = None
-    boot_index: Annotated[int, Field(ge=-1)] | None = None
-    volume_size: Annotated[int, Field(ge=1, le=2147483647)] | None = None
+    boot_index: Annotated[int, Field(ge=-1, le=MAX_INT)] | None = None
+    volume_size: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
     delete_on_termination: bool = False
-    device_name: Annotated[str, StringConstraints(max_length=255)] | None = None
+    device_name: DeviceName | None = None
     disk_bus: Annotated[str, StringConstraints(max_length=255)] | None = None
     device_type: Annotated[str, StringConstraints(max_length=255)] | None = None
     guest_format: Annotated[str, StringConstraints(max_length=255)] | None = None
     volume_type: Annotated[str, StringConstraints(max_length=255)] | None = None
-    tag: Annotated[str, StringConstraints(max_length=60)] | None = None
+    tag: Tag | None = None
     no_device: bool | None = None
 
 
@@ -259,12 +318,12 @@ class CreateServerV21(Strict):
     adminPass: str | None = None
     metadata: Metadata | None = None
     key_name: Name | None = None
-    user_data: Annotated[str, StringConstraints(max_length=65535)] | None = None
+    user_data: CreateUserData | None = None
     accessIPv4: IPv4 | None = None
     accessIPv6: IPv6 | None = None
     diskConfig: Literal["AUTO", "MANUAL"] | None = Field(default=None, alias="OS-DCF:diskConfig")
     config_drive: bool | None = None
-    availability_zone: str | None = None
+    availability_zone: Name | None = None  # Nova's parameter_types.name
     min_count: Literal[1] | None = None
     max_count: Literal[1] | None = None
     # rebuildd does not manage networks or security groups; these are accepted and ignored
@@ -312,10 +371,6 @@ _CREATE_MODELS: Final[tuple[tuple[str, type[CreateServerV21]], ...]] = (
     ("2.63", CreateServerV263),
     ("2.19", CreateServerV219),
 )
-
-
-MAX_INT: Final = 2147483647  # Nova's db.MAX_INT: the columns are 32-bit integers
-MAX_FLOAT: Final = 3.40282e38  # Nova's rxtx_factor bound (a 32-bit float column)
 
 
 class LockBody(Strict):
@@ -367,7 +422,18 @@ class KeypairCreate(Strict):
     user_id: str | None = None
 
 
-PropertyValue = Annotated[str, StringConstraints(max_length=65535)]
+def _property_key(value: str) -> str:
+    if len(value) > 255:  # Glance's own check, with its words (LP #1737952)
+        raise ValueError("Custom property should not be greater than 255 characters.")
+    return _printable(value)
+
+
+# Glance's image schema: custom properties are strings; the database holds a key of 255 and a
+# value of 65535 characters. Neither may hold a control character: both are copied into the
+# server's libvirt XML (nova:image properties) at every boot and rebuild.
+PropertyKey = Annotated[str, AfterValidator(_property_key)]
+PropertyValue = Annotated[str, StringConstraints(max_length=65535), AfterValidator(_no_control)]
+ImageText = Annotated[str, StringConstraints(max_length=255), AfterValidator(_no_control)]
 
 # What Glance computes itself: a create naming one of these is 403 "Attribute ... is read-only."
 IMAGE_READ_ONLY: Final = frozenset(
@@ -377,23 +443,54 @@ IMAGE_READ_ONLY: Final = frozenset(
         "locations", "os_hidden",
     }
 )  # fmt: skip
+# Glance's reserved attributes and namespace: 403 "Attribute ... is reserved."
+IMAGE_RESERVED: Final = frozenset({"deleted", "deleted_at"})
+IMAGE_RESERVED_PREFIX: Final = "os_glance"
+# Glance's image_property_quota and image_tag_quota defaults (413 beyond).
+IMAGE_PROPERTY_QUOTA: Final = 128
+IMAGE_TAG_QUOTA: Final = 128
 
 
 class ImageCreate(BaseModel):
     """Glance's POST /v2/images: known fields typed, other keys kept as custom properties
-    (strings, as in Glance's image schema)."""
+    (strings, as in Glance's image schema).
+
+    Every image body is checked here, so that whatever re-validates an image through this
+    model (a create, a patched image) gets Glance's rules: read-only and reserved attributes
+    are 403, more than Glance's quota of properties or tags is 413, and keys, values, the name
+    and tags are bounded strings without control characters (400).
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    __pydantic_extra__: dict[Annotated[str, StringConstraints(max_length=255)], PropertyValue]
+    __pydantic_extra__: dict[PropertyKey, PropertyValue]
     id: Uuid | None = None
-    name: Annotated[str, StringConstraints(max_length=255)] | None = None
+    name: ImageText | None = None
     disk_format: Literal["qcow2", "raw"] | None = None
     container_format: Literal["bare"] | None = None
     visibility: Literal["public", "private", "shared", "community"] = "shared"
     min_disk: Annotated[int, Field(ge=0, le=MAX_INT)] = 0
     min_ram: Annotated[int, Field(ge=0, le=MAX_INT)] = 0
     protected: bool = False
-    tags: list[str] = Field(default_factory=list)
+    tags: list[ImageText] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _glance_attributes(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key in IMAGE_READ_ONLY:
+                    raise errors.Forbidden(f"Attribute '{key}' is read-only.")
+                if key in IMAGE_RESERVED or key.startswith(IMAGE_RESERVED_PREFIX):
+                    raise errors.Forbidden(f"Attribute '{key}' is reserved.")
+            properties = len(data.keys() - cls.model_fields.keys())
+            if properties > IMAGE_PROPERTY_QUOTA:
+                raise errors.ImagePropertyLimitExceeded(
+                    attempted=properties, maximum=IMAGE_PROPERTY_QUOTA
+                )
+            tags = data.get("tags")
+            if isinstance(tags, list) and len(tags) > IMAGE_TAG_QUOTA:
+                raise errors.ImageTagLimitExceeded(attempted=len(tags), maximum=IMAGE_TAG_QUOTA)
+        return data
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -158,6 +158,13 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM, seconds running jobs get to finish before they are interrupted.",
     )
+    max_volume_size_gb: int = Field(
+        default=1024,
+        ge=1,
+        le=2147483647,
+        description="Largest local volume, in GiB (Cinder's per_volume_gigabytes): a create, "
+        "or a server's block_device_mapping_v2 volume_size, beyond it is 413.",
+    )
     max_body_bytes: int = Field(
         default=114688,
         ge=1024,

@@ -14,6 +14,8 @@ It must not call libvirt.
 
 from __future__ import annotations
 
+import errno
+import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +32,9 @@ from rebuildd.volumestore import VolumeStore, reimage_expected
 log = structlog.get_logger("rebuildd.volumes")
 GiB: Final = 1024**3
 FORMAT: Final = "raw"
+MAX_SIZE_GB: Final = 2147483647  # Cinder's DB_MAX_INT: the size column is a 32-bit integer
+# The filesystem refused the bytes: a clean 413 to the caller, never the host path.
+_NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def image_metadata(image: Image) -> dict[str, str]:
@@ -58,8 +63,10 @@ class LocalVolumeService:
         cache: ports.ImageCache,
         *,
         events: InstanceEvents | None = None,
+        max_size_gb: int = MAX_SIZE_GB,
     ) -> None:
         self.volumes = volumes
+        self.max_size_gb = max_size_gb
         self.directory = directory
         self.disks = disks
         self.cache = cache
@@ -126,8 +133,9 @@ class LocalVolumeService:
                 f"{size} (size argument must be an integer (or string representation of an "
                 "integer) and greater than zero)."
             )
+        self.check_size(size)
         if image is not None:
-            _check_image_fits(image, size)
+            check_image_fits(image, size)
         now = utcnow()
         volume = await self.volumes.add(
             Volume(
@@ -149,6 +157,11 @@ class LocalVolumeService:
         )
         try:
             await self._write(volume.id, size, image)
+        except errors.InsufficientStorage:
+            # Refused to the caller, who gets no id: nothing of it is left.
+            await self.volumes.swap_status(volume.id, ("creating",), "deleting", action="create")
+            await self.volumes.remove(volume.id)
+            raise
         except BaseException:
             await self.volumes.swap_status(volume.id, ("creating",), "error", action="create")
             raise
@@ -171,7 +184,7 @@ class LocalVolumeService:
         volume = await self.volumes.get(volume_id)
         if volume is None:
             raise errors.VolumeNotFound(volume_id=volume_id)
-        _check_image_fits(image, volume.size)
+        check_image_fits(image, volume.size)
         expected = reimage_expected(reimage_reserved)
         # From exactly the status just read, so the volume goes back to what it really was.
         previous = volume.status
@@ -197,20 +210,34 @@ class LocalVolumeService:
         for attachment in volume.attachments:
             self.events.deliver(Event(attachment.server_id, "volume-reimaged", tag=volume_id))
 
+    def check_size(self, size: int) -> None:
+        """Cinder's per-volume limit: 413 naming it."""
+        if size > self.max_size_gb:
+            raise errors.VolumeSizeExceedsLimit(size=size, limit=self.max_size_gb)
+
     # -- helpers --------------------------------------------------------------------------------
 
     async def _write(self, volume_id: str, size: int, image: Image | None) -> None:
         source = await self.cache.ensure(image) if image is not None else None
-        await self.disks.write_volume(
-            path=self.path(volume_id),
-            size_bytes=size * GiB,
-            source=source,
-            source_format=(image.disk_format or "raw") if image is not None else "raw",
-        )
+        try:
+            await self.disks.write_volume(
+                path=self.path(volume_id),
+                size_bytes=size * GiB,
+                source=source,
+                source_format=(image.disk_format or "raw") if image is not None else "raw",
+            )
+        except errors.DiskError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+                raise errors.InsufficientStorage(
+                    what="a volume", size=size, reason=os.strerror(cause.errno)
+                ) from None
+            raise
 
 
-def _check_image_fits(image: Image, size: int) -> None:
-    """Cinder's checks of an image against the volume it goes into (400 each)."""
+def check_image_fits(image: Image, size: int) -> None:
+    """Cinder's checks of an image against the volume of ``size`` GiB it goes into (400 each):
+    also made at a server create's API, before the job makes the volume."""
     if image.status != "active":
         raise errors.ImageNotActive(image_id=image.id)
     needed = max(image.virtual_size or 0, image.size or 0)
