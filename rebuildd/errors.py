@@ -24,7 +24,8 @@ on Nova's messages keeps working.
     ├── ServiceUnavailable      503 serviceUnavailable (an upstream service rebuildd needs to
     │   ├── IdentityUnavailable                          answer the request is down)
     │   ├── ImageServiceUnavailable
-    │   └── VolumeServiceUnavailable
+    │   ├── VolumeServiceUnavailable
+    │   └── HypervisorUnavailable
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
         ├── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
         ├── VolumeNotCreated, VolumeNotDeleted
@@ -287,6 +288,13 @@ class VolumeServiceUnavailable(ServiceUnavailable):
     that fails after it."""
 
     template = "The volume service (Cinder at {url}) failed: {reason}"
+
+
+class HypervisorUnavailable(ServiceUnavailable):
+    """The connection to libvirt is down (libvirtd restarted or not answering) and is being
+    reopened: a 503 before the 202, the named fault of a job that fails after it."""
+
+    template = "The hypervisor (libvirt at {uri}) is unavailable: {reason}. Try again shortly."
 
 
 class OperationFailed(RebuilddError):

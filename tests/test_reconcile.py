@@ -1,0 +1,370 @@
+"""The database kept true to the hypervisor (issue 18): domains that vanish or stop behind
+rebuildd's back, libvirtd restarts, restarts of rebuildd itself, readiness and systemd."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import libvirt
+import pytest
+
+from rebuildd import sdnotify
+from rebuildd.states import PowerState
+from tests.live import POLL_INTERVAL, POLL_LIMIT, LiveDaemon, start_live_daemon
+from tests.process import DaemonProcess
+
+TEST_URI = "test:///default"
+
+
+def _behind_the_back(action: Callable[[Any], None], name: str) -> None:
+    """Act on a domain through a connection of our own, as ``virsh`` would (test:///default
+    is one driver for the whole process: the daemon's and this connection see the same)."""
+    conn = libvirt.open(TEST_URI)
+    try:
+        action(conn.lookupByName(name))
+    finally:
+        conn.close()
+
+
+def _undefine(dom: Any) -> None:
+    if dom.isActive():
+        dom.destroy()
+    dom.undefine()
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + POLL_LIMIT
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(POLL_INTERVAL)
+    raise AssertionError(f"never: {what}")
+
+
+def _domain_name(live: LiveDaemon, server_id: str) -> str:
+    return f"{live.settings.domain_name_prefix}{server_id}"
+
+
+def _fault_message(live: LiveDaemon, server_id: str) -> str:
+    faults = live.run(live.daemon.store.latest_faults([server_id]))
+    return str(faults[server_id].message) if server_id in faults else ""
+
+
+def _action(live: LiveDaemon, server_id: str, body: dict[str, Any]) -> httpx.Response:
+    return live.client.post(f"/v2.1/servers/{server_id}/action", json=body)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveDaemon]:
+    daemon = start_live_daemon(tmp_path, power_sync_interval=0)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+class TestPowerSync:
+    def test_a_guest_destroyed_behind_the_daemon_becomes_shutoff_by_event(
+        self, live: LiveDaemon
+    ) -> None:
+        """A guest stopped outside rebuildd turns SHUTOFF through libvirt's lifecycle event."""
+        server_id = live.create_server()
+        _behind_the_back(lambda dom: dom.destroy(), _domain_name(live, server_id))
+        server = live.wait_for(server_id, "SHUTOFF")
+        assert server["OS-EXT-STS:power_state"] == PowerState.SHUTDOWN
+
+    def test_the_periodic_sync_stops_a_server_whose_guest_stopped(self, live: LiveDaemon) -> None:
+        """Without events, one pass of the sync records a guest that stopped by itself."""
+        live.daemon.hypervisor.listen(lambda _name: None)  # events go nowhere
+        server_id = live.create_server()
+        _behind_the_back(lambda dom: dom.destroy(), _domain_name(live, server_id))
+        assert live.server(server_id)["status"] == "ACTIVE"
+        assert live.run(live.daemon.powersync.sync()) == 1
+        server = live.server(server_id)
+        assert (server["status"], server["OS-EXT-STS:power_state"]) == ("SHUTOFF", 4)
+
+    def test_a_vanished_domain_is_recorded_nostate_with_a_fault(self, live: LiveDaemon) -> None:
+        """An undefined domain: power_state NOSTATE, SHUTOFF and a fault naming the domain."""
+        live.daemon.hypervisor.listen(lambda _name: None)
+        server_id = live.create_server()
+        name = _domain_name(live, server_id)
+        _behind_the_back(_undefine, name)
+        live.run(live.daemon.powersync.sync())
+        server = live.server(server_id)
+        assert (server["status"], server["OS-EXT-STS:power_state"]) == ("SHUTOFF", 0)
+        assert name in _fault_message(live, server_id)
+        assert live.run(live.daemon.powersync.sync()) == 0  # once recorded, left alone
+
+    def test_a_server_with_a_task_state_is_left_to_its_job(self, live: LiveDaemon) -> None:
+        """The sync never touches a server a job holds (the swap expects no task_state)."""
+        live.daemon.hypervisor.listen(lambda _name: None)
+        server_id = live.create_server()
+        live.run(
+            live.daemon.store.transition(
+                server_id, action="test", expected_task_state=(None,), task_state="powering-off"
+            )
+        )
+        _behind_the_back(lambda dom: dom.destroy(), _domain_name(live, server_id))
+        assert live.run(live.daemon.powersync.sync()) == 0
+        assert live.server(server_id)["status"] == "ACTIVE"
+
+
+class TestVanishedDomain:
+    def _vanish(self, live: LiveDaemon, *, stopped: bool = False) -> tuple[str, str]:
+        server_id = live.create_server()
+        if stopped:
+            assert _action(live, server_id, {"os-stop": None}).status_code == 202
+            live.wait_for(server_id, "SHUTOFF")
+        name = _domain_name(live, server_id)
+        _behind_the_back(_undefine, name)
+        return server_id, name
+
+    def test_start_defines_the_domain_anew(self, live: LiveDaemon) -> None:
+        """os-start of a server whose domain was undefined runs it again, defined anew."""
+        server_id, name = self._vanish(live, stopped=True)
+        live.poll(server_id, lambda s: s["OS-EXT-STS:power_state"] == 0, "NOSTATE")
+        assert _action(live, server_id, {"os-start": None}).status_code == 202
+        server = live.wait_for(server_id, "ACTIVE")
+        assert server["OS-EXT-STS:power_state"] == PowerState.RUNNING
+        assert live.run(live.daemon.hypervisor.find(name)) == PowerState.RUNNING
+
+    def test_rebuild_defines_the_domain_anew(self, live: LiveDaemon) -> None:
+        """A rebuild of an ACTIVE server whose domain vanished (not yet synced) succeeds."""
+        live.daemon.hypervisor.listen(lambda _name: None)
+        server_id, name = self._vanish(live)
+        body = {"rebuild": {"imageRef": live.image_ids[1]}}
+        assert _action(live, server_id, body).status_code == 202
+        server = live.poll(
+            server_id,
+            lambda s: s["OS-EXT-STS:task_state"] is None and s["image"]["id"] == live.image_ids[1],
+            "rebuilt",
+        )
+        assert server["status"] == "ACTIVE"
+        assert live.run(live.daemon.hypervisor.find(name)) == PowerState.RUNNING
+
+    def test_delete_succeeds(self, live: LiveDaemon) -> None:
+        """Delete of a server whose domain is gone ends with the server gone."""
+        server_id, _ = self._vanish(live)
+        assert live.client.delete(f"/v2.1/servers/{server_id}").status_code == 204
+        _until(lambda: live.client.get(f"/v2.1/servers/{server_id}").status_code == 404, "deleted")
+
+
+def test_a_restarted_daemon_on_the_test_driver_keeps_working(tmp_path: Path) -> None:
+    """`make run` restarted: test:///default forgot the domains, the servers in ./.state are
+    recorded SHUTOFF/NOSTATE, and start, rebuild and delete work again."""
+    daemon = DaemonProcess(tmp_path)
+    daemon.prepare()
+    daemon.start()
+    try:
+        with daemon.client() as client:
+            images = [i["id"] for i in client.get("/image/v2/images").json()["images"]]
+            body = {"server": {"name": "vm", "imageRef": images[0], "flavorRef": "1"}}
+            first, second = (
+                client.post("/v2.1/servers", json=body).json()["server"]["id"] for _ in range(2)
+            )
+            for server_id in (first, second):
+                _until(functools.partial(_has_status, client, server_id, ("ACTIVE", 1)), "ACTIVE")
+        daemon.stop()
+        daemon.start()
+        with daemon.client() as client:
+            for server_id in (first, second):
+                _until(functools.partial(_has_status, client, server_id, ("SHUTOFF", 0)), "NOSTATE")
+            assert _post(client, first, {"os-start": None}) == 202
+            rebuild = {"rebuild": {"imageRef": images[0]}}
+            assert _post(client, second, rebuild) == 202
+            _until(lambda: _status(client, first) == ("ACTIVE", 1), "started")
+            _until(lambda: _status(client, second) == ("SHUTOFF", 4), "rebuilt, stopped")
+            assert client.delete(f"/v2.1/servers/{second}").status_code == 204
+            _until(lambda: client.get(f"/v2.1/servers/{second}").status_code == 404, "deleted")
+    finally:
+        daemon.stop()
+
+
+def _status(client: httpx.Client, server_id: str) -> tuple[str, int] | None:
+    server = client.get(f"/v2.1/servers/{server_id}").json()["server"]
+    if server["OS-EXT-STS:task_state"] is not None:
+        return None
+    return server["status"], server["OS-EXT-STS:power_state"]
+
+
+def _has_status(client: httpx.Client, server_id: str, want: tuple[str, int]) -> bool:
+    return _status(client, server_id) == want
+
+
+def _post(client: httpx.Client, server_id: str, body: dict[str, Any]) -> int:
+    return client.post(f"/v2.1/servers/{server_id}/action", json=body).status_code
+
+
+# -- libvirtd restarted ---------------------------------------------------------------------
+
+
+class PrivateLibvirtd:
+    """A libvirtd of our own (an unprivileged session daemon, so the shared system libvirtd
+    and its guests are untouched), serving the test driver over a real remote connection:
+    it can be killed and restarted as an operator's `systemctl restart libvirtd` would."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run_dir = root / "run"
+        self.socket = self.run_dir / "libvirt" / "libvirt-sock"
+        self.uri = f"test+unix:///default?socket={self.socket}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o777)
+        os.chmod(self.run_dir, 0o777)
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(self.root),
+            "XDG_RUNTIME_DIR": str(self.run_dir),
+            "XDG_CONFIG_HOME": str(self.root / "config"),
+            "XDG_CACHE_HOME": str(self.root / "cache"),
+        }
+        command = ["libvirtd"]
+        if os.geteuid() == 0:
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        log = (self.root / "libvirtd.log").open("ab")
+        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        _until(self._answers, "private libvirtd answers")
+
+    def _answers(self) -> bool:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        try:
+            libvirt.open(self.uri).close()
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+        with_socket = self.run_dir / "libvirt"
+        shutil.rmtree(with_socket, ignore_errors=True)
+
+
+@pytest.fixture
+def private_libvirtd() -> Iterator[PrivateLibvirtd]:
+    if shutil.which("libvirtd") is None or (os.geteuid() == 0 and not shutil.which("setpriv")):
+        pytest.skip("libvirtd (and setpriv, as root) needed for a private libvirtd")
+    # Not under tmp_path: pytest's directories are root's alone, and the daemon runs as nobody.
+    root = Path(tempfile.mkdtemp(prefix="rebuildd-libvirtd-"))
+    libvirtd = PrivateLibvirtd(root)
+    libvirtd.start()
+    try:
+        yield libvirtd
+    finally:
+        libvirtd.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_libvirtd_restarted_refuses_then_reconnects(
+    tmp_path: Path, private_libvirtd: PrivateLibvirtd
+) -> None:
+    """While libvirtd is down /readyz says so and actions get 503 before the 202; once it is
+    back rebuildd reconnects by itself and actions work again."""
+    live = start_live_daemon(
+        tmp_path / "state", libvirt_uri=private_libvirtd.uri, power_sync_interval=0
+    )
+    try:
+        server_id = live.create_server()
+        assert live.client.get("/readyz").status_code == 200
+        private_libvirtd.kill()
+        _until(lambda: live.client.get("/readyz").status_code == 503, "not ready")
+        assert live.client.get("/readyz").json()["checks"]["libvirt"] is False
+        assert live.client.get("/healthz").status_code == 200
+        response = _action(live, server_id, {"os-stop": None})
+        assert response.status_code == 503, response.text
+        assert "libvirt" in response.json()["serviceUnavailable"]["message"]
+        assert live.server(server_id)["OS-EXT-STS:task_state"] is None
+
+        private_libvirtd.start()
+        _until(lambda: live.client.get("/readyz").status_code == 200, "ready again")
+        # The restarted test driver forgot the domain: the sync after the reconnect says so.
+        live.poll(server_id, lambda s: s["OS-EXT-STS:power_state"] == 0, "NOSTATE")
+        assert _action(live, server_id, {"os-start": None}).status_code == 202
+        live.wait_for(server_id, "ACTIVE")
+        assert _action(live, server_id, {"os-stop": None}).status_code == 202
+        live.wait_for(server_id, "SHUTOFF")
+    finally:
+        live.stop()
+
+
+# -- systemd and start-up ---------------------------------------------------------------------
+
+
+class TestSdNotify:
+    def test_messages_reach_the_notify_socket(self, tmp_path: Path) -> None:
+        """notify sends its states in one datagram to NOTIFY_SOCKET."""
+        path = tmp_path / "notify.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(str(path))
+            assert sdnotify.notify("READY=1", "STATUS=ready", environ={"NOTIFY_SOCKET": str(path)})
+            assert sock.recv(256) == b"READY=1\nSTATUS=ready"
+
+    def test_without_a_socket_nothing_is_sent_and_nothing_raises(self, tmp_path: Path) -> None:
+        """No NOTIFY_SOCKET, or one nobody listens on: False, no exception."""
+        assert not sdnotify.notify("READY=1", environ={})
+        assert not sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "none")})
+
+    def test_the_watchdog_interval_is_half_of_watchdog_usec(self) -> None:
+        """WATCHDOG_USEC for this process gives half its period; for another, none."""
+        mine = {"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": str(os.getpid())}
+        assert sdnotify.watchdog_interval(mine) == 5.0
+        assert sdnotify.watchdog_interval({**mine, "WATCHDOG_PID": "1"}) is None
+        assert sdnotify.watchdog_interval({}) is None
+
+
+def test_a_restart_with_jobs_in_flight_listens_at_once(tmp_path: Path) -> None:
+    """After a SIGKILL with rebuilds in flight the restarted daemon answers /healthz before
+    recovery is done, tells systemd EXTEND_TIMEOUT_USEC/STATUS then READY=1, /readyz turns
+    200, and no server is left with a task_state."""
+    daemon = DaemonProcess(tmp_path, max_concurrent_operations="8", shutdown_timeout="0")
+    daemon.prepare()
+    daemon.start(test_kill_at="rebuild:start_domain:before")
+    with daemon.client() as client:
+        images = [i["id"] for i in client.get("/image/v2/images").json()["images"]]
+        body = {"server": {"name": "vm", "imageRef": images[0], "flavorRef": "1"}}
+        ids = [client.post("/v2.1/servers", json=body).json()["server"]["id"] for _ in range(6)]
+        for server_id in ids:
+            _until(functools.partial(_has_status, client, server_id, ("ACTIVE", 1)), "ACTIVE")
+        rebuild = {"rebuild": {"imageRef": images[1]}}
+        with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+            for future in [pool.submit(_post, client, s, rebuild) for s in ids]:
+                with contextlib.suppress(httpx.TransportError):  # killed
+                    future.result()
+    assert daemon.wait_exit() == -9
+
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(60)
+        daemon.env["NOTIFY_SOCKET"] = str(notify_path)
+        daemon.start(ready=False)
+        assert httpx.get(f"{daemon.url}/healthz", timeout=5).status_code == 200
+        messages = []
+        while b"READY=1" not in (message := notify.recv(256)):
+            messages.append(message)
+    assert any(b"EXTEND_TIMEOUT_USEC=" in m and b"STATUS=recovering" in m for m in messages)
+    assert httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200
+    try:
+        with daemon.client() as client:
+            for server_id in ids:
+                server = client.get(f"/v2.1/servers/{server_id}").json()["server"]
+                assert server["OS-EXT-STS:task_state"] is None, server
+    finally:
+        daemon.stop()
