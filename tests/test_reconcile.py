@@ -23,7 +23,7 @@ import pytest
 
 from rebuildd import sdnotify
 from rebuildd.states import PowerState
-from tests.live import POLL_INTERVAL, POLL_LIMIT, LiveDaemon, start_live_daemon
+from tests.live import POLL_INTERVAL, POLL_LIMIT, Gate, LiveDaemon, start_live_daemon
 from tests.process import DaemonProcess
 
 TEST_URI = "test:///default"
@@ -154,12 +154,6 @@ class TestVanishedDomain:
         )
         assert server["status"] == "ACTIVE"
         assert live.run(live.daemon.hypervisor.find(name)) == PowerState.RUNNING
-
-    def test_delete_succeeds(self, live: LiveDaemon) -> None:
-        """Delete of a server whose domain is gone ends with the server gone."""
-        server_id, _ = self._vanish(live)
-        assert live.client.delete(f"/v2.1/servers/{server_id}").status_code == 204
-        _until(lambda: live.client.get(f"/v2.1/servers/{server_id}").status_code == 404, "deleted")
 
 
 def test_a_restarted_daemon_on_the_test_driver_keeps_working(tmp_path: Path) -> None:
@@ -368,3 +362,34 @@ def test_a_restart_with_jobs_in_flight_listens_at_once(tmp_path: Path) -> None:
                 assert server["OS-EXT-STS:task_state"] is None, server
     finally:
         daemon.stop()
+
+
+def test_servers_under_recovery_answer_409_and_readyz_flips_when_done(tmp_path: Path) -> None:
+    """While a rebuild left in flight is still being recovered the API already answers: the
+    server gets 409, /healthz 200 and /readyz 503; once recovery ends /readyz is 200."""
+    killed = DaemonProcess(tmp_path)
+    killed.prepare()
+    killed.start(test_kill_at="rebuild:restore_power_state:before")
+    with killed.client() as client:
+        images = [i["id"] for i in client.get("/image/v2/images").json()["images"]]
+        body = {"server": {"name": "vm", "imageRef": images[0], "flavorRef": "1"}}
+        server_id = client.post("/v2.1/servers", json=body).json()["server"]["id"]
+        _until(functools.partial(_has_status, client, server_id, ("ACTIVE", 1)), "ACTIVE")
+        with contextlib.suppress(httpx.TransportError):
+            _post(client, server_id, {"rebuild": {"imageRef": images[1]}})
+    assert killed.wait_exit() == -9
+
+    gate = Gate("restore_power_state")  # the roll-forward waits here: recovery is not done
+    live = start_live_daemon(tmp_path, observer=gate)
+    try:
+        assert gate.reached.wait(POLL_LIMIT)
+        assert live.client.get("/healthz").status_code == 200
+        ready = live.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["recovery"] is False
+        assert _action(live, server_id, {"os-stop": None}).status_code == 409
+        gate.release.set()
+        _until(lambda: live.client.get("/readyz").status_code == 200, "ready")
+    finally:
+        gate.release.set()
+        live.stop()
