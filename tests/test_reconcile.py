@@ -23,8 +23,10 @@ import pytest
 
 from rebuildd import sdnotify
 from rebuildd.states import PowerState
+from tests.conftest import require
 from tests.live import POLL_INTERVAL, POLL_LIMIT, Gate, LiveDaemon, start_live_daemon
 from tests.process import DaemonProcess
+from tests.xmlutil import disk_source, parse
 
 TEST_URI = "test:///default"
 
@@ -393,3 +395,57 @@ def test_servers_under_recovery_answer_409_and_readyz_flips_when_done(tmp_path: 
     finally:
         gate.release.set()
         live.stop()
+
+
+# -- real QEMU --------------------------------------------------------------------------------
+
+QEMU_URI = "qemu:///system"
+
+
+@pytest.fixture
+def qemu_live(tmp_path: Path) -> Iterator[tuple[LiveDaemon, Any]]:
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(QEMU_URI)
+    except libvirt.libvirtError as exc:
+        require("libvirtd with the QEMU driver", str(exc))
+    live = start_live_daemon(
+        tmp_path,
+        libvirt_uri=QEMU_URI,
+        domain_type="qemu",
+        domain_name_prefix="rebuildd-test-",
+        shutdown_timeout=1.0,
+        power_sync_interval=0,
+    )
+    flavor = {"flavor": {"name": "t1.qemu", "id": "qemu", "ram": 128, "vcpus": 1, "disk": 1}}
+    assert live.client.post("/v2.1/flavors", json=flavor).status_code == 200
+    try:
+        yield live, conn
+    finally:
+        for server in live.client.get("/v2.1/servers").json()["servers"]:
+            live.client.delete(f"/v2.1/servers/{server['id']}")
+        _until(lambda: not live.client.get("/v2.1/servers").json()["servers"], "all deleted")
+        live.stop()
+        conn.close()
+
+
+@pytest.mark.qemu
+def test_qemu_guest_destroyed_then_undefined_behind_the_daemon(
+    qemu_live: tuple[LiveDaemon, Any],
+) -> None:
+    """On QEMU: a guest destroyed outside rebuildd turns SHUTOFF by event; undefined, it is
+    recorded NOSTATE; os-start defines it anew on the same root disk and it runs again."""
+    live, conn = qemu_live
+    server_id = live.create_server(flavor="qemu")
+    name = f"rebuildd-test-{server_id}"
+    root = disk_source(parse(conn.lookupByName(name).XMLDesc(0)), "vda")
+    conn.lookupByName(name).destroy()
+    assert live.wait_for(server_id, "SHUTOFF")["OS-EXT-STS:power_state"] == PowerState.SHUTDOWN
+    conn.lookupByName(name).undefine()
+    live.poll(server_id, lambda s: s["OS-EXT-STS:power_state"] == 0, "NOSTATE")
+    assert name in _fault_message(live, server_id)
+    assert _action(live, server_id, {"os-start": None}).status_code == 202
+    assert live.wait_for(server_id, "ACTIVE")["OS-EXT-STS:power_state"] == PowerState.RUNNING
+    dom = conn.lookupByName(name)
+    assert dom.isActive()
+    assert disk_source(parse(dom.XMLDesc(0)), "vda") == root
