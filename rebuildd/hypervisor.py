@@ -289,8 +289,8 @@ class LibvirtHypervisor:
 
     async def destroy(self, name: str) -> None:
         def destroy() -> None:
-            dom = self._lookup(name)
-            if dom.isActive():
+            dom = self._lookup_or_none(name)
+            if dom is not None and dom.isActive():
                 dom.destroy()
 
         await self._call("destroy", destroy)
