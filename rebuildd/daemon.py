@@ -94,13 +94,21 @@ class Daemon:
         self.hypervisor.listen(self.powersync.poke)
 
         async def run() -> int:
-            found = await recovery.recover(
-                self.services.deps,
-                domain,
-                volumes=volumes,
-                limit=self.settings.max_concurrent_operations,
-                progress=self.progress,
-            )
+            delay = 1.0
+            while True:
+                try:
+                    found = await recovery.recover(
+                        self.services.deps,
+                        domain,
+                        volumes=volumes,
+                        limit=self.settings.max_concurrent_operations,
+                        progress=self.progress,
+                    )
+                    break
+                except Exception:  # the database not answering yet: not ready, try again
+                    log.exception("recovery failed; retrying", retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
             self.announce_ready()
             return found
 
@@ -132,6 +140,11 @@ class Daemon:
         if self.closed:
             return
         self.closed = True
+        if self.recovery_task is not None and not self.recovery_task.done():
+            # Recovery's jobs drain like any other; what is cut short is journaled: the next
+            # start recovers it again.
+            self.services.deps.runner.accepting = False
+            await asyncio.wait([self.recovery_task], timeout=drain_timeout)
         for task in (self.extend_task, self.recovery_task):
             if task is not None:
                 task.cancel()

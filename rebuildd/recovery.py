@@ -28,7 +28,8 @@ log = structlog.get_logger("rebuildd.recovery")
 
 @dataclass(slots=True)
 class Progress:
-    """How far recovery is: readiness waits for ``done``."""
+    """How far recovery is: readiness waits for ``done`` (set once every action is
+    resumed; a recovery that fails before, the database not answering, leaves it unset)."""
 
     total: int = 0
     finished: int = 0
@@ -47,25 +48,23 @@ async def recover(
     return how many were found. ``volumes``: the volume store attach and detach jobs need
     (without it they are left to a later start)."""
     progress = progress if progress is not None else Progress()
-    try:
-        actions = await deps.store.in_flight_actions()
-        progress.total = len(actions)
-        by_server: dict[str, list[InstanceAction]] = {}
-        for action in actions:
-            by_server.setdefault(action.server_id, []).append(action)
-        slots = asyncio.Semaphore(max(1, limit))
+    actions = await deps.store.in_flight_actions()
+    progress.total, progress.finished = len(actions), 0
+    by_server: dict[str, list[InstanceAction]] = {}
+    for action in actions:
+        by_server.setdefault(action.server_id, []).append(action)
+    slots = asyncio.Semaphore(max(1, limit))
 
-        async def one_server(queued: list[InstanceAction]) -> None:
-            async with slots:
-                for action in queued:
-                    await _resume(deps, domain, action, volumes)
-                    progress.finished += 1
+    async def one_server(queued: list[InstanceAction]) -> None:
+        async with slots:
+            for action in queued:
+                await _resume(deps, domain, action, volumes)
+                progress.finished += 1
 
-        async with asyncio.TaskGroup() as group:
-            for queued in by_server.values():
-                group.create_task(one_server(queued))
-    finally:
-        progress.done.set()
+    async with asyncio.TaskGroup() as group:
+        for queued in by_server.values():
+            group.create_task(one_server(queued))
+    progress.done.set()
     if actions:
         log.info("recovery finished", actions=len(actions))
     return len(actions)
