@@ -340,9 +340,9 @@ class TestSdNotify:
 
 
 def test_a_restart_with_jobs_in_flight_listens_at_once(tmp_path: Path) -> None:
-    """After a SIGKILL with rebuilds in flight the restarted daemon answers /healthz before
-    recovery is done, tells systemd EXTEND_TIMEOUT_USEC/STATUS then READY=1, /readyz turns
-    200, and no server is left with a task_state."""
+    """After a SIGKILL with rebuilds in flight the restarted daemon answers /healthz, tells
+    systemd EXTEND_TIMEOUT_USEC/STATUS then READY=1 and then WATCHDOG=1 (WATCHDOG_USEC set),
+    /readyz turns 200, and no server is left with a task_state."""
     daemon = DaemonProcess(tmp_path, max_concurrent_operations="8", shutdown_timeout="0")
     daemon.prepare()
     daemon.start(test_kill_at="rebuild:start_domain:before")
@@ -364,11 +364,14 @@ def test_a_restart_with_jobs_in_flight_listens_at_once(tmp_path: Path) -> None:
         notify.bind(str(notify_path))
         notify.settimeout(60)
         daemon.env["NOTIFY_SOCKET"] = str(notify_path)
+        daemon.env["WATCHDOG_USEC"] = "400000"  # as systemd sets it for WatchdogSec=0.4
         daemon.start(ready=False)
         assert httpx.get(f"{daemon.url}/healthz", timeout=5).status_code == 200
         messages = []
         while b"READY=1" not in (message := notify.recv(256)):
             messages.append(message)
+        while notify.recv(256) != b"WATCHDOG=1":
+            pass
     assert any(b"EXTEND_TIMEOUT_USEC=" in m and b"STATUS=recovering" in m for m in messages)
     assert httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200
     try:
