@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import os
 import shutil
@@ -22,10 +23,12 @@ import libvirt
 import pytest
 
 from rebuildd import sdnotify
+from rebuildd.powersync import correction
 from rebuildd.states import PowerState
 from tests.conftest import require
 from tests.live import POLL_INTERVAL, POLL_LIMIT, Gate, LiveDaemon, start_live_daemon
 from tests.process import DaemonProcess
+from tests.test_novameta import _server as novameta_server
 from tests.xmlutil import disk_source, parse
 
 TEST_URI = "test:///default"
@@ -136,6 +139,45 @@ class TestPowerSync:
         _behind_the_back(lambda dom: dom.destroy(), _domain_name(live, server_id))
         assert live.run(live.daemon.powersync.sync()) == 0
         assert live.server(server_id)["status"] == "ACTIVE"
+
+
+class TestCorrection:
+    """Nova's _sync_instance_power_state rules, one (vm_state, task_state, domain) at a time."""
+
+    def _server(self, vm_state: str, power_state: int, task_state: str | None = None) -> Any:
+        return dataclasses.replace(
+            novameta_server(), vm_state=vm_state, power_state=power_state, task_state=task_state
+        )
+
+    def test_a_stopped_guest_of_an_active_server_stops_the_server(self) -> None:
+        """ACTIVE with a shut-off or crashed guest becomes STOPPED with the guest's state."""
+        for power in (PowerState.SHUTDOWN, PowerState.CRASHED):
+            fix = correction(self._server("active", 1), power)
+            assert fix is not None and fix.fault is None
+            assert fix.changes == {"vm_state": "stopped", "power_state": power}
+
+    def test_a_vanished_domain_gives_nostate_and_a_fault_once(self) -> None:
+        """No domain: NOSTATE, STOPPED from ACTIVE, a fault; recorded already, nothing."""
+        fix = correction(self._server("active", 1), None)
+        assert fix is not None and fix.fault is not None
+        assert fix.changes == {"vm_state": "stopped", "power_state": 0}
+        stopped = correction(self._server("stopped", 4), None)
+        assert stopped is not None and stopped.changes == {"power_state": 0}
+        assert correction(self._server("stopped", 0), None) is None
+
+    def test_servers_held_by_a_job_or_building_are_left_alone(self) -> None:
+        """A task_state, BUILDING or DELETED: no change whatever the domain shows."""
+        assert correction(self._server("active", 1, "rebuilding"), None) is None
+        assert correction(self._server("building", 0), PowerState.RUNNING) is None
+        assert correction(self._server("deleted", 0), None) is None
+
+    def test_other_states_only_follow_the_power_state(self) -> None:
+        """ERROR, and a paused ACTIVE guest: only power_state follows the domain."""
+        fix = correction(self._server("error", 1), PowerState.SHUTDOWN)
+        assert fix is not None and fix.changes == {"power_state": PowerState.SHUTDOWN}
+        paused = correction(self._server("active", 1), PowerState.PAUSED)
+        assert paused is not None and paused.changes == {"power_state": PowerState.PAUSED}
+        assert correction(self._server("active", 1), PowerState.RUNNING) is None
 
 
 class TestVanishedDomain:
