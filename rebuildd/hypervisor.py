@@ -180,8 +180,9 @@ class LibvirtHypervisor:
             try:
                 conn = await self._offload.run(libvirt.open, self.uri)
                 await self._offload.run(self._watch, conn)
-            except libvirt.libvirtError as exc:
-                self.down_reason = exc.get_error_message() or str(exc)
+            except Exception as exc:  # whatever it is, the next attempt may succeed
+                if isinstance(exc, libvirt.libvirtError):
+                    self.down_reason = exc.get_error_message() or str(exc)
                 log.info("libvirt reconnect failed", uri=self.uri, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max)
