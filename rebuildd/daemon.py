@@ -3,13 +3,19 @@ down gracefully (stop accepting jobs, let running ones finish within a timeout).
 
 Owns process lifetime: start-up order, systemd readiness (``sd_notify``), signals, close-down.
 It is the only place that turns Settings into objects.
+
+Start-up order: services open, then the API listens at once while restart recovery runs
+beside it (recovery.py). ``/healthz`` answers while the process lives; ``/readyz`` only once
+the database answers, libvirt is connected and recovery is done. systemd hears
+``EXTEND_TIMEOUT_USEC``/``STATUS=`` while recovery runs, ``READY=1`` once the API listens and
+recovery is done, ``WATCHDOG=1`` when the unit sets ``WatchdogSec``, ``STOPPING=1`` on drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import functools
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -21,12 +27,14 @@ import httpx
 import structlog
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
-from rebuildd import cinder, glance, httpguard, recovery
+from rebuildd import cinder, glance, httpguard, lifecycle, recovery, sdnotify
 from rebuildd.api import ImageAPI, Services, create_app
 from rebuildd.auth import Authenticator, Policy, TokensFileError, TokenTable
 from rebuildd.cinder import CinderVolumeService
 from rebuildd.disks import DiskManager, blank_base_name
+from rebuildd.errors import HypervisorUnavailable
 from rebuildd.glance import GlanceImageService
 from rebuildd.hypervisor import LibvirtHypervisor
 from rebuildd.images import ImageCache, LocalImageService
@@ -43,13 +51,18 @@ from rebuildd.metrics import Metrics
 from rebuildd.notifications import Notifier
 from rebuildd.pipeline import Deps
 from rebuildd.ports import Hypervisor, StepObserver, VolumeService
+from rebuildd.powersync import PowerSync
 from rebuildd.runner import Runner
 from rebuildd.settings import Settings
-from rebuildd.storage import Store, create_engine
+from rebuildd.storage import ServerFilters, Store, create_engine
 from rebuildd.volumes import LocalVolumeService
 from rebuildd.volumestore import VolumeStore
 
 log = structlog.get_logger("rebuildd.daemon")
+
+# While recovery runs, systemd's start timeout is pushed this far ahead, this often.
+_EXTEND_USEC: Final = 30_000_000
+_EXTEND_EVERY: Final = 5.0
 
 
 class SettingsError(ValueError):
@@ -66,9 +79,60 @@ class Daemon:
     hypervisor: LibvirtHypervisor
     services: Services
     cache: ImageCache
+    powersync: PowerSync
     # The long-lived clients of upstream services (Glance), closed last.
     http_clients: list[httpx.AsyncClient] = field(default_factory=list)
+    progress: recovery.Progress = field(default_factory=recovery.Progress)
+    recovery_task: asyncio.Task[int] | None = None
+    extend_task: asyncio.Task[None] | None = None
+    listening: bool = False
+    ready_sent: bool = False
     closed: bool = False
+
+    def start(self, domain: DomainSettings, volumes: VolumeStore) -> None:
+        """Lifecycle events to the power sync; restart recovery in the background."""
+        self.hypervisor.listen(self.powersync.poke)
+
+        async def run() -> int:
+            delay = 1.0
+            while True:
+                try:
+                    found = await recovery.recover(
+                        self.services.deps,
+                        domain,
+                        volumes=volumes,
+                        limit=self.settings.max_concurrent_operations,
+                        progress=self.progress,
+                    )
+                    break
+                except Exception:  # the database not answering yet: not ready, try again
+                    log.exception("recovery failed; retrying", retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self.announce_ready()
+            return found
+
+        self.extend_task = asyncio.create_task(_extend_while_recovering(self.progress))
+        self.recovery_task = asyncio.create_task(run(), name="recovery")
+
+    async def readiness(self) -> dict[str, bool]:
+        """What /readyz checks: the database answers, libvirt is connected, recovery is done."""
+        try:
+            await self.store.list_servers(ServerFilters(limit=1))
+            database = True
+        except Exception:
+            database = False
+        return {
+            "database": database,
+            "libvirt": self.hypervisor.available,
+            "recovery": self.progress.done.is_set(),
+        }
+
+    def announce_ready(self) -> None:
+        """READY=1 to systemd once the API listens and recovery is done (once)."""
+        if self.listening and self.progress.done.is_set() and not self.ready_sent:
+            self.ready_sent = True
+            sdnotify.notify("READY=1")
 
     async def close(self, *, drain_timeout: float) -> None:
         """Drain running jobs, then close libvirt, the file threads, the upstream clients
@@ -76,6 +140,16 @@ class Daemon:
         if self.closed:
             return
         self.closed = True
+        if self.recovery_task is not None and not self.recovery_task.done():
+            # Recovery's jobs drain like any other; what is cut short is journaled: the next
+            # start recovers it again.
+            self.services.deps.runner.accepting = False
+            await asyncio.wait([self.recovery_task], timeout=drain_timeout)
+        for task in (self.extend_task, self.recovery_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.services.deps.runner.drain(drain_timeout)
         await self.hypervisor.close()
         self.cache.disks.close()
@@ -106,7 +180,8 @@ async def open_daemon(
     glance_transport: httpx.AsyncBaseTransport | None = None,
     cinder_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Daemon:
-    """Open every service and run restart recovery. ``observer`` and ``hypervisor_port`` let
+    """Open every service and start restart recovery (it runs on while the API serves:
+    ``Daemon.progress``). ``observer`` and ``hypervisor_port`` let
     tests watch step boundaries and put a fault injector in front of libvirt;
     ``keystone_transport``, ``glance_transport`` and ``cinder_transport`` carry the calls to
     Keystone, Glance and Cinder (default: the network)."""
@@ -127,12 +202,7 @@ async def open_daemon(
     _make_state_dir(state)
     metrics = Metrics()
     store = Store(create_engine(settings.effective_database_url), metrics=metrics)
-    hypervisor = LibvirtHypervisor(
-        settings.libvirt_uri,
-        threads=settings.libvirt_threads,
-        detach_timeout=settings.volume_detach_timeout,
-    )
-    await hypervisor.open()
+    hypervisor = await _open_hypervisor(settings)
     host = settings.effective_host
     disks = DiskManager(
         state / "instances",
@@ -163,6 +233,7 @@ async def open_daemon(
         metrics=metrics,
         undo_retry_timeout=settings.undo_retry_timeout,
     )
+    runner.gate = functools.partial(_check_hypervisor, hypervisor)
     policy = Policy.load(settings.policy_file)
     cache = ImageCache(state / "_base", images, disks, metrics=metrics)
     volume_store = VolumeStore(store)
@@ -205,6 +276,7 @@ async def open_daemon(
         volumes=volumes,
         reimage_timeout_per_gb=settings.reimage_timeout_per_gb,
         instance_events=instance_events,
+        redefine=lambda server: lifecycle.define_anew(deps, domain, server),
     )
     choice = await hypervisor.choose_domain_type(settings.domain_type)
     domain = DomainSettings(
@@ -231,7 +303,6 @@ async def open_daemon(
         volumes=local_volumes,
         volume_store=volume_store,
     )
-    await recovery.recover(deps, domain, volumes=volume_store)
     log.info(
         "daemon opened",
         database=_redact(settings.effective_database_url),
@@ -241,14 +312,35 @@ async def open_daemon(
         image_backend=settings.image_backend,
         volume_backend=settings.volume_backend,
     )
-    return Daemon(
+    daemon = Daemon(
         settings=settings,
         store=store,
         hypervisor=hypervisor,
         services=services,
         cache=cache,
+        powersync=PowerSync(store, hypervisor, interval=settings.power_sync_interval),
         http_clients=http_clients,
     )
+    daemon.start(domain, volume_store)
+    return daemon
+
+
+async def _open_hypervisor(settings: Settings) -> LibvirtHypervisor:
+    hypervisor = LibvirtHypervisor(
+        settings.libvirt_uri,
+        threads=settings.libvirt_threads,
+        detach_timeout=settings.volume_detach_timeout,
+    )
+    await hypervisor.open()
+    return hypervisor
+
+
+def _check_hypervisor(hypervisor: LibvirtHypervisor) -> None:
+    """The runner's gate: no action is accepted while libvirt is down (503 before the 202)."""
+    if not hypervisor.available:
+        raise HypervisorUnavailable(
+            uri=hypervisor.uri, reason=hypervisor.down_reason or "not connected"
+        )
 
 
 def _identity(
@@ -368,16 +460,52 @@ def build_app(daemon: Daemon) -> FastAPI:
         periodic = [
             asyncio.create_task(_sweep_retired_disks(daemon)),
             asyncio.create_task(_clean_image_cache(daemon)),
+            asyncio.create_task(daemon.powersync.run()),
+            asyncio.create_task(_watchdog()),
         ]
         yield
         for task in periodic:
             task.cancel()
-        sd_notify("STOPPING=1")
+        sdnotify.notify("STOPPING=1")
         # Close here, not after serve() returns: uvicorn re-raises SIGTERM once it has
         # stopped, so code after serve() never runs on a signal.
         await daemon.close(drain_timeout=daemon.settings.drain_timeout)
 
-    return create_app(daemon.services, lifespan=lifespan)
+    app = create_app(daemon.services, lifespan=lifespan)
+
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    async def readyz() -> JSONResponse:
+        checks = await daemon.readiness()
+        ready = all(checks.values())
+        body = {"status": "ready" if ready else "not ready", "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    app.add_api_route("/healthz", healthz, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/readyz", readyz, methods=["GET"], include_in_schema=False)
+    return app
+
+
+async def _extend_while_recovering(progress: recovery.Progress) -> None:
+    """More start time for systemd and a status line, from the start until recovery ends."""
+    while True:
+        sdnotify.notify(
+            f"EXTEND_TIMEOUT_USEC={_EXTEND_USEC}",
+            f"STATUS=recovering: {progress.finished} of {progress.total} actions done",
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(progress.done.wait(), _EXTEND_EVERY)
+        if progress.done.is_set():
+            return
+
+
+async def _watchdog() -> None:
+    """WATCHDOG=1 at half the unit's WatchdogSec, from the event loop (a stuck loop stops it)."""
+    interval = sdnotify.watchdog_interval()
+    while interval is not None:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 async def serve(
@@ -388,7 +516,7 @@ async def serve(
     try:
         app = build_app(daemon)
         config = uvicorn_config(app, settings, host=host, port=port)
-        await _NotifyingServer(config).serve()
+        await _NotifyingServer(config, daemon).serve()
     finally:
         await daemon.close(drain_timeout=settings.drain_timeout)
 
@@ -461,27 +589,17 @@ async def _clean_image_cache(daemon: Daemon) -> None:
 
 
 class _NotifyingServer(uvicorn.Server):
-    """Tells systemd READY=1 only once the sockets really listen."""
+    """Tells systemd READY=1 only once the sockets really listen (and recovery is done)."""
+
+    def __init__(self, config: uvicorn.Config, daemon: Daemon) -> None:
+        super().__init__(config)
+        self.daemon = daemon
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
-            sd_notify("READY=1")
-
-
-def sd_notify(state: str) -> None:
-    """systemd's notify protocol; a no-op without NOTIFY_SOCKET, and it never raises."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError:
-        log.warning("sd_notify failed", state=state)
+            self.daemon.listening = True
+            self.daemon.announce_ready()
 
 
 def _redact(url: str) -> str:

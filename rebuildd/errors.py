@@ -28,7 +28,8 @@ on Nova's messages keeps working.
     │   ├── IdentityUnavailable                          answer the request is down)
     │   ├── ImageServiceUnavailable
     │   ├── VolumeServiceUnavailable
-    │   └── DatabaseUnavailable    (with Retry-After)
+    │   ├── DatabaseUnavailable    (with Retry-After)
+    │   └── HypervisorUnavailable
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
         ├── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
         ├── VolumeNotCreated, VolumeNotDeleted
@@ -340,6 +341,13 @@ class DatabaseUnavailable(ServiceUnavailable):
 
     template = "The database is unavailable ({reason}); try again later."
     retry_after: ClassVar[int] = 2  # seconds, the Retry-After of the 503
+
+
+class HypervisorUnavailable(ServiceUnavailable):
+    """The connection to libvirt is down (libvirtd restarted or not answering) and is being
+    reopened: a 503 before the 202, the named fault of a job that fails after it."""
+
+    template = "The hypervisor (libvirt at {uri}) is unavailable: {reason}. Try again shortly."
 
 
 class OperationFailed(RebuilddError):

@@ -10,12 +10,22 @@ test driver, which cannot, a running domain gets the persistent-definition edit 
 also chooses the ``<domain type>`` a host can run (:meth:`LibvirtHypervisor.choose_domain_type`)
 and reports a domain the hypervisor paused by itself (an emulation failure). It must not touch
 the Store.
+
+It also owns the connection's health: libvirt's default event loop runs in one thread of its
+own (``virEventRegisterDefaultImpl``), which carries the keepalive, the close callback and the
+domain lifecycle events. A lost connection (libvirtd restarted, keepalive timed out, a call
+that finds the socket closed) is reopened with backoff; meanwhile every call fails at once
+with :class:`rebuildd.errors.HypervisorUnavailable` and :attr:`LibvirtHypervisor.available`
+says so (the api stages answer 503 before the 202, readiness is false). Lifecycle events and
+reconnections go to one listener (the power-state sync).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +36,7 @@ import libvirt
 import structlog
 
 from rebuildd import domxml
-from rebuildd.errors import HypervisorError
+from rebuildd.errors import HypervisorError, HypervisorUnavailable
 from rebuildd.offload import Offload
 from rebuildd.states import PowerState
 
@@ -77,41 +87,180 @@ def _pause_message(name: str) -> str:
     )
 
 
+# Keepalive: a probe every 5 s, the connection closed after 3 unanswered (libvirt's defaults).
+_KEEPALIVE_INTERVAL: Final = 5
+_KEEPALIVE_COUNT: Final = 3
+# libvirt errors that mean the connection itself is gone, not the call.
+_LOST_DOMAINS: Final = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
+_LOST_CODES: Final = frozenset({libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR})
+
+# Called on the event loop with a domain name (a lifecycle event), or None after a reconnect.
+DomainListener = Callable[[str | None], None]
+
+_event_impl_lock = threading.Lock()
+_event_impl_started = threading.Event()
+
+
 def _quiet_error_handler(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; we raise them instead."""
+
+
+def _start_event_impl() -> None:
+    """libvirt's default event loop, once a process, in a daemon thread: it must be registered
+    before the first connection opens, and it never stops (libvirt cannot unregister it)."""
+    with _event_impl_lock:
+        if _event_impl_started.is_set():
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        thread = threading.Thread(target=_run_events, name="libvirt_events", daemon=True)
+        thread.start()
+        _event_impl_started.set()
+
+
+def _run_events() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def _connection_lost(exc: libvirt.libvirtError) -> bool:
+    return (
+        exc.get_error_domain() in _LOST_DOMAINS
+        or exc.get_error_code() in _LOST_CODES
+        or "socket is closed" in (exc.get_error_message() or "")
+    )
 
 
 class LibvirtHypervisor:
     """One libvirt connection shared by all threads (connections are thread-safe)."""
 
-    def __init__(self, uri: str, *, threads: int, detach_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        threads: int,
+        detach_timeout: float = 20.0,
+        reconnect_max: float = 30.0,
+    ) -> None:
         self.uri = uri
         self.detach_timeout = detach_timeout
         self.pause_watch: float | None = None  # set when new domains are KVM's
+        self._checks: set[asyncio.Task[None]] = set()
+        self.reconnect_max = reconnect_max  # the longest wait between two reconnect attempts
         self._offload = Offload(threads, "libvirt")
         self._conn: Any = None
-        self._checks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: DomainListener | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
+        self.down_reason: str | None = None  # why the connection is down; None while up
+        self.reconnects = 0  # connections reopened after a loss
+
+    @property
+    def available(self) -> bool:
+        return self._conn is not None and self.down_reason is None
+
+    def listen(self, listener: DomainListener) -> None:
+        """Send lifecycle events (a domain name) and reconnections (None) to ``listener``."""
+        self._listener = listener
 
     async def open(self) -> None:
         libvirt.registerErrorHandler(_quiet_error_handler, None)
-        self._conn = await self._call("open", libvirt.open, self.uri)
+        _start_event_impl()
+        self._loop = asyncio.get_running_loop()
+        try:
+            conn = await self._offload.run(libvirt.open, self.uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(call="open", reason=exc.get_error_message() or str(exc)) from exc
+        await self._offload.run(self._watch, conn)
+        self._conn = conn
+
+    def _watch(self, conn: Any) -> None:
+        """Keepalive, close callback and lifecycle events on a new connection (worker thread).
+        The keepalive and the close callback exist only on remote connections: a local driver
+        (``test:///``) refuses them, and never loses its connection either."""
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(_KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.registerCloseCallback(self._closed_cb, None)
+        try:
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_cb, None
+            )
+        except libvirt.libvirtError as exc:
+            log.warning("libvirt lifecycle events unavailable", reason=exc.get_error_message())
+
+    def _closed_cb(self, conn: Any, reason: int, _opaque: object) -> None:
+        """libvirt's event thread: the connection closed (libvirtd went away, keepalive)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody to tell
+                self._loop.call_soon_threadsafe(self._lost, conn, f"connection closed ({reason})")
+
+    def _lifecycle_cb(self, _conn: Any, dom: Any, _event: int, _detail: int, _data: Any) -> None:
+        """libvirt's event thread: a domain started, stopped, crashed, was undefined..."""
+        if self._loop is not None and self._listener is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._listener, dom.name())
+
+    def _lost(self, conn: Any, reason: str) -> None:
+        """On the event loop: ``conn`` is gone; start reopening (once, however many say so)."""
+        if self._closing or conn is not self._conn or self.down_reason is not None:
+            return
+        self.down_reason = reason
+        log.warning("libvirt connection lost", uri=self.uri, reason=reason)
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(conn))
+
+    async def _reconnect(self, old: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self._offload.run(_forget, old)
+        delay = 0.25
+        while not self._closing:
+            try:
+                conn = await self._offload.run(libvirt.open, self.uri)
+                await self._offload.run(self._watch, conn)
+            except Exception as exc:  # whatever it is, the next attempt may succeed
+                if isinstance(exc, libvirt.libvirtError):
+                    self.down_reason = exc.get_error_message() or str(exc)
+                log.info("libvirt reconnect failed", uri=self.uri, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+                continue
+            self._conn, self.down_reason = conn, None
+            self.reconnects += 1
+            log.info("libvirt connection reopened", uri=self.uri)
+            if self._listener is not None:
+                self._listener(None)
+            return
 
     async def close(self) -> None:
         for check in list(self._checks):
             check.cancel()
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await self._call("close", conn.close)
+            with contextlib.suppress(libvirt.libvirtError):
+                await self._offload.run(_forget, conn)
         self._offload.shutdown()
 
     async def _call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
         """Run one blocking libvirt call in one of the adapter's worker threads (a cancelled
         caller waits for it to end: :class:`rebuildd.offload.Offload`); map libvirt
-        errors."""
+        errors. While the connection is down, fail at once; a call that finds it gone starts
+        the reconnection."""
+        conn = self._conn
+        if conn is None or self.down_reason is not None:
+            raise HypervisorUnavailable(uri=self.uri, reason=self.down_reason or "not connected")
         try:
             return await self._offload.run(fn, *args)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(call=name, reason=exc.get_error_message() or str(exc)) from exc
+            reason = exc.get_error_message() or str(exc)
+            if _connection_lost(exc) and not await self._offload.run(_alive, conn):
+                self._lost(conn, reason)
+                raise HypervisorUnavailable(uri=self.uri, reason=reason) from exc
+            raise HypervisorError(call=name, reason=reason) from exc
 
     def _lookup(self, name: str) -> Any:
         return self._conn.lookupByName(name)
@@ -152,6 +301,14 @@ class LibvirtHypervisor:
             f"/dev/kvm is not hardware virtualisation (KVM modules: {', '.join(loaded) or 'none'})"
             ": a real guest would pause at once with an emulation failure",
         )
+
+    def _lookup_or_none(self, name: str) -> Any:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -248,8 +405,8 @@ class LibvirtHypervisor:
 
     async def destroy(self, name: str) -> None:
         def destroy() -> None:
-            dom = self._lookup(name)
-            if dom.isActive():
+            dom = self._lookup_or_none(name)
+            if dom is not None and dom.isActive():
                 dom.destroy()
 
         await self._call("destroy", destroy)
@@ -265,8 +422,8 @@ class LibvirtHypervisor:
             return await self._call("destroy", functools.partial(self._destroy_now, name))
 
         def shutdown() -> bool:
-            dom = self._lookup(name)
-            if not dom.isActive():
+            dom = self._lookup_or_none(name)
+            if dom is None or not dom.isActive():
                 return False
             if timeout > 0:
                 try:
@@ -286,26 +443,39 @@ class LibvirtHypervisor:
         return False
 
     def _destroy_now(self, name: str) -> bool:
-        """True when the domain was already off, False when it had to be destroyed."""
-        dom = self._lookup(name)
-        if not dom.isActive():
+        """True when the domain was already off (or is gone), False when it had to be
+        destroyed."""
+        dom = self._lookup_or_none(name)
+        if dom is None or not dom.isActive():
             return True
         dom.destroy()
         return False
 
     async def undefine(self, name: str) -> None:
         def undefine() -> None:
-            try:
-                dom = self._lookup(name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return
-                raise
+            dom = self._lookup_or_none(name)
+            if dom is None:
+                return
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
         await self._call("undefine", undefine)
+
+    async def domain_states(self) -> dict[str, int]:
+        """Every domain's power state by name, in one call (the periodic sync)."""
+
+        def states() -> dict[str, int]:
+            found = {}
+            for dom in self._conn.listAllDomains(0):
+                try:
+                    code = dom.state()[0]
+                except libvirt.libvirtError:
+                    continue  # undefined meanwhile: gone, as if not listed
+                found[dom.name()] = _POWER_STATE.get(code, PowerState.NOSTATE)
+            return found
+
+        return await self._call("listAllDomains", states)
 
     # -- disks (edit the persistent XML, then re-define) ---------------------------------------
 
@@ -449,3 +619,18 @@ class LibvirtHypervisor:
                     f"after {self.detach_timeout:g} s: the guest did not release it",
                 )
             await asyncio.sleep(_POLL_INTERVAL * 4)
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _forget(conn: Any) -> None:
+    """Close a connection (a lost one too), its callbacks first."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.unregisterCloseCallback()
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()

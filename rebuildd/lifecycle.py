@@ -318,6 +318,41 @@ async def _define(ctx: ServerContext) -> None:
     await ctx.deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
 
 
+async def define_anew(deps: Deps, domain: DomainSettings, server: Server) -> None:
+    """Define a server's domain again from the database alone, as Nova's hard reboot
+    regenerates it: its flavor, its local disks where the database says they are, its volumes
+    from their saved connection_info. What the database does not keep (the MAC address) is
+    libvirt's choice. For a domain undefined behind rebuildd's back, or forgotten by the test
+    driver when the daemon restarted."""
+    devices = await deps.store.get_block_devices(server.id)
+    disks: list[domxml.DiskSpec | domxml.Element] = [
+        guestdisks.disk_spec(d, d.path) for d in devices if guestdisks.kind(d) != "other" and d.path
+    ]
+    disks += [
+        domxml.volume_disk(d.device_name, d.connection_info, volume_id=d.volume_id, bus=d.disk_bus)
+        for d in boot_volumes.volumes_of(tuple(devices))
+        if d.connection_info and d.volume_id
+    ]
+    spec = domxml.DomainSpec(
+        name=server.domain_name,
+        uuid=server.id,
+        domain_type=domain.domain_type,
+        memory_mib=server.flavor.ram,
+        vcpus=server.flavor.vcpus,
+        disks=tuple(disks),
+        interface=domain.interface,  # type: ignore[arg-type]
+        network=domain.network,
+        metadata=domain_metadata(server, server.image_ref),
+    )
+    await deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
+
+
+async def _power_state(ctx: ServerContext) -> int:
+    """The domain's power state; NOSTATE when it is gone (Nova's sync records it so)."""
+    state = await ctx.deps.hypervisor.find(ctx.server.domain_name)
+    return PowerState.NOSTATE if state is None else state
+
+
 def _local_disk_specs(ctx: ServerContext) -> list[domxml.DiskSpec]:
     return [
         guestdisks.disk_spec(d, d.path or "") for d in ctx.devices if guestdisks.kind(d) != "other"
@@ -329,7 +364,10 @@ async def _undefine(ctx: ServerContext) -> None:
 
 
 async def _start(ctx: ServerContext) -> None:
-    await ctx.deps.hypervisor.start(ctx.server.domain_name)
+    hypervisor, name = ctx.deps.hypervisor, ctx.server.domain_name
+    if ctx.deps.redefine is not None and await hypervisor.find(name) is None:
+        await ctx.deps.redefine(ctx.server)
+    await hypervisor.start(name)
 
 
 async def _destroy(ctx: ServerContext) -> None:
@@ -509,8 +547,7 @@ async def _power_off(ctx: ServerContext) -> None:
 
 
 async def _stopped(ctx: ServerContext) -> Outcome:
-    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
-    return Outcome({"vm_state": VmState.STOPPED, "power_state": power})
+    return Outcome({"vm_state": VmState.STOPPED, "power_state": await _power_state(ctx)})
 
 
 async def _running_again(ctx: ServerContext) -> Outcome:
@@ -519,8 +556,7 @@ async def _running_again(ctx: ServerContext) -> Outcome:
 
 
 async def _unchanged(ctx: ServerContext, rolled_back: bool) -> Outcome:
-    power = await ctx.deps.hypervisor.power_state(ctx.server.domain_name)
-    return Outcome({"power_state": power})
+    return Outcome({"power_state": await _power_state(ctx)})
 
 
 async def _deleted(ctx: ServerContext) -> Outcome:

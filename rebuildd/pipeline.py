@@ -19,6 +19,7 @@ import dataclasses
 import math
 import secrets
 import string
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -78,6 +79,9 @@ class Deps:
     volumes: ports.VolumeService
     reimage_timeout_per_gb: float = 20.0  # Nova's reimage_timeout_per_gb
     instance_events: InstanceEvents = field(default_factory=InstanceEvents)
+    # Defines a server's domain anew from the database, when libvirt no longer has it (Nova's
+    # hard reboot regenerates the domain the same way); None: a vanished domain is an error.
+    redefine: Callable[[Server], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +470,10 @@ async def _check_host(ctx: RebuildContext) -> None:
     the guest between the two steps (only the stage boundary's Store write); after a restart
     record_power_state asks again."""
     state = await ctx.deps.hypervisor.find(ctx.server.domain_name)
+    if state is None and ctx.deps.redefine is not None:
+        log.warning("domain gone; defining it anew", server_id=ctx.server.id)
+        await ctx.deps.redefine(ctx.before)
+        state = await ctx.deps.hypervisor.find(ctx.server.domain_name)
     if state is None:
         raise errors.HypervisorError(
             call="lookupByName", reason=f"domain {ctx.server.domain_name} is not on this host"

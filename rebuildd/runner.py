@@ -180,6 +180,8 @@ class Runner:
         self._slots = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        # Raises while something every job needs is down (libvirt): the api stages' 503.
+        self.gate: Callable[[], None] | None = None
         self.active = 0  # jobs holding a slot now
         self.peak = 0  # most jobs that ever held a slot at once
         self._owned: collections.Counter[str] = collections.Counter()  # server id -> jobs
@@ -203,6 +205,8 @@ class Runner:
         """The api stage calls this before committing anything."""
         if not self.accepting:
             raise errors.Conflict("The compute service is shutting down; try again shortly.")
+        if self.gate is not None:
+            self.gate()
 
     def submit(self, job: Job[Any]) -> None:
         task = asyncio.create_task(self._guarded(job), name=f"{job.action}:{job.server_id}")

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
         description="Seconds a running guest gets to release a volume being detached (Nova's "
         "device_detach_timeout); a disk still attached then fails the detach, unchanged.",
     )
+    power_sync_interval: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds between two passes of the power-state sync (Nova's "
+        "sync_power_state_interval); libvirt's lifecycle events trigger one too. 0: events only.",
+    )
     drain_timeout: float = Field(
         default=120.0,
         ge=0,

@@ -46,10 +46,18 @@ class DaemonProcess:
                 [str(BIN), *command], env=self.env, check=True, capture_output=True, timeout=120
             )
 
-    def start(self, *, kill_at: str | None = None, nofile: int | None = None, **extra: str) -> None:
-        """Start ``rebuildd serve``. ``kill_at`` (``JOB:STEP:before|after``): start through
-        tests/kill_launcher.py, which SIGKILLs the daemon at that step boundary; ``nofile``: its
-        open-file limit (soft and hard)."""
+    def start(
+        self,
+        *,
+        ready: bool = True,
+        kill_at: str | None = None,
+        nofile: int | None = None,
+        **extra: str,
+    ) -> None:
+        """Start ``rebuildd serve`` and wait until the API answers; with ``ready``, until /readyz
+        says ready (restart recovery done). ``kill_at`` (``JOB:STEP:before|after``): start
+        through tests/kill_launcher.py, which SIGKILLs the daemon at that step boundary;
+        ``nofile``: its open-file limit (soft and hard)."""
         env = {**self.env, **{f"REBUILDD_{k.upper()}": v for k, v in extra.items()}}
         out = self.log.open("a")
         command = [str(BIN)]
@@ -71,11 +79,13 @@ class DaemonProcess:
                     f"rebuildd exited with {self.process.returncode}: {self.log.read_text()[-2000:]}"
                 )
             try:
-                httpx.get(f"{self.url}/", timeout=1)
-                return
+                response = httpx.get(f"{self.url}/readyz", timeout=1)
+                if not ready or response.status_code == 200:
+                    return
             except httpx.TransportError:
-                time.sleep(0.05)
-        raise RuntimeError("rebuildd did not answer within 60 s")
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("rebuildd was not ready within 60 s")
 
     def wait_exit(self, timeout: float = 60) -> int:
         assert self.process is not None

@@ -15,8 +15,8 @@ from tests.process import BIN, free_port
 
 
 def test_serve_notifies_systemd_and_closes_on_sigterm(tmp_path: Path) -> None:
-    """serve sends READY=1 once it listens, answers HTTP, and on SIGTERM sends STOPPING=1 and
-    closes libvirt and the database before exiting."""
+    """serve sends READY=1 once it listens (and recovery is done), answers HTTP, and on SIGTERM
+    sends STOPPING=1 and closes libvirt and the database before exiting."""
     env = {**os.environ, "REBUILDD_STATE_DIR": str(tmp_path), "REBUILDD_LOG_FORMAT": "json"}
     for command in (["db", "upgrade"], ["seed-demo"]):
         subprocess.run([str(BIN), *command], env=env, check=True, capture_output=True, timeout=120)
@@ -33,7 +33,8 @@ def test_serve_notifies_systemd_and_closes_on_sigterm(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        assert notify.recv(64) == b"READY=1"
+        while (message := notify.recv(256)) != b"READY=1":
+            assert b"READY=1" not in message
         response = httpx.get(f"http://127.0.0.1:{port}/v2.1/flavors", timeout=10)
         assert [f["name"] for f in response.json()["flavors"]] == ["m1.tiny", "m1.small"]
         process.send_signal(signal.SIGTERM)

@@ -145,7 +145,7 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
                 )
         assert daemon.wait_exit() == -9, "the kill hook did not fire"
 
-        daemon.start()  # recovery runs before the API answers
+        daemon.start()  # returns once /readyz says recovery is done
         server = daemon.get(f"/v2.1/servers/{server_id}")["server"]
         assert server["OS-EXT-STS:task_state"] is None
         rolled_back = server["image"]["id"] == old_image
