@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: run test bench lint format venv system-run system-test libvirtd postgres openstack-venvs guest-image clean
 
 ## run: install what is missing, migrate, seed the demo data, serve on $(HOST):$(PORT)
-run: system-run $(VENV)/.installed
+run: system-run $(VENV)/.run-installed
 	$(BIN)/rebuildd db upgrade
 	$(BIN)/rebuildd seed-demo
 	exec $(BIN)/rebuildd serve --host $(HOST) --port $(PORT)
@@ -22,7 +22,7 @@ run: system-run $(VENV)/.installed
 test: system-test $(VENV)/.installed libvirtd postgres openstack-venvs guest-image lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## bench: issue 5's benchmark against a live daemon (test driver, then real QEMU for --qemu);
+## bench: the benchmark against a live daemon (test driver, then real QEMU for --qemu);
 ## BENCH_ARGS='--postgres', see --help. The daemon runs from $(RUN_VENV), which holds rebuildd's
 ## runtime dependencies only, as a host's install does (the dev venv's test tools change what
 ## its imports load: structlog takes in rich when it is there).
@@ -50,6 +50,13 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix rebuildd tests alembic
 
 venv: $(VENV)/.installed
+
+# make run needs rebuildd's runtime dependencies only; the dev venv (make test) is a superset.
+$(VENV)/.run-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -28,8 +28,9 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rebuildd import cinder, glance, httpguard, lifecycle, recovery, sdnotify
+from rebuildd import cinder, glance, httpguard, lifecycle, migrations, recovery, sdnotify
 from rebuildd.api import ImageAPI, Services, create_app
 from rebuildd.auth import Authenticator, Policy, TokensFileError, TokenTable
 from rebuildd.cinder import CinderVolumeService
@@ -171,6 +172,16 @@ def _make_state_dir(state: Path) -> None:
     (state / "images").chmod(0o700)
 
 
+async def _migrated_engine(settings: Settings) -> AsyncEngine:
+    """The database's engine, once its schema is at this rebuildd's head revision (else the
+    start stops with one line saying to run ``rebuildd db upgrade``)."""
+    engine = create_engine(settings.effective_database_url)
+    if (problem := await migrations.unmigrated(engine)) is not None:
+        await engine.dispose()
+        raise SettingsError(problem)
+    return engine
+
+
 async def open_daemon(
     settings: Settings,
     *,
@@ -201,7 +212,7 @@ async def open_daemon(
     state = settings.state_dir
     _make_state_dir(state)
     metrics = Metrics()
-    store = Store(create_engine(settings.effective_database_url), metrics=metrics)
+    store = Store(await _migrated_engine(settings), metrics=metrics)
     hypervisor = await _open_hypervisor(settings)
     host = settings.effective_host
     disks = DiskManager(

@@ -3,7 +3,7 @@
 Owns parsing, defaults and the checks of the start (``load``): an unknown ``REBUILDD_*``
 variable or file key, a missing file or an invalid value stops the start with one line.
 Settings are built once, in the entry point, and passed down; nothing else reads the
-environment. Every field is documented in the README's settings table.
+environment. Every field is documented in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -386,6 +386,6 @@ def _check_config_file(path: Path) -> None:
 def _unknown(name: str, *, shown: str, where: str, prefix: str) -> ConfigError:
     close = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
     if not close:
-        return ConfigError(f"unknown setting {shown}{where} (see the README's settings table)")
+        return ConfigError(f"unknown setting {shown}{where} (see docs/configuration.md)")
     suggestion = f"{prefix}{close[0].upper()}" if prefix else close[0]
     return ConfigError(f"unknown setting {shown}{where}; did you mean {suggestion}?")

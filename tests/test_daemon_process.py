@@ -79,3 +79,26 @@ def test_settings_that_cannot_work_stop_the_start_with_one_clear_line(tmp_path: 
         "REBUILDD_KEYSTONE_USERNAME, REBUILDD_KEYSTONE_PASSWORD, REBUILDD_KEYSTONE_PROJECT_NAME"
     )
     assert not (tmp_path / "state" / "rebuildd.db").exists()
+
+
+def test_serve_on_an_unmigrated_database_says_to_run_db_upgrade(tmp_path: Path) -> None:
+    """``rebuildd serve`` on a database ``db upgrade`` never ran on exits at once with one line
+    saying what to run, and no traceback."""
+    env = {
+        **os.environ,
+        "REBUILDD_STATE_DIR": str(tmp_path / "state"),
+        "REBUILDD_LIBVIRT_URI": "test:///default",
+    }
+    result = subprocess.run(
+        [str(BIN), "serve", "--port", str(free_port())],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: cannot start: the database has no schema yet: run `rebuildd db upgrade` first"
+    ]

@@ -1,4 +1,5 @@
-"""The README's walk-through works verbatim against a live daemon, and documents every setting."""
+"""The README's walk-through works verbatim against a live daemon; the docs document every
+setting, and every link in them resolves inside the repository."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from pathlib import Path
 from rebuildd.settings import Settings
 from tests.live import LiveDaemon
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _walkthrough() -> str:
@@ -45,7 +49,29 @@ def test_walkthrough_runs_verbatim(daemon: LiveDaemon) -> None:
 
 
 def test_every_setting_is_documented() -> None:
-    """Each Settings field appears in the README's table as its environment variable."""
-    text = README.read_text()
+    """Each Settings field appears in docs/configuration.md as its environment variable."""
+    text = CONFIGURATION.read_text()
     missing = [n for n in Settings.model_fields if f"`REBUILDD_{n.upper()}`" not in text]
     assert missing == []
+
+
+def test_every_link_resolves_inside_the_repository() -> None:
+    """Each relative link of the README and docs/ names a file of this repository, and none
+    leaves it (a clone has nothing beside it)."""
+    broken = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            path = (doc.parent / target).resolve()
+            if not path.is_relative_to(ROOT) or not path.exists():
+                broken.append(f"{doc.name}: {target}")
+        if "../shared" in text:
+            broken.append(f"{doc.name}: ../shared")
+    assert broken == []
+
+
+def test_readme_is_short() -> None:
+    """The README stays a five-minute read: reference material lives in docs/."""
+    assert len(README.read_bytes()) < 10_000
