@@ -444,6 +444,38 @@ def test_a_stopped_server_rebuilt_stays_stopped_and_boots_b_on_start(guests: Gue
     assert boot.fact("ROOT", "previous") == "none"
 
 
+def test_a_guest_that_powers_itself_off_is_seen_as_shutoff(guests: Guests) -> None:
+    """A guest that powers itself off (its user data says so) is turned SHUTOFF by the
+    power-state sync on libvirt's lifecycle event, not left ACTIVE."""
+    assert guests.live.settings.power_sync_interval >= BOOT_LIMIT  # only the event can do it
+    body = {
+        "server": {
+            "name": "guest-self-off",
+            "imageRef": guests.images["A"],
+            "flavorRef": "guest",
+            "config_drive": True,
+            "networks": "none",
+            "user_data": b64("#cloud-config\ntinyguest: poweroff\n"),
+        }
+    }
+    response = guests.live.client.post("/v2.1/servers", json=body, headers=MV)
+    assert response.status_code == 202, response.text
+    server_id: str = response.json()["server"]["id"]
+    guests.servers.append(server_id)
+    console = Console(guests.consoles / f"{PREFIX}{server_id}.log")
+    boot = console.ready(1)
+    deadline = time.monotonic() + BOOT_LIMIT
+    while not any(line.startswith("TINYGUEST POWEROFF") for line in boot.lines):
+        assert time.monotonic() < deadline, boot.lines
+        time.sleep(0.1)
+        boot = console.boots()[0]
+    assert boot.fact("POWEROFF", "by") == "user_data"
+    server = guests.live.wait_for(server_id, "SHUTOFF")
+    assert server["OS-EXT-STS:vm_state"] == "stopped"
+    assert server["OS-EXT-STS:power_state"] == 4  # SHUTDOWN
+    assert len(console.boots()) == 1  # stopped, not restarted
+
+
 # -- a daemon killed during the rebuild -------------------------------------------------------
 
 
