@@ -346,6 +346,53 @@ def test_rebuild_shuts_down_cleanly_and_boots_b_with_the_new_config(
     assert second.file_sha("meta_data.json") != first.file_sha("meta_data.json")
 
 
+def shutdowns(live: LiveDaemon) -> dict[str, float]:
+    """rebuildd_guest_shutdowns_total of rebuilds, by result, from GET /metrics."""
+    text = live.client.get("/metrics").text
+    pattern = r'^rebuildd_guest_shutdowns_total\{action="rebuild",result="(\w+)"\} (\S+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
+
+
+def set_shutdown_timeout(live: LiveDaemon, image_id: str, value: str | None) -> None:
+    """Add (or, with None, remove) the image's os_shutdown_timeout, by Glance's JSON patch."""
+    op = {"op": "add", "path": "/os_shutdown_timeout", "value": value}
+    if value is None:
+        op = {"op": "remove", "path": "/os_shutdown_timeout"}
+    response = live.client.patch(
+        f"/image/v2/images/{image_id}",
+        json=[op],
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("shutdown", ["clean", "destroyed"])
+def test_the_daemon_records_how_the_rebuild_powered_the_guest_off(
+    guests: Guests, shutdown: str
+) -> None:
+    """The daemon's record of a rebuild's power-off (rebuildd_guest_shutdowns_total) says
+    clean when the guest powered off on the ACPI request, destroyed when its image's
+    os_shutdown_timeout of 0 gave it none, as the guest's console shows."""
+    live = guests.live
+    if shutdown == "destroyed":  # the server keeps the properties of the image it was made from
+        set_shutdown_timeout(live, guests.images["A"], "0")
+    try:
+        server_id, console = guests.create(f"guest-{shutdown}")
+    finally:
+        if shutdown == "destroyed":
+            set_shutdown_timeout(live, guests.images["A"], None)
+    console.ready(1)
+    before = shutdowns(live)
+    guests.rebuild(server_id)
+    assert console.ready(2).fact("BOOTED", "tag") == "B"
+    after = shutdowns(live)
+    powered_off = console.boots()[0].lines[-1].startswith("TINYGUEST POWEROFF by=acpi")
+    assert powered_off == (shutdown == "clean")
+    other = "destroyed" if shutdown == "clean" else "clean"
+    assert after.get(shutdown, 0) == before.get(shutdown, 0) + 1
+    assert after.get(other, 0) == before.get(other, 0)
+
+
 def test_preserve_ephemeral_keeps_the_marker_and_its_absence_blanks_it(guests: Guests) -> None:
     """preserve_ephemeral true: the marker the guest wrote before the rebuild is read after it;
     false: the ephemeral disk is blank again."""
