@@ -43,6 +43,13 @@ class Metrics:
             ["action", "result"],
             registry=self.registry,
         )
+        self.guest_shutdowns = Counter(
+            "rebuildd_guest_shutdowns",
+            "Running guests a rebuild powered off, by result: clean (the guest shut down by "
+            "itself within its timeout) or destroyed (timeout reached, or 0).",
+            ["action", "result"],
+            registry=self.registry,
+        )
         self.image_downloads = Counter(
             "rebuildd_image_downloads",
             "Images fetched from the image service into the image cache.",

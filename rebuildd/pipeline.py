@@ -491,9 +491,13 @@ async def _record_power_state(ctx: RebuildContext) -> None:
 
 async def _power_off(ctx: RebuildContext) -> None:
     """Not a fact (no undo needs it, and a journal write would follow): a guest that did not
-    shut down within its timeout is logged, as Nova logs it."""
+    shut down within its timeout is logged, as Nova logs it, and counted in memory
+    (``rebuildd_guest_shutdowns``) either way."""
     timeout = shutdown_timeout(ctx.before, ctx.deps.shutdown_timeout)
     clean = await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=timeout)
+    if ctx.facts.was_running:
+        result = "clean" if clean and timeout > 0 else "destroyed"
+        ctx.deps.runner.metrics.guest_shutdowns.labels(action="rebuild", result=result).inc()
     if not clean and timeout > 0:
         log.warning(
             "guest did not shut down in time; destroyed",

@@ -346,6 +346,53 @@ def test_rebuild_shuts_down_cleanly_and_boots_b_with_the_new_config(
     assert second.file_sha("meta_data.json") != first.file_sha("meta_data.json")
 
 
+def shutdowns(live: LiveDaemon) -> dict[str, float]:
+    """rebuildd_guest_shutdowns_total of rebuilds, by result, from GET /metrics."""
+    text = live.client.get("/metrics").text
+    pattern = r'^rebuildd_guest_shutdowns_total\{action="rebuild",result="(\w+)"\} (\S+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
+
+
+def set_shutdown_timeout(live: LiveDaemon, image_id: str, value: str | None) -> None:
+    """Add (or, with None, remove) the image's os_shutdown_timeout, by Glance's JSON patch."""
+    op = {"op": "add", "path": "/os_shutdown_timeout", "value": value}
+    if value is None:
+        op = {"op": "remove", "path": "/os_shutdown_timeout"}
+    response = live.client.patch(
+        f"/image/v2/images/{image_id}",
+        json=[op],
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("shutdown", ["clean", "destroyed"])
+def test_the_daemon_records_how_the_rebuild_powered_the_guest_off(
+    guests: Guests, shutdown: str
+) -> None:
+    """The daemon's record of a rebuild's power-off (rebuildd_guest_shutdowns_total) says
+    clean when the guest powered off on the ACPI request, destroyed when its image's
+    os_shutdown_timeout of 0 gave it none, as the guest's console shows."""
+    live = guests.live
+    if shutdown == "destroyed":  # the server keeps the properties of the image it was made from
+        set_shutdown_timeout(live, guests.images["A"], "0")
+    try:
+        server_id, console = guests.create(f"guest-{shutdown}")
+    finally:
+        if shutdown == "destroyed":
+            set_shutdown_timeout(live, guests.images["A"], None)
+    console.ready(1)
+    before = shutdowns(live)
+    guests.rebuild(server_id)
+    assert console.ready(2).fact("BOOTED", "tag") == "B"
+    after = shutdowns(live)
+    powered_off = console.boots()[0].lines[-1].startswith("TINYGUEST POWEROFF by=acpi")
+    assert powered_off == (shutdown == "clean")
+    other = "destroyed" if shutdown == "clean" else "clean"
+    assert after.get(shutdown, 0) == before.get(shutdown, 0) + 1
+    assert after.get(other, 0) == before.get(other, 0)
+
+
 def test_preserve_ephemeral_keeps_the_marker_and_its_absence_blanks_it(guests: Guests) -> None:
     """preserve_ephemeral true: the marker the guest wrote before the rebuild is read after it;
     false: the ephemeral disk is blank again."""
@@ -442,6 +489,38 @@ def test_a_stopped_server_rebuilt_stays_stopped_and_boots_b_on_start(guests: Gue
     boot = console.ready(len(boots) + 1)
     assert boot.fact("BOOTED", "tag") == "B"
     assert boot.fact("ROOT", "previous") == "none"
+
+
+def test_a_guest_that_powers_itself_off_is_seen_as_shutoff(guests: Guests) -> None:
+    """A guest that powers itself off (its user data says so) is turned SHUTOFF by the
+    power-state sync on libvirt's lifecycle event, not left ACTIVE."""
+    assert guests.live.settings.power_sync_interval >= BOOT_LIMIT  # only the event can do it
+    body = {
+        "server": {
+            "name": "guest-self-off",
+            "imageRef": guests.images["A"],
+            "flavorRef": "guest",
+            "config_drive": True,
+            "networks": "none",
+            "user_data": b64("#cloud-config\ntinyguest: poweroff\n"),
+        }
+    }
+    response = guests.live.client.post("/v2.1/servers", json=body, headers=MV)
+    assert response.status_code == 202, response.text
+    server_id: str = response.json()["server"]["id"]
+    guests.servers.append(server_id)
+    console = Console(guests.consoles / f"{PREFIX}{server_id}.log")
+    boot = console.ready(1)
+    deadline = time.monotonic() + BOOT_LIMIT
+    while not any(line.startswith("TINYGUEST POWEROFF") for line in boot.lines):
+        assert time.monotonic() < deadline, boot.lines
+        time.sleep(0.1)
+        boot = console.boots()[0]
+    assert boot.fact("POWEROFF", "by") == "user_data"
+    server = guests.live.wait_for(server_id, "SHUTOFF")
+    assert server["OS-EXT-STS:vm_state"] == "stopped"
+    assert server["OS-EXT-STS:power_state"] == 4  # SHUTDOWN
+    assert len(console.boots()) == 1  # stopped, not restarted
 
 
 # -- a daemon killed during the rebuild -------------------------------------------------------
