@@ -27,7 +27,7 @@ import anyio
 
 from rebuildd import errors, imagecheck
 from rebuildd.auth import image_visible
-from rebuildd.disks import DiskManager, touch
+from rebuildd.disks import DiskManager, os_error, touch
 from rebuildd.metrics import Metrics
 from rebuildd.models import Image, RequestContext, utcnow
 from rebuildd.ports import ImageService
@@ -70,7 +70,8 @@ class LocalImageService:
         try:
             await anyio.to_thread.run_sync(shutil.copyfile, self._path(image_id), dest)
         except OSError as exc:
-            raise errors.ImageFetchError(image_id=image_id, reason=str(exc)) from exc
+            reason = exc.strerror or type(exc).__name__  # never the host path
+            raise errors.ImageFetchError(image_id=image_id, reason=reason) from exc
 
     # -- the Glance-compatible API's operations -------------------------------------------------
 
@@ -122,7 +123,10 @@ class LocalImageService:
         path = self._path(image_id)
         partial = self.directory / f".{path.name}.{uuid.uuid4().hex}.part"
         try:
-            size, md5, sha512 = await _write_new(partial, chunks)
+            try:
+                size, md5, sha512 = await _write_new(partial, chunks)
+            except OSError as exc:  # a full disk is Glance's 413; no path either way
+                raise os_error("the image", exc) from exc
             info = await self._check(partial, image.disk_format)
             await anyio.Path(partial).rename(path)
         except BaseException:

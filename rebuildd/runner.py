@@ -719,4 +719,6 @@ def _fault_message(exc: BaseException) -> str:
         return exc.message
     if isinstance(exc, asyncio.CancelledError):
         return Interrupted(when="shut down").message
+    if isinstance(exc, OSError) and exc.strerror:  # never the host path the OS put in it
+        return f"{type(exc).__name__}: {exc.strerror}"
     return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,80 @@
+"""A full file system under the instances directory, and disk errors in general: what a user
+reads (a server's fault, an API error) names no host path, and a failed disk leaves nothing
+half-made."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from rebuildd.disks import DiskManager
+from rebuildd.errors import DiskError
+from tests.live import LiveDaemon, start_live_daemon
+from tests.test_database_faults import _fill, settled, small_tmpfs
+
+
+def _fault(live: LiveDaemon, server_id: str) -> str:
+    faults = live.run(live.daemon.store.latest_faults([server_id]))
+    message: str = faults[server_id].message
+    return message
+
+
+def _disks(live: LiveDaemon, server_id: str) -> set[str]:
+    in_use: set[str] = live.run(live.daemon.store.paths_in_use())
+    return {p for p in in_use if f"/{server_id}/" in p}
+
+
+def test_a_full_instances_dir_fails_rebuild_and_create_without_a_host_path(
+    tmp_path: Path,
+) -> None:
+    """With the instances directory's file system full, a rebuild rolls back to its old disk
+    and a create ends in ERROR, each fault naming no path under the state dir, and no disk
+    file is left half-made."""
+    state = tmp_path / "state"
+    with small_tmpfs(state / "instances", "16m") as instances:
+        live = start_live_daemon(state)
+        try:
+            server_id = live.create_server("old")
+            old_disks = _disks(live, server_id)
+            assert old_disks
+            _fill(instances / "filler")
+            response = live.client.post(
+                f"/v2.1/servers/{server_id}/action",
+                json={"rebuild": {"imageRef": live.image_ids[1]}},
+            )
+            assert response.status_code == 202, response.text
+            live.wait_for(server_id, "ACTIVE")
+            assert live.server(server_id)["image"]["id"] == live.image_ids[0]
+            assert _disks(live, server_id) == old_disks
+            assert all(Path(p).exists() for p in old_disks)
+            fault = _fault(live, server_id)
+            assert "space" in fault.lower(), fault
+            assert str(state) not in fault and "/instances" not in fault, fault
+            settled(live)
+
+            body = {"server": {"name": "new", "imageRef": live.image_ids[1], "flavorRef": "1"}}
+            response = live.client.post("/v2.1/servers", json=body)
+            assert response.status_code == 202, response.text
+            new_id = response.json()["server"]["id"]
+            shown = live.wait_for(new_id, "ERROR")
+            message = shown["fault"]["message"]
+            assert "space" in message.lower(), message
+            assert str(state) not in message and "/instances" not in message, message
+            assert not (instances / new_id).exists() or not any((instances / new_id).iterdir())
+        finally:
+            live.stop()
+
+
+def test_a_qemu_img_failure_names_no_host_path(tmp_path: Path) -> None:
+    """qemu-img's own message about a file it cannot open keeps only the file's last name."""
+    disks = DiskManager(tmp_path / "instances")
+    missing = tmp_path / "instances" / "nothing-here.qcow2"
+    try:
+        asyncio.run(disks.info(missing, fmt="qcow2"))
+    except DiskError as exc:
+        assert "nothing-here.qcow2" in exc.message
+        assert str(tmp_path) not in exc.message, exc.message
+    else:
+        raise AssertionError("qemu-img info of a missing file succeeded")
+    finally:
+        disks.close()
