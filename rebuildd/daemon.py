@@ -29,7 +29,7 @@ from rebuildd.cinder import CinderVolumeService
 from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.glance import GlanceImageService
 from rebuildd.hypervisor import LibvirtHypervisor
-from rebuildd.images import ImageCache, LocalImageService
+from rebuildd.images import ImageCache, LocalImageService, recover_interrupted
 from rebuildd.instance_events import InstanceEvents
 from rebuildd.keystone import (
     TIMEOUT,
@@ -231,6 +231,7 @@ async def open_daemon(
         volumes=local_volumes,
         volume_store=volume_store,
     )
+    await recover_interrupted(images, cache, store)
     await recovery.recover(deps, domain, volumes=volume_store)
     log.info(
         "daemon opened",
