@@ -28,6 +28,7 @@ on Nova's messages keeps working.
     │   ├── IdentityUnavailable                          answer the request is down)
     │   ├── ImageServiceUnavailable
     │   ├── VolumeServiceUnavailable
+    │   ├── NameFilterBusy         (with Retry-After)
     │   └── DatabaseUnavailable    (with Retry-After)
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
         ├── HypervisorError, DiskError, ImageFetchError      request, recorded as a fault)
@@ -308,6 +309,18 @@ class UnsupportedMediaType(RebuilddError):
 
 class ServiceUnavailable(RebuilddError):
     template = "The server is currently unavailable. Please try again at a later time."
+    retry_after: ClassVar[int | None] = None  # seconds: the 503's Retry-After, if any
+
+
+class NameFilterBusy(ServiceUnavailable):
+    """Too many name-filtered listings already wait for the one regex worker (namefilter.py):
+    refused at once rather than queued behind them."""
+
+    template = (
+        "Too many listings filtered by a name pattern are waiting; try again in a moment or "
+        "filter by an exact name."
+    )
+    retry_after: ClassVar[int | None] = 1
 
 
 class IdentityUnavailable(ServiceUnavailable):
@@ -339,7 +352,7 @@ class DatabaseUnavailable(ServiceUnavailable):
     was written (or, for a job's bookkeeping, it is written again once the database answers)."""
 
     template = "The database is unavailable ({reason}); try again later."
-    retry_after: ClassVar[int] = 2  # seconds, the Retry-After of the 503
+    retry_after: ClassVar[int | None] = 2
 
 
 class OperationFailed(RebuilddError):
