@@ -32,7 +32,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -43,7 +42,12 @@ from typing import Any, Final
 import anyio
 
 from rebuildd import configdrive
-from rebuildd.errors import DiskError, FlavorDiskSmallerThanImage, InsufficientStorage
+from rebuildd.errors import (
+    DiskError,
+    FlavorDiskSmallerThanImage,
+    InsufficientStorage,
+    without_host_paths,
+)
 from rebuildd.offload import Offload
 
 MiB: Final = 1024**2
@@ -61,8 +65,6 @@ EPHEMERAL_FORMATS: Final = {
 NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # The same errors in a tool's stderr (qemu-img, mkfs print strerror).
 _NO_SPACE_WORDS: Final = tuple(os.strerror(code) for code in sorted(NO_SPACE))
-# An absolute path in a tool's message: kept as its last component only.
-_PATH: Final = re.compile(r"(?<![\w.~])/(?:[^\s'\"`:,/]+/)*([^\s'\"`:,/]*)")
 
 
 class VolumeTooSmall(DiskError):
@@ -312,7 +314,7 @@ async def _run(program: str, *args: str, name: str | None = None) -> str:
         for words in _NO_SPACE_WORDS:
             if words in reason:
                 raise DiskSpaceExhausted(what=f"a disk ({command})", reason=words) from None
-        raise DiskError(command=command, reason=_PATH.sub(r"\1", reason))
+        raise DiskError(command=command, reason=without_host_paths(reason))
     return stdout.decode()
 
 

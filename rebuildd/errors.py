@@ -38,7 +38,12 @@ on Nova's messages keeps working.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import re
+from typing import ClassVar, Final
+
+# An absolute path of three or more components that no word, dot, colon or slash precedes
+# (so a URL's path is left alone): a host path, e.g. in a tool's or libvirt's message.
+_HOST_PATH: Final = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"`:,/]+/){2,}([^\s'\"`:,/]*)")
 
 
 class RebuilddError(Exception):
@@ -406,6 +411,11 @@ HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
     ServiceUnavailable: (503, "serviceUnavailable"),
     OperationFailed: (500, "computeFault"),
 }
+
+
+def without_host_paths(message: str) -> str:
+    """``message`` with every host path cut to its last component (a user reads it)."""
+    return _HOST_PATH.sub(r"\1", message)
 
 
 def http_fault(error: RebuilddError) -> tuple[int, str]:

@@ -715,10 +715,10 @@ def _exception_payload(exc: BaseException, message: str, details: str) -> dict[s
 
 
 def _fault_message(exc: BaseException) -> str:
+    """What the server's owner reads: no host path (a tool's or libvirt's words may name
+    one), and of an error that is not ours only its class, as Nova answers OSSA-2019-003."""
     if isinstance(exc, errors.RebuilddError):
-        return exc.message
+        return errors.without_host_paths(exc.message)
     if isinstance(exc, asyncio.CancelledError):
         return Interrupted(when="shut down").message
-    if isinstance(exc, OSError) and exc.strerror:  # never the host path the OS put in it
-        return f"{type(exc).__name__}: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__

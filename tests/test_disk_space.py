@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from rebuildd.disks import DiskManager
-from rebuildd.errors import DiskError
+from rebuildd.errors import DiskError, HypervisorError, without_host_paths
 from tests.live import LiveDaemon, start_live_daemon
 from tests.test_database_faults import _fill, settled, small_tmpfs
 
@@ -78,3 +81,57 @@ def test_a_qemu_img_failure_names_no_host_path(tmp_path: Path) -> None:
         raise AssertionError("qemu-img info of a missing file succeeded")
     finally:
         disks.close()
+
+
+class _PathNamingHypervisor:
+    """libvirt's adapter whose first ``power_off`` fails with ``error`` (a fake of a failure
+    whose words name a host path, as libvirt's and the OS's do)."""
+
+    def __init__(self, real: Any, error: BaseException) -> None:
+        self.real, self.error, self.failed = real, error, False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+        if name != "power_off":
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise self.error
+            return await attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("kind", ["libvirt", "os"])
+def test_a_failure_naming_a_host_path_leaves_it_out_of_the_fault(tmp_path: Path, kind: str) -> None:
+    """A rebuild fails with libvirt's words naming a disk's host path, or with an OS error
+    of a file: the server's fault keeps the file's last name at most, never the path."""
+    secret = tmp_path / "instances" / "0f0f" / "root-abc.qcow2"
+    error: BaseException = (
+        HypervisorError(call="power_off", reason=f"Cannot access storage file '{secret}'")
+        if kind == "libvirt"
+        else PermissionError(13, "Permission denied", str(secret))
+    )
+    live = start_live_daemon(tmp_path, hypervisor_port=lambda r: _PathNamingHypervisor(r, error))
+    try:
+        server_id = live.create_server()
+        response = live.client.post(
+            f"/v2.1/servers/{server_id}/action",
+            json={"rebuild": {"imageRef": live.image_ids[1]}},
+        )
+        assert response.status_code == 202, response.text
+        settled(live)
+        fault = _fault(live, server_id)
+        assert str(tmp_path) not in fault and "/instances/" not in fault, fault
+    finally:
+        live.stop()
+
+
+def test_without_host_paths_keeps_urls_and_short_device_paths() -> None:
+    """Host paths are cut to their last component; a URL and ``/dev/vdb`` are left whole."""
+    message = "open '/var/lib/rebuildd/_base/abc': see http://glance:9292/v2/images/x on /dev/vdb"
+    assert without_host_paths(message) == (
+        "open 'abc': see http://glance:9292/v2/images/x on /dev/vdb"
+    )
