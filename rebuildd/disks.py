@@ -146,8 +146,12 @@ class DiskManager:
             await anyio.Path(partial).rename(base)
         except OSError as exc:
             raise os_error(f"the {name} base", exc) from exc
-        except DiskSpaceExhausted as exc:  # mkfs's words for it
-            raise DiskSpaceExhausted(what=f"the {name} base", reason=exc.kwargs["reason"]) from exc
+        except (DiskError, DiskSpaceExhausted) as exc:
+            # mkswap and mkfs do not always say why a write failed: a full file system is.
+            if isinstance(exc, DiskSpaceExhausted) or await self.files.run(_full, self.base_dir):
+                reason = os.strerror(errno.ENOSPC)
+                raise DiskSpaceExhausted(what=f"the {name} base", reason=reason) from exc
+            raise
         finally:
             await anyio.Path(partial).unlink(missing_ok=True)
         return base
@@ -341,6 +345,11 @@ def blank_base_name(size_mib: int, guest_format: str) -> str:
 def _sparse_file(path: Path, size: int) -> None:
     with path.open("xb") as f:
         f.truncate(size)
+
+
+def _full(directory: Path) -> bool:
+    """Whether the file system of ``directory`` has no block left for us."""
+    return os.statvfs(directory).f_bavail == 0
 
 
 def touch(path: Path) -> bool:

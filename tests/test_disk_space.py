@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from rebuildd.disks import DiskManager
+from rebuildd import errors
+from rebuildd.configdrive import ConfigDriveData
+from rebuildd.disks import DiskManager, DiskSpaceExhausted
 from rebuildd.errors import DiskError, HypervisorError, without_host_paths
 from tests.live import LiveDaemon, start_live_daemon
 from tests.test_database_faults import _fill, settled, small_tmpfs
@@ -135,3 +137,68 @@ def test_without_host_paths_keeps_urls_and_short_device_paths() -> None:
     assert without_host_paths(message) == (
         "open 'abc': see http://glance:9292/v2/images/x on /dev/vdb"
     )
+
+
+class TestFullFileSystem:
+    """Each kind of disk made on a full file system: a DiskSpaceExhausted naming the disk,
+    never its path, and no file left behind."""
+
+    def test_blank_bases_overlays_and_config_drives(self, tmp_path: Path) -> None:
+        """An ephemeral base, a swap base and a config drive each fail as DiskSpaceExhausted
+        with no path in the message, and leave no file."""
+        with small_tmpfs(tmp_path / "fs", "4m") as fs:
+            disks = DiskManager(fs / "instances", base_dir=fs / "_base")
+            server = "0f0f0f0f-0000-4000-8000-000000000001"
+            (fs / "instances").mkdir()
+            (fs / "_base").mkdir()
+            _fill(fs / "filler")
+            data = ConfigDriveData(
+                server_id=server, name="s", hostname="s", project_id="p", image_id=None,
+                flavor_name="m1.tiny", user_data="aGVsbG8=",
+            )  # fmt: skip
+            attempts = [
+                disks.create_blank(
+                    path=disks.new_disk_path(server, "ephemeral0"), size_mib=8, guest_format="ext4"
+                ),
+                disks.create_blank(
+                    path=disks.new_disk_path(server, "swap"), size_mib=8, guest_format="swap"
+                ),
+                disks.create_config_drive(disks.new_disk_path(server, "config"), data),
+            ]
+            try:
+                for attempt in attempts:
+                    with pytest.raises(DiskSpaceExhausted) as refused:
+                        asyncio.run(attempt)
+                    assert str(fs) not in refused.value.message, refused.value.message
+                    assert errors.http_fault(refused.value)[0] == 413
+            finally:
+                disks.close()
+            left = [p for p in fs.rglob("*") if p.is_file() and p.name != "filler"]
+            assert left == []
+
+
+def test_an_image_upload_onto_a_full_disk_is_413_and_stays_queued(tmp_path: Path) -> None:
+    """An image upload whose bytes do not fit on the image store's file system is Glance's
+    413 naming no path, and the image stays ``queued`` with no file left."""
+    state = tmp_path / "state"
+    with small_tmpfs(state / "images", "16m") as images:
+        live = start_live_daemon(state)
+        try:
+            created = live.client.post(
+                "/image/v2/images",
+                json={"name": "big", "disk_format": "raw", "container_format": "bare"},
+            )
+            image_id = created.json()["id"]
+            _fill(images / "filler")
+            response = live.client.put(
+                f"/image/v2/images/{image_id}/file",
+                content=b"\0" * (1 << 20),
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            assert response.status_code == 413, response.text
+            assert str(state) not in response.text, response.text
+            image = live.client.get(f"/image/v2/images/{image_id}").json()
+            assert image["status"] == "queued"
+            assert not list(images.glob(f"*{image_id}*"))
+        finally:
+            live.stop()
