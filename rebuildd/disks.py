@@ -233,9 +233,9 @@ class DiskManager:
         (``qemu-img convert``: a full copy, zeroes left sparse) and grown to the size. Written
         under a temporary name and renamed over ``path``, so a re-image replaces the old bytes
         only once the new ones are whole. A source larger than the size is refused."""
-        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
         try:
+            await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
             if source is None:
                 await anyio.to_thread.run_sync(_sparse_file, partial, size_bytes)
             else:
@@ -248,6 +248,8 @@ class DiskManager:
                 )  # fmt: skip
                 await anyio.to_thread.run_sync(os.truncate, partial, size_bytes)
             await anyio.Path(partial).rename(path)
+        except DiskSpaceExhausted as exc:  # qemu-img convert's words for it
+            raise DiskSpaceExhausted(what="the volume", reason=exc.kwargs["reason"]) from exc
         except OSError as exc:
             # No DiskSpaceExhausted here: LocalVolumeService names the volume and its size.
             reason = exc.strerror or type(exc).__name__

@@ -202,3 +202,25 @@ def test_an_image_upload_onto_a_full_disk_is_413_and_stays_queued(tmp_path: Path
             assert not list(images.glob(f"*{image_id}*"))
         finally:
             live.stop()
+
+
+def test_a_volume_from_an_image_onto_a_full_disk_is_413_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """A volume made from an image whose bytes do not fit on the volume store's file system
+    is Cinder's 413 naming no path, and no volume or file is left of it."""
+    state = tmp_path / "state"
+    with small_tmpfs(state / "volumes", "8m") as volumes:
+        live = start_live_daemon(state)
+        try:
+            _fill(volumes / "filler")
+            response = live.client.post(
+                "/volume/v3/demo/volumes",
+                json={"volume": {"size": 1, "imageRef": live.image_ids[0]}},
+            )
+            assert response.status_code == 413, response.text
+            assert str(state) not in response.text, response.text
+            assert live.client.get("/volume/v3/demo/volumes").json()["volumes"] == []
+            assert [p.name for p in volumes.iterdir()] == ["filler"]
+        finally:
+            live.stop()
