@@ -176,6 +176,17 @@ class DiskManager:
         async for template in templates.glob(f"{base.name}-*.qcow2"):
             await template.unlink(missing_ok=True)
 
+    async def remove_partials(self) -> int:
+        """At start: the half-made overlay templates a killed daemon left. Returns how many."""
+        templates = anyio.Path(self.instances_dir / "_templates")
+        if not await templates.exists():
+            return 0
+        removed = 0
+        async for partial in templates.glob(".*.partial"):
+            await partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     async def create_overlay(
         self, *, base: Path, base_format: str, path: Path, size_bytes: int | None
     ) -> None:

@@ -329,6 +329,7 @@ async def recover_interrupted(images: object, cache: ImageCache, store: Store) -
     if isinstance(images, LocalImageService):
         await images.recover_uploads(database_local=store.engine.dialect.name == "sqlite")
     await cache.remove_partials()
+    await cache.disks.remove_partials()
 
 
 async def _write_new(path: Path, chunks: AsyncIterator[bytes]) -> tuple[int, str, str]:

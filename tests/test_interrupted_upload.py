@@ -29,8 +29,8 @@ def _until(condition: Callable[[], bool], what: str) -> None:
 
 def test_an_upload_cut_by_a_kill_is_queued_again_after_restart(tmp_path: Path) -> None:
     """An upload in flight when the daemon is SIGKILLed leaves the image ``saving`` and a
-    ``.part`` file; the restarted daemon puts it back to ``queued``, removes the ``.part``
-    files (the store's and the cache's), and a new upload of it succeeds."""
+    ``.part`` file; the restarted daemon puts it back to ``queued``, removes the partial
+    files (the store's, the cache's, the templates'), and a new upload of it succeeds."""
     daemon = DaemonProcess(tmp_path)
     daemon.prepare()
     daemon.start()
@@ -73,12 +73,15 @@ def test_an_upload_cut_by_a_kill_is_queued_again_after_restart(tmp_path: Path) -
         stale_base = tmp_path / "_base" / f"{image_id}.0123abcd.part"
         stale_base.parent.mkdir(exist_ok=True)
         stale_base.write_bytes(b"half")
+        stale_template = tmp_path / "instances" / "_templates" / ".0123abcd.partial"
+        stale_template.parent.mkdir(parents=True, exist_ok=True)
+        stale_template.write_bytes(b"half")
 
         daemon.start()
         with daemon.client() as client:
             assert client.get(f"/image/v2/images/{image_id}").json()["status"] == "queued"
             assert not list(images.glob(".*.part"))
-            assert not stale_base.exists()
+            assert not stale_base.exists() and not stale_template.exists()
             response = client.put(
                 f"/image/v2/images/{image_id}/file",
                 content=b"\0" * 131072,
