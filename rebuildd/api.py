@@ -540,10 +540,7 @@ async def _rebuildd_error(request: Request, exc: errors.RebuilddError) -> JSONRe
         headers = {"WWW-Authenticate": authenticator.challenge}
     if isinstance(exc, errors.ServiceUnavailable) and exc.retry_after is not None:
         headers = {"Retry-After": str(exc.retry_after)}
-    # A step's failure (libvirt's or a tool's words) may name a host path; a refusal's
-    # message may echo the caller's input, which is theirs to see.
-    message = errors.without_host_paths(exc.message) if status == 500 else exc.message
-    return _fault_response(status, name, message, headers)
+    return _fault_response(status, name, errors.user_message(exc), headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

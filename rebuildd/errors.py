@@ -418,6 +418,14 @@ def without_host_paths(message: str) -> str:
     return _HOST_PATH.sub(r"\1", message)
 
 
+def user_message(error: RebuilddError) -> str:
+    """What a user may read of ``error``: libvirt's and the host tools' words lose their host
+    paths; other messages (an upstream service's URL paths, the caller's own input) are kept."""
+    if isinstance(error, (HypervisorError, DiskError)):
+        return without_host_paths(error.message)
+    return error.message
+
+
 def http_fault(error: RebuilddError) -> tuple[int, str]:
     """The (status, fault name) for an error, from the one table."""
     for cls in type(error).__mro__:

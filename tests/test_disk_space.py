@@ -139,6 +139,14 @@ def test_without_host_paths_keeps_urls_and_short_device_paths() -> None:
     )
 
 
+def test_only_host_words_lose_their_paths() -> None:
+    """libvirt's words lose their host paths; an upstream service's URL path is kept."""
+    libvirt = HypervisorError(call="start", reason="Cannot access '/var/lib/rebuildd/a/b'")
+    glance = errors.ImageFetchError(image_id="x", reason="HTTP 404 from /v2/images/x/file")
+    assert errors.user_message(libvirt) == "libvirt start failed: Cannot access 'b'"
+    assert errors.user_message(glance) == glance.message
+
+
 class TestFullFileSystem:
     """Each kind of disk made on a full file system: a DiskSpaceExhausted naming the disk,
     never its path, and no file left behind."""
