@@ -538,9 +538,9 @@ async def _rebuildd_error(request: Request, exc: errors.RebuilddError) -> JSONRe
     if status == 401 and authenticator is not None and authenticator.challenge:
         # As keystonemiddleware: every 401 says where to authenticate.
         headers = {"WWW-Authenticate": authenticator.challenge}
-    if isinstance(exc, errors.DatabaseUnavailable):
+    if isinstance(exc, errors.ServiceUnavailable) and exc.retry_after is not None:
         headers = {"Retry-After": str(exc.retry_after)}
-    return _fault_response(status, name, exc.message, headers)
+    return _fault_response(status, name, errors.user_message(exc), headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -227,7 +227,10 @@ def build_iso(data: ConfigDriveData, dest: Path, *, mode: int = 0o600) -> None:
         _write_new(files, dest, mode)
     except FileExistsError:
         raise
-    except (OSError, PyCdlibException) as exc:
+    except OSError as exc:  # its strerror: the file name is a host path
+        reason = exc.strerror or type(exc).__name__
+        raise DiskError(command="build config drive", reason=reason) from exc
+    except PyCdlibException as exc:
         raise DiskError(command="build config drive", reason=str(exc)) from exc
     log.info("config drive built", server_id=data.server_id, path=str(dest), files=len(files))
 

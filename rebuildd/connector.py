@@ -104,11 +104,12 @@ async def _mount_nfs(export: str, mount_point: Path, options: object) -> None:
         result = await anyio.run_process(command, check=False)
     except OSError as exc:
         raise errors.OperationFailed(
-            step="connect_volume", reason=f"cannot run mount for {export}: {exc}"
+            step="connect_volume", reason=f"cannot run mount for {export}: {exc.strerror}"
         ) from None
     if result.returncode != 0 and not _mounted(mount_point):
-        detail = result.stderr.decode(errors="replace").strip()[-300:]
+        # A fault a user reads: the mount point (a host path) is not named.
+        detail = result.stderr.decode(errors="replace").replace(str(mount_point), "<mount>")
         raise errors.OperationFailed(
             step="connect_volume",
-            reason=f"mounting {export} at {mount_point} failed: {detail or result.returncode}",
+            reason=f"mounting {export} failed: {detail.strip()[-300:] or result.returncode}",
         )

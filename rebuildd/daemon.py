@@ -38,7 +38,7 @@ from rebuildd.disks import DiskManager, blank_base_name
 from rebuildd.errors import HypervisorUnavailable
 from rebuildd.glance import GlanceImageService
 from rebuildd.hypervisor import LibvirtHypervisor
-from rebuildd.images import ImageCache, LocalImageService
+from rebuildd.images import ImageCache, LocalImageService, recover_interrupted
 from rebuildd.instance_events import InstanceEvents
 from rebuildd.keystone import (
     TIMEOUT,
@@ -314,6 +314,7 @@ async def open_daemon(
         volumes=local_volumes,
         volume_store=volume_store,
     )
+    await recover_interrupted(images, cache, store)
     log.info(
         "daemon opened",
         database=_redact(settings.effective_database_url),

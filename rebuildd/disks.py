@@ -19,11 +19,16 @@ the address-space limit only). Image files reach it only after ``imagecheck`` pa
 Ephemeral and swap disks are made as Nova's libvirt driver makes them: one raw base per (size,
 format) under ``_base`` — ``ephemeral_<MiB>_<fs>`` formatted with ``mkfs`` (label
 ``ephemeral0``), ``swap_<MiB>`` with ``mkswap`` — and a qcow2 overlay on it per server.
+
+A failure names the disk, never a host path: a full file system (ENOSPC, EDQUOT, EFBIG, from
+the OS or in a tool's words) is :class:`DiskSpaceExhausted`, any other OS error its
+``strerror`` alone, and a tool's message has its paths cut to their last component.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +42,12 @@ from typing import Any, Final
 import anyio
 
 from rebuildd import configdrive
-from rebuildd.errors import DiskError, FlavorDiskSmallerThanImage
+from rebuildd.errors import (
+    DiskError,
+    FlavorDiskSmallerThanImage,
+    InsufficientStorage,
+    without_host_paths,
+)
 from rebuildd.offload import Offload
 
 MiB: Final = 1024**2
@@ -52,12 +62,22 @@ EPHEMERAL_FORMATS: Final = {
     "ext2": ("mkfs.ext2", "-F", "-q", "-L", "ephemeral0"),
     "none": (),
 }
+NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# The same errors in a tool's stderr (qemu-img, mkfs print strerror).
+_NO_SPACE_WORDS: Final = tuple(os.strerror(code) for code in sorted(NO_SPACE))
 
 
 class VolumeTooSmall(DiskError):
     """An image whose virtual size exceeds the volume it is written into."""
 
     template = "The image's virtual size {virtual_size} exceeds the volume's {size_bytes} bytes"
+
+
+class DiskSpaceExhausted(InsufficientStorage):
+    """The host's file system refused a disk's bytes (ENOSPC, EDQUOT, EFBIG): 413 before a
+    202, a fault naming the disk (never its path) in a job, which rolls back."""
+
+    template = "Not enough space on this host to create {what}: {reason}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,26 +137,36 @@ class DiskManager:
         base = self.base_dir / name
         if await self.files.run(touch, base):  # in use: keep it from the cleanup
             return base
-        await anyio.Path(self.base_dir).mkdir(parents=True, exist_ok=True)
         partial = base.with_name(f".{name}.{uuid.uuid4().hex[:8]}.partial")
         try:
+            await anyio.Path(self.base_dir).mkdir(parents=True, exist_ok=True)
             await anyio.to_thread.run_sync(_sparse_file, partial, size_mib * MiB)
             if command:
                 await _run(command[0], *command[1:], str(partial))
             await anyio.Path(partial).rename(base)
         except OSError as exc:
-            raise DiskError(command=f"create {name}", reason=str(exc)) from exc
+            raise os_error(f"the {name} base", exc) from exc
+        except (DiskError, DiskSpaceExhausted) as exc:
+            # mkswap and mkfs do not always say why a write failed: a full file system is.
+            if isinstance(exc, DiskSpaceExhausted) or await self.files.run(_full, self.base_dir):
+                reason = os.strerror(errno.ENOSPC)
+                raise DiskSpaceExhausted(what=f"the {name} base", reason=reason) from exc
+            raise
         finally:
             await anyio.Path(partial).unlink(missing_ok=True)
         return base
 
     async def create_config_drive(self, path: Path, data: configdrive.ConfigDriveData) -> None:
         """The config drive ISO (a new file; see configdrive.py)."""
-        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
         try:
+            await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
             await anyio.to_thread.run_sync(configdrive.build_iso, data, path)
         except OSError as exc:
-            raise DiskError(command="build config drive", reason=str(exc)) from exc
+            raise os_error("the config drive", exc) from exc
+        except DiskError as exc:  # configdrive's own, for an OS error while writing
+            if isinstance(exc.__cause__, OSError):
+                raise os_error("the config drive", exc.__cause__) from exc
+            raise
 
     async def remove_templates(self, base: Path) -> None:
         """Remove the overlay templates made from ``base`` (when the cache drops it)."""
@@ -145,6 +175,17 @@ class DiskManager:
             return
         async for template in templates.glob(f"{base.name}-*.qcow2"):
             await template.unlink(missing_ok=True)
+
+    async def remove_partials(self) -> int:
+        """At start: the half-made overlay templates a killed daemon left. Returns how many."""
+        templates = anyio.Path(self.instances_dir / "_templates")
+        if not await templates.exists():
+            return 0
+        removed = 0
+        async for partial in templates.glob(".*.partial"):
+            await partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     async def create_overlay(
         self, *, base: Path, base_format: str, path: Path, size_bytes: int | None
@@ -159,7 +200,9 @@ class DiskManager:
                 await self._template(template, base, base_format, size_bytes)
                 await self.files.run(_copy_template, template, path)
         except OSError as exc:
-            raise DiskError(command="copy overlay template", reason=str(exc)) from exc
+            raise os_error(_disk_name(path), exc) from exc
+        except DiskSpaceExhausted as exc:  # qemu-img's words for it
+            raise DiskSpaceExhausted(what=_disk_name(path), reason=exc.kwargs["reason"]) from exc
 
     async def _template(
         self, template: Path, base: Path, base_format: str, size_bytes: int | None
@@ -201,9 +244,9 @@ class DiskManager:
         (``qemu-img convert``: a full copy, zeroes left sparse) and grown to the size. Written
         under a temporary name and renamed over ``path``, so a re-image replaces the old bytes
         only once the new ones are whole. A source larger than the size is refused."""
-        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
         try:
+            await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
             if source is None:
                 await anyio.to_thread.run_sync(_sparse_file, partial, size_bytes)
             else:
@@ -216,8 +259,12 @@ class DiskManager:
                 )  # fmt: skip
                 await anyio.to_thread.run_sync(os.truncate, partial, size_bytes)
             await anyio.Path(partial).rename(path)
+        except DiskSpaceExhausted as exc:  # qemu-img convert's words for it
+            raise DiskSpaceExhausted(what="the volume", reason=exc.kwargs["reason"]) from exc
         except OSError as exc:
-            raise DiskError(command=f"write volume {path.name}", reason=str(exc)) from exc
+            # No DiskSpaceExhausted here: LocalVolumeService names the volume and its size.
+            reason = exc.strerror or type(exc).__name__
+            raise DiskError(command="write volume", reason=reason) from exc
         finally:
             await anyio.Path(partial).unlink(missing_ok=True)
 
@@ -277,12 +324,28 @@ async def _run(program: str, *args: str, name: str | None = None) -> str:
             stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:
-        raise DiskError(command=command, reason=str(exc)) from exc
+        raise DiskError(command=command, reason=exc.strerror or type(exc).__name__) from exc
     stdout, stderr = await process.communicate()
     if process.returncode != 0:
         reason = stderr.decode(errors="replace").strip() or f"exit {process.returncode}"
-        raise DiskError(command=command, reason=reason)
+        for words in _NO_SPACE_WORDS:
+            if words in reason:
+                raise DiskSpaceExhausted(what=f"a disk ({command})", reason=words) from None
+        raise DiskError(command=command, reason=without_host_paths(reason))
     return stdout.decode()
+
+
+def os_error(what: str, exc: OSError) -> DiskError | DiskSpaceExhausted:
+    """The error of ``exc`` while making ``what``, without the file name the OS put in it."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in NO_SPACE:
+        return DiskSpaceExhausted(what=what, reason=reason)
+    return DiskError(command=f"create {what}", reason=reason)
+
+
+def _disk_name(path: Path) -> str:
+    """``root-1a2b.qcow2`` -> "the root disk" (the kind new_disk_path put first)."""
+    return f"the {path.name.split('-', 1)[0]} disk"
 
 
 def blank_base_name(size_mib: int, guest_format: str) -> str:
@@ -295,6 +358,11 @@ def blank_base_name(size_mib: int, guest_format: str) -> str:
 def _sparse_file(path: Path, size: int) -> None:
     with path.open("xb") as f:
         f.truncate(size)
+
+
+def _full(directory: Path) -> bool:
+    """Whether the file system of ``directory`` has no block left for us."""
+    return os.statvfs(directory).f_bavail == 0
 
 
 def touch(path: Path) -> bool:

@@ -28,6 +28,7 @@ on Nova's messages keeps working.
     │   ├── IdentityUnavailable                          answer the request is down)
     │   ├── ImageServiceUnavailable
     │   ├── VolumeServiceUnavailable
+    │   ├── NameFilterBusy         (with Retry-After)
     │   ├── DatabaseUnavailable    (with Retry-After)
     │   └── HypervisorUnavailable
     └── OperationFailed         500 computeFault (a step of a pipeline failed; never a 500 to a
@@ -38,7 +39,12 @@ on Nova's messages keeps working.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import re
+from typing import ClassVar, Final
+
+# An absolute path of three or more components that no word, dot, colon or slash precedes
+# (so a URL's path is left alone): a host path, e.g. in a tool's or libvirt's message.
+_HOST_PATH: Final = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"`:,/]+/){2,}([^\s'\"`:,/]*)")
 
 
 class RebuilddError(Exception):
@@ -309,6 +315,18 @@ class UnsupportedMediaType(RebuilddError):
 
 class ServiceUnavailable(RebuilddError):
     template = "The server is currently unavailable. Please try again at a later time."
+    retry_after: ClassVar[int | None] = None  # seconds: the 503's Retry-After, if any
+
+
+class NameFilterBusy(ServiceUnavailable):
+    """Too many name-filtered listings already wait for the one regex worker (namefilter.py):
+    refused at once rather than queued behind them."""
+
+    template = (
+        "Too many listings filtered by a name pattern are waiting; try again in a moment or "
+        "filter by an exact name."
+    )
+    retry_after: ClassVar[int | None] = 1
 
 
 class IdentityUnavailable(ServiceUnavailable):
@@ -340,7 +358,7 @@ class DatabaseUnavailable(ServiceUnavailable):
     was written (or, for a job's bookkeeping, it is written again once the database answers)."""
 
     template = "The database is unavailable ({reason}); try again later."
-    retry_after: ClassVar[int] = 2  # seconds, the Retry-After of the 503
+    retry_after: ClassVar[int | None] = 2
 
 
 class HypervisorUnavailable(ServiceUnavailable):
@@ -401,6 +419,19 @@ HTTP_FAULTS: dict[type[RebuilddError], tuple[int, str]] = {
     ServiceUnavailable: (503, "serviceUnavailable"),
     OperationFailed: (500, "computeFault"),
 }
+
+
+def without_host_paths(message: str) -> str:
+    """``message`` with every host path cut to its last component (a user reads it)."""
+    return _HOST_PATH.sub(r"\1", message)
+
+
+def user_message(error: RebuilddError) -> str:
+    """What a user may read of ``error``: libvirt's and the host tools' words lose their host
+    paths; other messages (an upstream service's URL paths, the caller's own input) are kept."""
+    if isinstance(error, (HypervisorError, DiskError)):
+        return without_host_paths(error.message)
+    return error.message
 
 
 def http_fault(error: RebuilddError) -> tuple[int, str]:

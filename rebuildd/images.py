@@ -9,6 +9,8 @@ Bytes are inspected (``imagecheck``) before any qemu process reads them, and can
 once checked: an upload holds the image by one compare-and-swap ``queued -> saving`` and
 writes a private temporary file; the cache's base is its own copy (never a hard link into the
 store), checked against the image's hash and inspected before first use in each process.
+A daemon killed during an upload or a fetch leaves a ``.part`` file and an image in ``saving``:
+the next start removes this host's ``.part`` files and puts their images back to ``queued``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
 from rebuildd import errors, imagecheck
 from rebuildd.auth import image_visible
-from rebuildd.disks import DiskManager, touch
+from rebuildd.disks import DiskManager, os_error, touch
 from rebuildd.metrics import Metrics
 from rebuildd.models import Image, RequestContext, utcnow
 from rebuildd.ports import ImageService
@@ -37,6 +40,8 @@ CHUNK = 1 << 20
 DISK_FORMATS = frozenset({"qcow2", "raw"})
 CONTAINER_FORMATS = frozenset({"bare"})
 _TOUCH_EVERY = 60.0  # seconds
+
+log = structlog.get_logger("rebuildd.images")
 
 
 class LocalImageService:
@@ -70,7 +75,8 @@ class LocalImageService:
         try:
             await anyio.to_thread.run_sync(shutil.copyfile, self._path(image_id), dest)
         except OSError as exc:
-            raise errors.ImageFetchError(image_id=image_id, reason=str(exc)) from exc
+            reason = exc.strerror or type(exc).__name__  # never the host path
+            raise errors.ImageFetchError(image_id=image_id, reason=reason) from exc
 
     # -- the Glance-compatible API's operations -------------------------------------------------
 
@@ -122,7 +128,10 @@ class LocalImageService:
         path = self._path(image_id)
         partial = self.directory / f".{path.name}.{uuid.uuid4().hex}.part"
         try:
-            size, md5, sha512 = await _write_new(partial, chunks)
+            try:
+                size, md5, sha512 = await _write_new(partial, chunks)
+            except OSError as exc:  # a full disk is Glance's 413; no path either way
+                raise os_error("the image", exc) from exc
             info = await self._check(partial, image.disk_format)
             await anyio.Path(partial).rename(path)
         except BaseException:
@@ -145,6 +154,27 @@ class LocalImageService:
         except errors.RebuilddError:  # deleted while saving: its bytes go with it
             await anyio.Path(path).unlink(missing_ok=True)
             raise
+
+    async def recover_uploads(self, *, database_local: bool) -> tuple[str, ...]:
+        """At start, before this process takes any upload: what the uploads of a killed daemon
+        left. Their private ``.part`` files (on this host) are removed and their images go back
+        ``saving -> queued``, to be uploaded again. Another image in ``saving`` may be an upload
+        running on another host that shares the database: it is reset only when the database is
+        this host's own (``database_local``, SQLite). Returns the ids put back."""
+        stale: set[str] = set()
+        root = anyio.Path(self.directory)
+        if await root.exists():
+            async for entry in root.glob(".*.part"):
+                stale.add(entry.name[1:].split(".", 1)[0])
+                await entry.unlink(missing_ok=True)
+        saving = await self.store.list_images(ImageFilters(status="saving"))
+        reset = tuple(i.id for i in saving if i.id in stale or database_local)
+        for image_id in reset:
+            with contextlib.suppress(errors.Conflict, errors.ImageNotFound):
+                await self.store.swap_image_status(image_id, "saving", "queued")
+        if reset or stale:
+            log.warning("interrupted_uploads_reset", image_ids=reset, part_files=len(stale))
+        return reset
 
     async def _check(self, path: Path, disk_format: str | None) -> imagecheck.Inspected:
         """Inspection first; only then may qemu-img open the file (with -f, to see it can)."""
@@ -247,6 +277,19 @@ class ImageCache:
         await self.disks.remove_templates(path)
         return False
 
+    async def remove_partials(self) -> int:
+        """At start: the half-fetched bases (``.part``) and half-made blank bases
+        (``.partial``) a killed daemon left in this host's cache. Returns how many went."""
+        root = anyio.Path(self.directory)
+        if not await root.exists():
+            return 0
+        removed = 0
+        async for entry in root.iterdir():
+            if entry.name.endswith((".part", ".partial")):
+                await entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def _used_lately(self, name: str) -> bool:
         touched = self._touched.get(name)
         return touched is not None and time.monotonic() - touched < _TOUCH_EVERY
@@ -279,6 +322,14 @@ class ImageCache:
             self._locks.pop(name, None)
             removed.append(name)
         return removed
+
+
+async def recover_interrupted(images: object, cache: ImageCache, store: Store) -> None:
+    """At a daemon's start: what uploads and fetches a killed daemon left on this host."""
+    if isinstance(images, LocalImageService):
+        await images.recover_uploads(database_local=store.engine.dialect.name == "sqlite")
+    await cache.remove_partials()
+    await cache.disks.remove_partials()
 
 
 async def _write_new(path: Path, chunks: AsyncIterator[bytes]) -> tuple[int, str, str]:

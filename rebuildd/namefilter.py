@@ -12,18 +12,23 @@ Nothing a caller sends may cost the daemon more than a bounded slice of one work
 - compiling and matching run on one worker thread of their own, never on the event loop, and
   matching releases the GIL (``concurrent=True``) under a time budget for the whole listing, so a
   pattern that backtracks catastrophically (``(a+)+$``) costs a 400 instead of the daemon;
-- compiled patterns are kept in a small LRU of our own (``regex``'s cache holds 500).
+- compiled patterns are kept in a small LRU of our own (``regex``'s cache holds 500);
+- at most ``MAX_PENDING`` listings wait for or run on that thread: one more is refused at
+  once (503 with Retry-After, :class:`errors.NameFilterBusy`), so a flood of costly patterns
+  delays another caller's listing by at most that many budgets.
 
-Refusals are Nova's 400 with the reason. This module must not touch the database.
+A refused pattern is Nova's 400 with the reason. This module must not touch the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import regex
@@ -37,6 +42,7 @@ MAX_PATTERN_LENGTH: Final = 255  # Nova's longest server name
 # Unrolled size at most (about 1 MiB compiled, a few ms to compile).
 MAX_EXPANSION: Final = 10_000
 CACHE_SIZE: Final = 16
+MAX_PENDING: Final = 4  # listings queued or running on the worker: at most ~1 s of budgets
 _SYNTAX: Final = frozenset(".^$*+?{}[]\\|()")
 _QUANTIFIER: Final = regex.compile(r"\{(\d*)(?:,(\d*))?\}")
 _VERBOSE: Final = regex.compile(r"\(\?[-\w]*x")
@@ -57,8 +63,18 @@ class NameFilter:
         self, items: Sequence[T], name: Callable[[T], str], limit: int | None
     ) -> list[T]:
         """The items whose name matches, in order, at most ``limit`` of them."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_worker(), self._select, items, name, limit)
+        worker = _worker()
+        if not worker.slots.acquire(blocking=False):
+            raise errors.NameFilterBusy()
+        try:
+            job = worker.executor.submit(self._select, items, name, limit)
+        except BaseException:
+            worker.slots.release()
+            raise
+        # The slot is the job's until it ends or is cancelled unstarted, even if the caller
+        # goes away first: the count is what the thread really has before it.
+        job.add_done_callback(lambda _: worker.slots.release())
+        return await asyncio.wrap_future(job)
 
     def _select(self, items: Sequence[T], name: Callable[[T], str], limit: int | None) -> list[T]:
         compiled = None if self.literal is not None else _compile(self.pattern)
@@ -97,10 +113,20 @@ def _compile(pattern: str) -> regex.Pattern[str] | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Worker:
+    executor: ThreadPoolExecutor
+    slots: threading.BoundedSemaphore
+
+
 @functools.cache
-def _worker() -> ThreadPoolExecutor:
-    # One thread: name filters queue behind each other, nothing else waits for them.
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="namefilter")
+def _worker() -> _Worker:
+    # One thread: name filters queue behind each other (at most MAX_PENDING), nothing else
+    # waits for them.
+    return _Worker(
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="namefilter"),
+        threading.BoundedSemaphore(MAX_PENDING),
+    )
 
 
 def _invalid(pattern: str, reason: str) -> errors.Invalid:

@@ -527,7 +527,8 @@ class Runner:
                 stage.notify_error,
                 server,
                 priority="ERROR",
-                extra={"fault": _exception_payload(exc, message, details)},
+                # For the operator, as Nova's ExceptionPayload: the exception's own words.
+                extra={"fault": _exception_payload(exc, _operator_message(exc), details)},
             )
         # Every event still open fails with it (after a crash that may be a later stage's).
         for each in job.stages:
@@ -718,9 +719,15 @@ def _exception_payload(exc: BaseException, message: str, details: str) -> dict[s
     }
 
 
+def _operator_message(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, errors.RebuilddError) else str(exc) or _fault_message(exc)
+
+
 def _fault_message(exc: BaseException) -> str:
+    """What the server's owner reads: no host path (a tool's or libvirt's words may name
+    one), and of an error that is not ours only its class, as Nova answers OSSA-2019-003."""
     if isinstance(exc, errors.RebuilddError):
-        return exc.message
+        return errors.user_message(exc)
     if isinstance(exc, asyncio.CancelledError):
         return Interrupted(when="shut down").message
-    return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__

@@ -179,7 +179,8 @@ class TestRebuildConflicts:
             kinds = [n[0] for n in live.run(live.daemon.store.list_notifications(server_id))]
             assert kinds[-2:] == ["instance.rebuild.start", "instance.rebuild.error"]
             faults = live.run(live.daemon.store.latest_faults([server_id]))
-            assert "injected failure at start_domain" in faults[server_id].message
+            # Not ours: its class only, as Nova since OSSA-2019-003 (its words may be secret).
+            assert faults[server_id].message == "RuntimeError"
         finally:
             live.stop()
 
