@@ -266,8 +266,9 @@ class Policy:
 
 def image_visible(context: RequestContext, image: Image) -> bool:
     """Glance's visibility (its database layer's ``is_image_visible``): an admin sees every
-    image, others their project's, and public and community ones. There are no image members
-    here, so a ``shared`` image is its owner's alone."""
-    if context.is_admin or image.owner == context.project_id:
+    image, and so does everyone an image without an owner; others their project's, and public
+    and community ones. There are no image members here, so a ``shared`` image is its owner's
+    alone."""
+    if context.is_admin or image.owner is None or image.owner == context.project_id:
         return True
     return image.visibility in ("public", "community")

@@ -100,6 +100,13 @@ class TestGet:
         assert (await images.get(CONTEXT, IMAGE_ID) is not None) is seen
         assert await images.get(None, IMAGE_ID) is not None
 
+    async def test_an_image_without_an_owner_is_seen_by_every_project(self) -> None:
+        """Glance's is_image_visible: an image with no owner (a Glance without Keystone made
+        it) is visible to every caller, whatever its visibility."""
+        body = glance_image(owner=None, visibility="shared")
+        images = service(lambda request: httpx.Response(200, json=body))
+        assert await images.get(CONTEXT, IMAGE_ID) is not None
+
     async def test_a_404_is_no_such_image(self) -> None:
         """Glance's 404 is None (the api stage turns it into Nova's 400 for a rebuild)."""
         images = service(lambda request: httpx.Response(404, text="Not Found"))
