@@ -105,6 +105,52 @@ def test_sigkill_of_rebuilds_from_shutoff_and_error(
     _kill_rebuild_and_restart(qemu, tmp_path, boundary, start_as)
 
 
+@pytest.mark.qemu
+@pytest.mark.parametrize(("setting", "status"), [("error", "ERROR"), ("previous", "ACTIVE")])
+def test_recovery_rolling_a_rebuild_back_follows_failed_rebuild_state(
+    qemu: Any, tmp_path: Path, setting: str, status: str
+) -> None:
+    """A rebuild killed before its new disks were made is rolled back by the restarted daemon
+    onto the old disk, its guest running: ERROR under REBUILDD_FAILED_REBUILD_STATE=error,
+    ACTIVE under previous, with an 'Interrupted' fault saying it was rolled back either way."""
+    daemon = _armed_daemon(tmp_path, "create_local_disks:before")
+    server_id = ""
+    try:
+        with daemon.client() as client:
+            images = {i["name"]: i["id"] for i in client.get("/image/v2/images").json()["images"]}
+            server_id, _ = _create(client, images["demo-image-a"])
+            with contextlib.suppress(httpx.TransportError):
+                client.post(
+                    f"/v2.1/servers/{server_id}/action",
+                    json={"rebuild": {"imageRef": images["demo-image-b"]}},
+                )
+        assert daemon.wait_exit() == -9, "the kill hook did not fire"
+        daemon.start(failed_rebuild_state=setting)
+        server = daemon.get(f"/v2.1/servers/{server_id}")["server"]
+        assert (server["status"], server["OS-EXT-STS:task_state"]) == (status, None), server
+        assert server["image"]["id"] == images["demo-image-a"]
+        assert qemu.lookupByName(f"rebuildd-test-{server_id}").isActive()
+        fault = server["fault"]["message"] if status == "ERROR" else _fault(daemon, server_id)
+        assert fault.startswith("Interrupted") and "rolled back" in fault, fault
+    finally:
+        _clean_up(qemu, daemon, server_id)
+
+
+def _fault(daemon: DaemonProcess, server_id: str) -> str:
+    """The server's latest fault, which Nova shows only while it is in ERROR: from the
+    failed action's event instead."""
+    actions = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions")["instanceActions"]
+    rebuild = next(a for a in actions if a["action"] == "rebuild")
+    response = httpx.get(
+        f"{daemon.url}/v2.1/servers/{server_id}/os-instance-actions/{rebuild['request_id']}",
+        headers={"OpenStack-API-Version": "compute 2.84"},
+        timeout=30,
+    )
+    events = response.json()["instanceAction"]["events"]
+    (failed,) = [e for e in events if e["result"] == "Error"]
+    return str(failed["details"])
+
+
 def _set_vm_state(db: Path, server_id: str, vm_state: str) -> None:
     """Test set-up only: put a server in a state the API cannot reach directly (ERROR)."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
