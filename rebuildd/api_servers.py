@@ -1,5 +1,5 @@
 """Routes: version documents, servers (list, detail, show, create, delete) and server actions
-(rebuild, os-stop, os-start, lock, unlock). Instance actions are in api_actions.py.
+(rebuild, os-stop, os-start, lock, unlock, os-resetState). Instance actions are in api_actions.py.
 
 Owns the HTTP side of these resources: parse, call the pipeline or the Store, render a view.
 Errors are raised as rebuildd errors and rendered by api.py's one handler.
@@ -409,6 +409,14 @@ _ACTIONS = ("rebuild", "os-stop", "os-start")
                                 "required": ["unlock"],
                                 "additionalProperties": False,
                             },
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "os-resetState": schemas.request_schema(schemas.ResetStateBody)
+                                },
+                                "required": ["os-resetState"],
+                                "additionalProperties": False,
+                            },
                         ]
                     }
                 }
@@ -444,6 +452,10 @@ async def server_action(server_id: str, request: Request, call: CallDep) -> Resp
         await lifecycle.request_lock(
             services.deps, ctx, server_id, locked=action == "lock", reason=reason
         )
+        return Response(status_code=202)
+    if action == "os-resetState":
+        reset = schemas.validate(schemas.ResetStateBody, value, field=action)
+        await lifecycle.request_reset_state(services.deps, ctx, server_id, reset.state)
         return Response(status_code=202)
     if action in ("os-stop", "os-start"):
         await lifecycle.request_power_action(

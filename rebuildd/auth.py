@@ -60,6 +60,7 @@ DEFAULT_RULES: Final[Mapping[str, str]] = {
     "os_compute_api:os-lock-server:lock": "admin_or_owner",
     "os_compute_api:os-lock-server:unlock": "admin_or_owner",
     "os_compute_api:os-lock-server:unlock:unlock_override": "admin",
+    "os_compute_api:os-admin-actions:reset_state": "admin",
     "os_compute_api:os-flavor-manage:create": "admin",
     "os_compute_api:os-instance-actions:events": "admin",
     "os_compute_api:os-instance-actions:events:details": "admin",

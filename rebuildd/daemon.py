@@ -286,6 +286,7 @@ async def open_daemon(
         policy=policy,
         volumes=volumes,
         reimage_timeout_per_gb=settings.reimage_timeout_per_gb,
+        failed_rebuild_state=settings.failed_rebuild_state,
         instance_events=instance_events,
         redefine=lambda server: lifecycle.define_anew(deps, domain, server),
     )

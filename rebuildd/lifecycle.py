@@ -621,3 +621,47 @@ async def request_lock(
         by=by,
         action=NewAction(action, request.request_id, request.user_id, request.project_id),
     )
+
+
+# os-resetState's states (Nova's admin_actions.state_map).
+RESET_STATES: Final = {"active": VmState.ACTIVE, "error": VmState.ERROR}
+
+
+async def request_reset_state(
+    deps: Deps, request: RequestContext, server_id: str, state: str
+) -> Server:
+    """Nova's ``os-resetState`` (admin by default): the vm_state set to ``state``, the
+    task_state cleared, a finished ``resetState`` action recorded. Unlike Nova, a server a job
+    of this process still holds (or whose task_state was set a moment ago, its job about to
+    start) answers 409: clearing its task_state would let a second job run on the same
+    domain and disks while the first one still works on them."""
+    project = None if request.is_admin else request.project_id
+    server = await deps.store.get_server(server_id, project_id=project)
+    deps.policy.authorize("os_compute_api:os-admin-actions:reset_state", request, server.project_id)
+    busy = server.task_state is not None and (
+        deps.runner.owns(server.id) or utcnow() - server.updated_at <= STUCK_AFTER
+    )
+    if busy:
+        raise errors.InstanceInvalidState(
+            action="os-resetState",
+            server_id=server.id,
+            attr="task_state",
+            state=server.task_state,
+        )
+    reset = await deps.store.transition(
+        server.id,
+        action="os-resetState",
+        expected_task_state=(server.task_state,),
+        task_state=None,
+        changes={"vm_state": RESET_STATES[state]},
+    )
+    if server.task_state is not None:
+        await deps.store.abandon_actions(
+            server.id, keep=request.request_id, reason="Superseded by os-resetState"
+        )
+    await deps.store.add_finished_action(
+        server.id,
+        NewAction("resetState", request.request_id, request.user_id, request.project_id),
+        (),
+    )
+    return reset

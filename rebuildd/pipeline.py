@@ -8,7 +8,12 @@ stages run later on the :class:`~rebuildd.runner.Runner` as steps over a :class:
 The old root disk is never removed before the new domain has started: the new root disk is a
 new file, the old ``<disk>`` element is kept in the journal, and removing the old file is a
 cleanup step that runs only after success. On failure the runner undoes the steps newest first,
-which puts the old disk and the domain's power state back.
+which puts the old disk and the domain's power state back; the server then ends in ERROR with a
+fault that names the cause and says it was rolled back (``failed_rebuild_state`` "error", the
+default: Nova's clients wait for ACTIVE or ERROR, so only ERROR tells them it failed), or in its
+previous vm_state ("previous"). Only a rebuild does this: a failed stop or start leaves the
+vm_state as it was (as Nova's do), a failed create is ERROR already. Restart recovery that
+rolls a rebuild back applies the same rule, as it ends through the same ``_fail``.
 
 This module imports no libvirt, lxml, httpx or SQL: only the ports.
 """
@@ -78,6 +83,9 @@ class Deps:
     policy: ports.Authorizer
     volumes: ports.VolumeService
     reimage_timeout_per_gb: float = 20.0  # Nova's reimage_timeout_per_gb
+    # Where a rebuild rolled back leaves the server: "error" (ERROR, so clients' waits see
+    # the failure) or "previous" (its vm_state before the rebuild).
+    failed_rebuild_state: str = "error"
     instance_events: InstanceEvents = field(default_factory=InstanceEvents)
     # Defines a server's domain anew from the database, when libvirt no longer has it (Nova's
     # hard reboot regenerates the domain the same way); None: a vanished domain is an error.
@@ -650,7 +658,10 @@ async def _succeed(ctx: RebuildContext) -> Outcome:
 
 
 async def _fail(ctx: RebuildContext, rolled_back: bool) -> Outcome:
-    """Back to how it was (with a fault) when the undo worked; ERROR when it did not."""
+    """Back on the old image and power state when the undo worked, in ERROR (the default
+    ``failed_rebuild_state``: Nova's clients wait for ACTIVE or ERROR, so only ERROR tells
+    them the rebuild failed) or in the vm_state it had (``previous``), its fault saying it
+    was put back; ERROR when the undo did not work."""
     before = ctx.before
     try:
         power = await ctx.deps.hypervisor.power_state(before.domain_name)
@@ -658,10 +669,20 @@ async def _fail(ctx: RebuildContext, rolled_back: bool) -> Outcome:
         power = PowerState.NOSTATE
     restored = {name: getattr(before, name) for name in RESTORED_FIELDS}
     restored["server_metadata"] = restored.pop("metadata")
-    vm_state = before.vm_state if rolled_back else VmState.ERROR
+    vm_state = VmState.ERROR
+    if rolled_back and ctx.deps.failed_rebuild_state == "previous":
+        vm_state = before.vm_state
+    note = None
+    if rolled_back:
+        running = "running" if power == PowerState.RUNNING else "not running"
+        note = (
+            "The rebuild was rolled back: the server is on its previous image and power "
+            f"state ({running}) again."
+        )
     return Outcome(
         changes={**restored, "vm_state": vm_state, "power_state": power},
         block_device_changes=rebuild_volumes.rolled_back(ctx),
+        fault_note=note,
     )
 
 

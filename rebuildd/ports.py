@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from rebuildd import configdrive, domxml
 from rebuildd.models import (
+    ActionEvent,
     BlockDevice,
     Fault,
     Flavor,
@@ -70,6 +71,10 @@ class Store(Protocol):
         reason: str | None,
         by: str | None,
         action: NewAction,
+    ) -> None: ...
+
+    async def add_finished_action(
+        self, server_id: str, action: NewAction, events: Sequence[ActionEvent]
     ) -> None: ...
 
     async def get_flavor(self, flavor_id: str) -> Flavor: ...

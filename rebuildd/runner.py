@@ -39,6 +39,8 @@ UNDO_RETRY_MAX: Final = 10.0
 # Backoff of bookkeeping waiting for the database to answer again: first wait, longest wait.
 DB_RETRY_FIRST: Final = 0.05
 DB_RETRY_MAX: Final = 2.0
+# A fault's message is cut there when stored (Nova's instance_faults.message).
+FAULT_MESSAGE_MAX: Final = 255
 
 log = structlog.get_logger("rebuildd.runner")
 C = TypeVar("C")
@@ -113,6 +115,8 @@ class Outcome:
 
     changes: Mapping[str, Any]
     block_device_changes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Said after the cause in a failure's fault (what the rollback put back).
+    fault_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,7 +504,10 @@ class Runner:
             # failure with no state changes rather than not at all.
             bound.exception("job_failure_outcome_failed")
             outcome = Outcome({})
-        fault = Fault(code=500, message=message, details=details, created_at=utcnow())
+        # The fault and the events say what the rollback put back; the notification's
+        # exception payload stays the exception's own message, as Nova's.
+        told = _with_note(message, outcome.fault_note) if outcome.fault_note else message
+        fault = Fault(code=500, message=told, details=details, created_at=utcnow())
         job_state = ROLLED_BACK if rolled_back else FAILED
         server: Server | None = None
         try:
@@ -542,7 +549,7 @@ class Runner:
                     each.event,
                     result="Error",
                     traceback=details,
-                    details=message,
+                    details=told,
                     finish_action=final,
                     notification=error if final else None,
                 ),
@@ -721,6 +728,15 @@ def _exception_payload(exc: BaseException, message: str, details: str) -> dict[s
 
 def _operator_message(exc: BaseException) -> str:
     return exc.message if isinstance(exc, errors.RebuilddError) else str(exc) or _fault_message(exc)
+
+
+def _with_note(message: str, note: str) -> str:
+    """``message`` then ``note``, the message shortened so that both fit in a fault's
+    message (255 characters, as Nova's instance_faults.message; the details keep it all)."""
+    room = FAULT_MESSAGE_MAX - len(note) - 1
+    if len(message) > room:
+        message = message[: max(0, room - 3)] + "..."
+    return f"{message} {note}"
 
 
 def _fault_message(exc: BaseException) -> str:

@@ -379,6 +379,12 @@ class LockBody(Strict):
     locked_reason: Annotated[str, StringConstraints(max_length=255)] | None = None
 
 
+class ResetStateBody(Strict):
+    """``os-resetState`` (Nova's reset_server_state schema): the vm_state to set."""
+
+    state: Literal["active", "error"]
+
+
 class ExternalEvent(Strict):
     """One event of ``POST /os-server-external-events``; the names a microversion admits are
     checked by the route (instance_events.EVENT_NAMES), as Nova's schema per range does."""

@@ -296,6 +296,12 @@ class Settings(BaseSettings):
         description="Seconds a volume-backed rebuild (2.93+) waits for the root volume's "
         "re-image, per GiB of the image (at least one GiB's worth; Nova's option).",
     )
+    failed_rebuild_state: Literal["error", "previous"] = Field(
+        default="error",
+        description="Where a rebuild that failed and was rolled back leaves the server: error "
+        "(vm_state ERROR with a fault, so clients' waits report the failure; the guest is back "
+        "on its previous image and power state) or previous (its vm_state before the rebuild).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON otherwise."

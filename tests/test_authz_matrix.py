@@ -285,6 +285,14 @@ NO_MEMBER = {"reader_a": 403, "norole_a": 403, "member_b": 404, "reader_b": 404}
 WRITES: list[tuple[str, str, Any, str, dict[str, int]]] = [
     ("POST", "/v2.1/servers/{server}/action", {"os-stop": None}, SERVER_PROBE, NO_MEMBER),
     ("POST", "/v2.1/servers/{server}/action", {"lock": None}, SERVER_PROBE, NO_MEMBER),
+    # Nova's os_compute_api:os-admin-actions:reset_state: admin only.
+    (
+        "POST",
+        "/v2.1/servers/{server}/action",
+        {"os-resetState": {"state": "error"}},
+        SERVER_PROBE,
+        NO_MEMBER | {"member_a": 403, "member_a2": 403},
+    ),
     (
         "POST",
         "/v2.1/servers/{server}/action",
@@ -592,6 +600,26 @@ class TestIdempotentReplay:
         assert secret not in other.text
         world.live.wait_for(server_id, "ACTIVE")
         assert member.delete(f"/v2.1/servers/{server_id}").status_code == 204
+
+
+class TestResetState:
+    def test_an_admin_resets_another_projects_server(self, world: World) -> None:
+        """An admin's os-resetState sets project A's server to ERROR then back to ACTIVE
+        (202 each), and each is a finished resetState action its owner sees."""
+        path = f"/v2.1/servers/{world.server}/action"
+        admin, member = world("admin"), world("member_a")
+        try:
+            for state, status in (("error", "ERROR"), ("active", "ACTIVE")):
+                response = admin.post(path, json={"os-resetState": {"state": state}})
+                assert response.status_code == 202, response.text
+                assert response.content == b""
+                shown = member.get(f"/v2.1/servers/{world.server}").json()["server"]
+                assert (shown["status"], shown["OS-EXT-STS:task_state"]) == (status, None)
+        finally:
+            admin.post(path, json={"os-resetState": {"state": "active"}})
+        listed = member.get(f"/v2.1/servers/{world.server}/os-instance-actions").json()
+        resets = [a for a in listed["instanceActions"] if a["action"] == "resetState"]
+        assert len(resets) >= 2 and all(a["user_id"] == "root" for a in resets)
 
 
 class TestVolumes:

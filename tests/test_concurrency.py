@@ -155,7 +155,8 @@ class TestNoInterleaving:
 
 def test_graceful_shutdown_rolls_interrupted_rebuilds_back(tmp_path: Path) -> None:
     """Draining stops new actions (409) and, past its timeout, interrupts a running rebuild,
-    which rolls back to the old disk with an 'Interrupted' fault — never left in REBUILD."""
+    which rolls back to the old disk and ends in ERROR with an 'Interrupted' fault — never
+    left in REBUILD."""
     gate = Gate("create_local_disks")
     live = start_live_daemon(tmp_path, observer=gate)
     try:
@@ -172,10 +173,11 @@ def test_graceful_shutdown_rolls_interrupted_rebuilds_back(tmp_path: Path) -> No
         assert other.status_code == 409
         assert "shutting down" in other.json()["conflictingRequest"]["message"]
         server = live.server(server_id)
-        assert (server["status"], server["OS-EXT-STS:task_state"]) == ("ACTIVE", None)
+        assert (server["status"], server["OS-EXT-STS:task_state"]) == ("ERROR", None)
         assert server["image"]["id"] == live.image_ids[0]
         fault = live.run(live.daemon.store.latest_faults([server_id]))[server_id]
         assert fault.message.startswith("Interrupted: the compute service shut down")
+        assert "rolled back" in fault.message
     finally:
         gate.release.set()
         live.stop()

@@ -2,7 +2,9 @@
 rebuild, restart it, and check that nothing was lost.
 
 For each boundary: after the restart (recovery runs before the API answers) the server is
-ACTIVE — on the new image or back on its old disk — never REBUILD, never diskless; its domain
+ACTIVE on the new image, or back on its old disk and in ERROR with a fault saying it was
+rolled back (REBUILDD_FAILED_REBUILD_STATE's default: a rebuild recovery rolls back is a failed
+rebuild), its guest running as before — never REBUILD, never diskless; its domain
 runs on a root disk that exists and backs onto the base of the image the server says it has;
 the instance directory holds no orphaned disk; no other domain was left behind.
 """
@@ -78,7 +80,8 @@ def _create(client: httpx.Client, image_id: str) -> tuple[str, str]:
 @pytest.mark.qemu
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: str) -> None:
-    """Killed at this boundary and restarted, the server is whole: ACTIVE, old or new image."""
+    """Killed at this boundary and restarted, the server is whole: ACTIVE on the new image, or
+    ERROR (rolled back, its guest running) on the old one."""
     _kill_rebuild_and_restart(qemu, tmp_path, boundary, "active")
 
 
@@ -96,9 +99,56 @@ def test_sigkill_at_every_step_boundary(qemu: object, tmp_path: Path, boundary: 
 def test_sigkill_of_rebuilds_from_shutoff_and_error(
     qemu: object, tmp_path: Path, boundary: str, start_as: str
 ) -> None:
-    """A stopped server ends SHUTOFF (and not running); a server rebuilt from ERROR ends ERROR
-    on its old disk or ACTIVE on the new one — never stuck in REBUILD (Nova's gap)."""
+    """A stopped server ends SHUTOFF on the new image or ERROR rolled back (not running
+    either way); a server rebuilt from ERROR ends ERROR on its old disk or ACTIVE on the new
+    one — never stuck in REBUILD (Nova's gap)."""
     _kill_rebuild_and_restart(qemu, tmp_path, boundary, start_as)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("setting", "status"), [("error", "ERROR"), ("previous", "ACTIVE")])
+def test_recovery_rolling_a_rebuild_back_follows_failed_rebuild_state(
+    qemu: Any, tmp_path: Path, setting: str, status: str
+) -> None:
+    """A rebuild killed before its new disks were made is rolled back by the restarted daemon
+    onto the old disk, its guest running: ERROR under REBUILDD_FAILED_REBUILD_STATE=error,
+    ACTIVE under previous, with an 'Interrupted' fault saying it was rolled back either way."""
+    daemon = _armed_daemon(tmp_path, "create_local_disks:before")
+    server_id = ""
+    try:
+        with daemon.client() as client:
+            images = {i["name"]: i["id"] for i in client.get("/image/v2/images").json()["images"]}
+            server_id, _ = _create(client, images["demo-image-a"])
+            with contextlib.suppress(httpx.TransportError):
+                client.post(
+                    f"/v2.1/servers/{server_id}/action",
+                    json={"rebuild": {"imageRef": images["demo-image-b"]}},
+                )
+        assert daemon.wait_exit() == -9, "the kill hook did not fire"
+        daemon.start(failed_rebuild_state=setting)
+        server = daemon.get(f"/v2.1/servers/{server_id}")["server"]
+        assert (server["status"], server["OS-EXT-STS:task_state"]) == (status, None), server
+        assert server["image"]["id"] == images["demo-image-a"]
+        assert qemu.lookupByName(f"rebuildd-test-{server_id}").isActive()
+        fault = server["fault"]["message"] if status == "ERROR" else _fault(daemon, server_id)
+        assert fault.startswith("Interrupted") and "rolled back" in fault, fault
+    finally:
+        _clean_up(qemu, daemon, server_id)
+
+
+def _fault(daemon: DaemonProcess, server_id: str) -> str:
+    """The server's latest fault, which Nova shows only while it is in ERROR: from the
+    failed action's event instead."""
+    actions = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions")["instanceActions"]
+    rebuild = next(a for a in actions if a["action"] == "rebuild")
+    response = httpx.get(
+        f"{daemon.url}/v2.1/servers/{server_id}/os-instance-actions/{rebuild['request_id']}",
+        headers={"OpenStack-API-Version": "compute 2.84"},
+        timeout=30,
+    )
+    events = response.json()["instanceAction"]["events"]
+    (failed,) = [e for e in events if e["result"] == "Error"]
+    return str(failed["details"])
 
 
 def _set_vm_state(db: Path, server_id: str, vm_state: str) -> None:
@@ -149,12 +199,16 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
         server = daemon.get(f"/v2.1/servers/{server_id}")["server"]
         assert server["OS-EXT-STS:task_state"] is None
         rolled_back = server["image"]["id"] == old_image
-        expected = {
-            "active": "ACTIVE",
-            "stopped": "SHUTOFF",
-            "error": "ERROR" if rolled_back else "ACTIVE",
-        }[start_as]
+        # Rolled back by recovery: a failed rebuild (the kill may also have come before the
+        # rebuild was recorded, when nothing was tried).
+        failed = rolled_back and _rebuild_recorded(daemon, server_id)
+        expected = {"active": "ACTIVE", "stopped": "SHUTOFF", "error": "ACTIVE"}[start_as]
+        if failed or (start_as == "error" and rolled_back):
+            expected = "ERROR"
         assert server["status"] == expected, server
+        if failed:
+            assert "Interrupted" in server["fault"]["message"], server
+            assert "rolled back" in server["fault"]["message"], server
         assert server["image"]["id"] in {old_image, new_image}
 
         dom = qemu.lookupByName(name)
@@ -189,6 +243,24 @@ def _kill_rebuild_and_restart(qemu: Any, tmp_path: Path, boundary: str, start_as
             assert all(e["finish_time"] for e in detail["instanceAction"]["events"]), detail
     finally:
         _clean_up(qemu, daemon, server_id)
+
+
+def _rebuild_recorded(daemon: DaemonProcess, server_id: str) -> bool:
+    actions = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions")["instanceActions"]
+    return any(a["action"] == "rebuild" for a in actions)
+
+
+def _rebuild_failed(daemon: DaemonProcess, server_id: str) -> bool:
+    """Whether the server's rebuild (if one was recorded before the kill) ended as a
+    failure: one of its events is an Error."""
+    actions = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions")["instanceActions"]
+    for action in actions:
+        if action["action"] != "rebuild":
+            continue
+        detail = daemon.get(f"/v2.1/servers/{server_id}/os-instance-actions/{action['request_id']}")
+        if any(e["result"] == "Error" for e in detail["instanceAction"]["events"]):
+            return True
+    return False
 
 
 def _until(client: httpx.Client, server_id: str, status: str) -> None:
@@ -230,7 +302,8 @@ VOLUME_BACKED_BOUNDARIES = [
 @pytest.mark.parametrize("boundary", VOLUME_BACKED_BOUNDARIES)
 def test_sigkill_of_a_volume_backed_rebuild(qemu: Any, tmp_path: Path, boundary: str) -> None:
     """A volume-backed server re-imaged at 2.93, killed at this boundary and restarted: it is
-    ACTIVE on its root volume, which is in-use with exactly one attachment, never available."""
+    ACTIVE (or ERROR when its rebuild was rolled back) and running on its root volume, which is
+    in-use with exactly one attachment, never available."""
     daemon = _armed_daemon(tmp_path, boundary)
     server_id = ""
     try:
@@ -258,7 +331,8 @@ def test_sigkill_of_a_volume_backed_rebuild(qemu: Any, tmp_path: Path, boundary:
 
         daemon.start()
         server = daemon.get(f"/v2.1/servers/{server_id}")["server"]
-        assert (server["status"], server["OS-EXT-STS:task_state"]) == ("ACTIVE", None), server
+        expected = "ERROR" if _rebuild_failed(daemon, server_id) else "ACTIVE"
+        assert (server["status"], server["OS-EXT-STS:task_state"]) == (expected, None), server
         dom = qemu.lookupByName(f"rebuildd-test-{server_id}")
         assert dom.isActive()
         disks = disk_sources(parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))

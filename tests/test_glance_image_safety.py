@@ -127,7 +127,7 @@ def test_a_server_from_a_hostile_glance_image_fails_naming_the_reason(
 def test_a_rebuild_onto_a_hostile_glance_image_keeps_the_old_disk(
     live: LiveDaemon, glance: Glance, tmp_path: Path
 ) -> None:
-    """A rebuild onto a Glance qcow2 with a host data file rolls back: ACTIVE on the old image
+    """A rebuild onto a Glance qcow2 with a host data file rolls back: ERROR on the old image
     and its old root disk, one Error event and a fault naming the reason; the disk the guest
     has shows no byte of the host file."""
     image_id = _plant(glance, _crafted(tmp_path, "qcow2-data-file"), "qcow2", tmp_path)
@@ -141,7 +141,7 @@ def test_a_rebuild_onto_a_hostile_glance_image_keeps_the_old_disk(
     assert response.status_code == 202, response.text
     request_id = response.headers["x-compute-request-id"]
     server = _settled(live, server_id)
-    assert (server["status"], server["image"]["id"]) == ("ACTIVE", live.image_ids[0])
+    assert (server["status"], server["image"]["id"]) == ("ERROR", live.image_ids[0])
     assert sorted(instance_dir.iterdir()) == disks
     assert "data_file" in _fault(live, server_id)
     detail = live.client.get(f"/v2.1/servers/{server_id}/os-instance-actions/{request_id}")

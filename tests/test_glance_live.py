@@ -151,9 +151,10 @@ def _settled(live: LiveDaemon, server_id: str) -> dict[str, Any]:
 def _assert_rolled_back(
     live: LiveDaemon, server_id: str, request_id: str, old_disk: Path, message: str
 ) -> None:
-    """ACTIVE on the old image and the old root disk, running, with the fault and an Error event."""
+    """ERROR (REBUILDD_FAILED_REBUILD_STATE's default) on the old image and the old root disk,
+    running, with the fault (saying it was rolled back) and an Error event."""
     server = _settled(live, server_id)
-    assert server["status"] == "ACTIVE"
+    assert server["status"] == "ERROR"
     assert (server["image"]["id"], server["name"]) == (live.image_ids[0], "vm")
     assert _root(live, server_id) == old_disk and old_disk.exists()
     assert sorted(old_disk.parent.iterdir()) == [old_disk], "the new disk must be removed"
@@ -162,7 +163,7 @@ def _assert_rolled_back(
     failed = [e for e in detail["instanceAction"]["events"] if e["result"] == "Error"]
     assert len(failed) == 1 and message in (failed[0]["traceback"] or "")
     fault = live.run(live.daemon.store.latest_faults([server_id]))[server_id]
-    assert message in fault.message
+    assert message in fault.message and "rolled back" in fault.message
 
 
 @pytest.mark.qemu
@@ -191,7 +192,7 @@ def test_image_bytes_that_do_not_match_glances_hash_fail_the_rebuild_cleanly(
     live: LiveDaemon, glance: Glance
 ) -> None:
     """Glance serves bytes (corrupted in its store after the upload) that are not its
-    os_hash_value: the rebuild rolls back, old root disk attached, ACTIVE, with a fault."""
+    os_hash_value: the rebuild rolls back, old root disk attached, ERROR, with a fault."""
     corrupt = glance.upload("glance-image-corrupt", pattern=0xCC)
     stored = glance.store_dir / corrupt["id"]
     data = bytearray(stored.read_bytes())

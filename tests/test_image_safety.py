@@ -211,8 +211,8 @@ class TestImagesAlreadyStored:
     def test_a_rebuild_onto_an_unchecked_hostile_image_keeps_the_old_disk(
         self, daemon: LiveDaemon, tmp_path: Path
     ) -> None:
-        """A rebuild onto a qcow2 with a host data file rolls back: ACTIVE on the old image
-        and the old root disk, one Error event and a fault naming the reason."""
+        """A rebuild onto a qcow2 with a host data file rolls back: ERROR (the guest running)
+        on the old image and the old root disk, one Error event and a fault naming the reason."""
         image_id = _plant(daemon, _crafted(tmp_path, "qcow2-data-file"), "qcow2")
         server_id = daemon.create_server()
         before = daemon.wait_for(server_id, "ACTIVE")
@@ -225,7 +225,8 @@ class TestImagesAlreadyStored:
         server = daemon.poll(
             server_id, lambda s: s["OS-EXT-STS:task_state"] is None, "settled", allow_error=True
         )
-        assert server["status"] == "ACTIVE" and server["image"] == before["image"]
+        assert server["status"] == "ERROR" and server["image"] == before["image"]
+        assert server["OS-EXT-STS:power_state"] == 1
         assert sorted((daemon.settings.state_dir / "instances" / server_id).iterdir()) == disks
         assert "data_file" in _fault(daemon, server_id)
         detail = daemon.client.get(

@@ -72,6 +72,6 @@ def test_a_failed_rebuild_counts_as_rolled_back(tmp_path: Path) -> None:
         assert ("rebuildd_jobs_total", (("action", "rebuild"), ("result", "success"))) not in (
             samples
         )
-        assert live.server(server_id)["status"] == "ACTIVE"
+        assert live.server(server_id)["status"] == "ERROR"
     finally:
         live.stop()

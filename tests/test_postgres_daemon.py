@@ -60,7 +60,7 @@ def test_a_rebuild_records_its_events_and_notifications(tmp_path: Path, postgres
 
 
 def test_a_failed_rebuild_rolls_back_with_its_fault(tmp_path: Path, postgres_url: str) -> None:
-    """A step that fails: the server is ACTIVE on its old image again, the compute event is
+    """A step that fails: the server is back on its old image, in ERROR, the compute event is
     an Error carrying the message, and the error notification is the last one."""
     gate = Gate("start_domain")
     gate.fail_with = RuntimeError("boom at start")
@@ -68,7 +68,7 @@ def test_a_failed_rebuild_rolls_back_with_its_fault(tmp_path: Path, postgres_url
     try:
         server_id = live.create_server()
         request_id = _rebuild(live, server_id)
-        server = live.wait_for(server_id, "ACTIVE")
+        server = live.wait_for(server_id, "ERROR")
         action = _wait_finished(live, server_id, request_id)
         assert ("compute_rebuild_instance", "Error") in _events(action)
         assert server["image"]["id"] == live.image_ids[0]

@@ -581,6 +581,7 @@ def test_sigkill_during_the_rebuild_leaves_a_guest_with_a_disk(
         after = console.ready(2)
         if after.fact("BOOTED", "tag") == "A":  # rolled back: the old root disk, kept
             assert after.fact("ROOT", "previous") == first.fact("BOOTED", "boot")
+            assert settled["status"] == "ERROR", settled  # a failed rebuild (the default)
         else:
             assert after.fact("BOOTED", "tag") == "B"
             assert after.fact("ROOT", "previous") == "none"

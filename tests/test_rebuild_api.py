@@ -151,8 +151,8 @@ class TestRebuildConflicts:
             live.stop()
 
     def test_failed_rebuild_puts_old_disk_back_with_a_fault(self, tmp_path: Path) -> None:
-        """A step failing after the detach leaves the server ACTIVE on its old image and disk,
-        with a fault, an Error event and an instance.rebuild.error notification."""
+        """A step failing after the detach leaves the server on its old image and disk, in
+        ERROR with a fault, an Error event and an instance.rebuild.error notification."""
         gate = Gate("start_domain")
         gate.fail_with = RuntimeError("injected failure at start_domain")
         live = start_live_daemon(tmp_path, observer=gate)
@@ -161,7 +161,7 @@ class TestRebuildConflicts:
             before = live.run(live.daemon.hypervisor.domain_xml(f"rebuildd-{server_id}"))
             response = _rebuild(live, server_id, {"imageRef": live.image_ids[1], "name": "new"})
             request_id = response.headers["x-compute-request-id"]
-            server = live.wait_for(server_id, "ACTIVE")
+            server = live.wait_for(server_id, "ERROR")
             assert server["image"]["id"] == live.image_ids[0]
             assert server["name"] == "vm"
             after = live.run(live.daemon.hypervisor.domain_xml(f"rebuildd-{server_id}"))

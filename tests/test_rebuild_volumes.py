@@ -314,8 +314,9 @@ def test_trusted_certificates_on_a_volume_backed_server_are_refused(
 def test_a_failure_after_the_detach_leaves_the_volumes_attached_as_before(
     qemu: tuple[LiveDaemon, VolumeWatch, FailingStart],
 ) -> None:
-    """The new domain fails to start: the server is back on its old disks, each volume on its
-    target, in-use with exactly one attachment, and no stray attachment is left."""
+    """The new domain fails to start: the server is back on its old disks (in ERROR, the
+    failed rebuild's default), each volume on its target, in-use with exactly one attachment,
+    and no stray attachment is left."""
     live, _, hv = qemu
     data = _volume(live)
     server_id = _create(live, [_data(data.id)], image=live.image_ids[0])
@@ -325,7 +326,7 @@ def test_a_failure_after_the_detach_leaves_the_volumes_attached_as_before(
     server = live.poll(
         server_id, lambda s: s["OS-EXT-STS:task_state"] is None, "settled", allow_error=True
     )
-    assert server["status"] == "ACTIVE" and server["image"]["id"] == live.image_ids[0]
+    assert server["status"] == "ERROR" and server["image"]["id"] == live.image_ids[0]
     assert disk_sources(_xml(server_id)) == before
     _attached_once(live, data.id, server_id)
     bdm = next(d for d in live.run(live.daemon.store.get_block_devices(server_id)) if d.volume_id)

@@ -387,7 +387,7 @@ def test_a_restart_with_jobs_in_flight_listens_at_once(tmp_path: Path) -> None:
     /readyz turns 200, and no server is left with a task_state."""
     daemon = DaemonProcess(tmp_path, max_concurrent_operations="8", shutdown_timeout="0")
     daemon.prepare()
-    daemon.start(test_kill_at="rebuild:start_domain:before")
+    daemon.start(kill_at="rebuild:start_domain:before")
     with daemon.client() as client:
         images = [i["id"] for i in client.get("/image/v2/images").json()["images"]]
         body = {"server": {"name": "vm", "imageRef": images[0], "flavorRef": "1"}}
@@ -430,7 +430,7 @@ def test_servers_under_recovery_answer_409_and_readyz_flips_when_done(tmp_path: 
     server gets 409, /healthz 200 and /readyz 503; once recovery ends /readyz is 200."""
     killed = DaemonProcess(tmp_path)
     killed.prepare()
-    killed.start(test_kill_at="rebuild:restore_power_state:before")
+    killed.start(kill_at="rebuild:restore_power_state:before")
     with killed.client() as client:
         images = [i["id"] for i in client.get("/image/v2/images").json()["images"]]
         body = {"server": {"name": "vm", "imageRef": images[0], "flavorRef": "1"}}

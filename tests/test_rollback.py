@@ -1,7 +1,9 @@
 """Injected libvirt, image and disk errors at each step of a rebuild roll back as specified:
-the server ends as it was (old disk attached, old image, name and power state), with a fault,
-an Error event and an ``instance.rebuild.error`` notification. Only when the rollback itself
-fails does it end in ERROR, from where another rebuild finishes the job."""
+the server is put back as it was (old disk attached, old image, name and power state), with an
+Error event and an ``instance.rebuild.error`` notification, and ends in ERROR (the default
+REBUILDD_FAILED_REBUILD_STATE=error) with a fault naming the cause and saying it was put back,
+or in its previous vm_state under ``previous``. When the rollback itself fails it ends in ERROR
+either way, from where another rebuild finishes the job."""
 
 from __future__ import annotations
 
@@ -86,15 +88,25 @@ def _root(live: LiveDaemon, server_id: str) -> Path:
 
 
 def _assert_rolled_back(
-    live: LiveDaemon, server_id: str, request_id: str, old_disk: Path, status: str, message: str
+    live: LiveDaemon,
+    server_id: str,
+    request_id: str,
+    old_disk: Path,
+    message: str,
+    *,
+    running: bool = True,
+    status: str = "ERROR",
 ) -> None:
+    """Put back (old image, name, disk and power state) and ended in ``status`` (ERROR by
+    default) with a fault naming the cause ``message`` and saying it was rolled back."""
     server = _settled(live, server_id)
     assert server["status"] == status
+    assert server["OS-EXT-STS:power_state"] == (1 if running else 4)
     assert (server["image"]["id"], server["name"]) == (live.image_ids[0], "vm")
     assert _root(live, server_id) == old_disk and old_disk.exists()
     assert sorted(old_disk.parent.iterdir()) == [old_disk], "the new disk must be removed"
     power = live.run(live.daemon.hypervisor.power_state(f"rebuildd-{server_id}"))
-    assert power == (1 if status == "ACTIVE" else 4)
+    assert power == (1 if running else 4)
     detail = live.client.get(f"/v2.1/servers/{server_id}/os-instance-actions/{request_id}").json()
     events = {e["event"]: e for e in detail["instanceAction"]["events"]}
     failed = [e for e in events.values() if e["result"] == "Error"]
@@ -104,6 +116,13 @@ def _assert_rolled_back(
     assert kinds[-1] == "instance.rebuild.error"
     fault = live.run(live.daemon.store.latest_faults([server_id]))[server_id]
     assert message in fault.message
+    state = "running" if running else "not running"
+    assert fault.message.endswith(
+        f" The rebuild was rolled back: the server is on its previous image and power state "
+        f"({state}) again."
+    )
+    if status == "ERROR":
+        assert server["fault"]["message"] == fault.message
 
 
 def _rebuild(live: LiveDaemon, server_id: str) -> str:
@@ -140,13 +159,61 @@ def test_libvirt_error_at_a_step_rolls_back(
     hv.arm(**{method: nth})
     request_id = _rebuild(live, server_id)
     _assert_rolled_back(
+        live, server_id, request_id, old_disk, f"injected fault in {method}", running=not stopped
+    )
+
+
+@pytest.mark.parametrize("faulty", [{"failed_rebuild_state": "previous"}], indirect=True)
+@pytest.mark.parametrize("stopped", [False, True])
+def test_failed_rebuild_state_previous_keeps_the_vm_state(
+    faulty: tuple[LiveDaemon, FaultyHypervisor], stopped: bool
+) -> None:
+    """Under REBUILDD_FAILED_REBUILD_STATE=previous a rolled-back rebuild ends in the vm_state
+    it had (ACTIVE or SHUTOFF), with the same fault, as before this setting."""
+    live, hv = faulty
+    server_id = live.create_server()
+    if stopped:
+        live.client.post(f"/v2.1/servers/{server_id}/action", json={"os-stop": None})
+        live.wait_for(server_id, "SHUTOFF")
+    old_disk = _root(live, server_id)
+    hv.arm(start=1)
+    request_id = _rebuild(live, server_id)
+    _assert_rolled_back(
         live,
         server_id,
         request_id,
         old_disk,
-        "SHUTOFF" if stopped else "ACTIVE",
-        f"injected fault in {method}",
+        "injected fault in start",
+        running=not stopped,
+        status="SHUTOFF" if stopped else "ACTIVE",
     )
+
+
+def test_a_rolled_back_rebuild_in_error_is_rebuilt_or_reset_to_active(
+    faulty: tuple[LiveDaemon, FaultyHypervisor],
+) -> None:
+    """A server in ERROR after a rolled-back rebuild still runs its old guest; os-resetState
+    (admin) returns it to ACTIVE, and a rebuild from ERROR succeeds."""
+    live, hv = faulty
+    server_id = live.create_server()
+    hv.arm(start=1)
+    _rebuild(live, server_id)
+    assert _settled(live, server_id)["status"] == "ERROR"
+    hv.arm()
+    response = live.client.post(
+        f"/v2.1/servers/{server_id}/action", json={"os-resetState": {"state": "active"}}
+    )
+    assert response.status_code == 202, response.text
+    server = live.client.get(f"/v2.1/servers/{server_id}").json()["server"]
+    assert (server["status"], server["OS-EXT-STS:power_state"]) == ("ACTIVE", 1)
+    assert server["image"]["id"] == live.image_ids[0]
+    hv.arm(start=1)
+    _rebuild(live, server_id)
+    assert _settled(live, server_id)["status"] == "ERROR"
+    hv.arm()
+    _rebuild(live, server_id)
+    server = live.wait_for(server_id, "ACTIVE")
+    assert server["image"]["id"] == live.image_ids[1]
 
 
 def test_corrupt_image_data_rolls_back(faulty: tuple[LiveDaemon, FaultyHypervisor]) -> None:
@@ -159,7 +226,7 @@ def test_corrupt_image_data_rolls_back(faulty: tuple[LiveDaemon, FaultyHyperviso
     data[-1] ^= 0xFF
     stored.write_bytes(bytes(data))
     request_id = _rebuild(live, server_id)
-    _assert_rolled_back(live, server_id, request_id, old_disk, "ACTIVE", "expected")
+    _assert_rolled_back(live, server_id, request_id, old_disk, "sha512 of the data is")
     assert not (live.settings.state_dir / "_base" / live.image_ids[1]).exists()
 
 
@@ -178,9 +245,7 @@ def test_disk_tool_error_rolls_back(tmp_path: Path) -> None:
         old_disk = _root(live, server_id)
         flag.touch()
         request_id = _rebuild(live, server_id)
-        _assert_rolled_back(
-            live, server_id, request_id, old_disk, "ACTIVE", "injected qemu-img failure"
-        )
+        _assert_rolled_back(live, server_id, request_id, old_disk, "injected qemu-img failure")
     finally:
         live.stop()
 
@@ -197,6 +262,7 @@ def test_failed_rollback_ends_in_error_and_a_retry_finishes(
     server = _settled(live, server_id)
     assert server["status"] == "ERROR"
     assert "injected fault in start" in server["fault"]["message"]
+    assert "rolled back" not in server["fault"]["message"]
     actions = live.client.get(f"/v2.1/servers/{server_id}/os-instance-actions").json()[
         "instanceActions"
     ]
@@ -215,15 +281,15 @@ def test_an_undo_waits_for_a_service_that_is_down_then_rolls_back(
     faulty: tuple[LiveDaemon, FaultyHypervisor],
 ) -> None:
     """start fails, and putting the old disk back fails twice as if an upstream service were
-    down (503): the undo is retried with backoff until it works, and the rebuild rolls back to
-    ACTIVE on the old disk instead of ending in ERROR."""
+    down (503): the undo is retried with backoff until it works, and the rebuild rolls back
+    onto the old disk (its fault says so) instead of failing to."""
     live, hv = faulty
     server_id = live.create_server()
     old_disk = _root(live, server_id)
     hv.arm(start=1)
     hv.arm_unavailable("attach_disks", range(2, 4))  # #1 is the new disk; #2, #3 the undo's
     request_id = _rebuild(live, server_id)
-    _assert_rolled_back(live, server_id, request_id, old_disk, "ACTIVE", "injected fault in start")
+    _assert_rolled_back(live, server_id, request_id, old_disk, "injected fault in start")
     assert hv.calls["attach_disks"] == 4
 
 
