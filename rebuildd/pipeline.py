@@ -141,6 +141,9 @@ class RebuildFacts:
     new_attachments: dict[str, str] = field(default_factory=dict)
     connection_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     kept_attachments: dict[str, str] = field(default_factory=dict)
+    # How a running guest was powered off: "clean" (it answered the ACPI request in time) or
+    # "destroyed". No undo needs it; it rides along with the next journal write.
+    shutdown: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A snapshot (the runner compares it with the next one to know whether to write the
@@ -156,6 +159,7 @@ class RebuildFacts:
             "new_attachments": dict(self.new_attachments),
             "connection_info": {k: _copied(v) for k, v in self.connection_info.items()},
             "kept_attachments": dict(self.kept_attachments),
+            "shutdown": self.shutdown,
         }
 
     @classmethod
@@ -498,13 +502,14 @@ async def _record_power_state(ctx: RebuildContext) -> None:
 
 
 async def _power_off(ctx: RebuildContext) -> None:
-    """Not a fact (no undo needs it, and a journal write would follow): a guest that did not
-    shut down within its timeout is logged, as Nova logs it, and counted in memory
-    (``rebuildd_guest_shutdowns``) either way."""
+    """A running guest is shut down cleanly within its timeout, else destroyed; which is a fact
+    that the next journal write records (no write of its own), counted in memory
+    (``rebuildd_guest_shutdowns``), and a destroy is logged, as Nova logs it."""
     timeout = shutdown_timeout(ctx.before, ctx.deps.shutdown_timeout)
     clean = await ctx.deps.hypervisor.power_off(ctx.server.domain_name, timeout=timeout)
     if ctx.facts.was_running:
         result = "clean" if clean and timeout > 0 else "destroyed"
+        ctx.facts.shutdown = result
         ctx.deps.runner.metrics.guest_shutdowns.labels(action="rebuild", result=result).inc()
     if not clean and timeout > 0:
         log.warning(

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import json
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -366,13 +369,28 @@ def set_shutdown_timeout(live: LiveDaemon, image_id: str, value: str | None) -> 
     assert response.status_code == 200, response.text
 
 
+def journal_of_last_rebuild(live: LiveDaemon, server_id: str) -> dict[str, Any]:
+    """The journal the daemon kept for the server's latest rebuild, read from its database."""
+    database = live.settings.state_dir / "rebuildd.db"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        row = db.execute(
+            "SELECT journal FROM instance_actions WHERE server_id = ? AND action = 'rebuild'"
+            " ORDER BY start_time DESC LIMIT 1",
+            (server_id,),
+        ).fetchone()
+    assert row is not None and row[0], f"no rebuild journal for {server_id}"
+    journal: dict[str, Any] = json.loads(row[0])
+    return journal
+
+
 @pytest.mark.parametrize("shutdown", ["clean", "destroyed"])
 def test_the_daemon_records_how_the_rebuild_powered_the_guest_off(
     guests: Guests, shutdown: str
 ) -> None:
-    """The daemon's record of a rebuild's power-off (rebuildd_guest_shutdowns_total) says
-    clean when the guest powered off on the ACPI request, destroyed when its image's
-    os_shutdown_timeout of 0 gave it none, as the guest's console shows."""
+    """The daemon's records of a rebuild's power-off (the rebuild's journal and
+    rebuildd_guest_shutdowns_total) say clean when the guest powered off on the ACPI request,
+    destroyed when its image's os_shutdown_timeout of 0 gave it none, as the guest's console
+    shows."""
     live = guests.live
     if shutdown == "destroyed":  # the server keeps the properties of the image it was made from
         set_shutdown_timeout(live, guests.images["A"], "0")
@@ -391,6 +409,7 @@ def test_the_daemon_records_how_the_rebuild_powered_the_guest_off(
     other = "destroyed" if shutdown == "clean" else "clean"
     assert after.get(shutdown, 0) == before.get(shutdown, 0) + 1
     assert after.get(other, 0) == before.get(other, 0)
+    assert journal_of_last_rebuild(live, server_id)["facts"]["shutdown"] == shutdown
 
 
 def test_preserve_ephemeral_keeps_the_marker_and_its_absence_blanks_it(guests: Guests) -> None:
