@@ -397,7 +397,7 @@ def rebuild_stages(
     restore = rebuild_volumes.restore
     steps: list[Step[RebuildContext] | None] = [
         Step("record_power_state", run=_record_power_state),
-        Step("power_off", run=_power_off, undo=_power_on_again),
+        Step("power_off", run=_power_off, undo=_power_on_again, writes_facts=False),
         Step("record_local_disks", run=_record_disks),
         # A new attachment per volume before the old one goes: never `available`.
         Step("reserve_volumes", run=rebuild_volumes.reserve, undo=restore) if volumes else None,

@@ -96,6 +96,9 @@ class Step(Generic[C]):
     run: StepFn[C] | None = None  # None: only the task_state transition
     undo: StepFn[C] | None = None
     task_state: str | None = None  # moved to (compare-and-swap) before ``run``
+    # False: the facts this step records are for the record only (no undo or recovery reads
+    # them), so they ride along with the next journal write instead of causing one.
+    writes_facts: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +436,7 @@ class Runner:
         now = job.facts.to_dict()
         if (
             announce
-            or now != facts
+            or (step.writes_facts and now != facts)
             or job.resume_forward(before) != job.resume_forward(frozenset(journal.done))
         ):
             await self._save(job, journal, now)
