@@ -299,23 +299,38 @@ async def _remove_disks(ctx: ServerContext) -> None:
 
 async def _define(ctx: ServerContext) -> None:
     assert ctx.domain is not None
-    server, domain = ctx.server, ctx.domain
-    spec = domxml.DomainSpec(
+    disks: tuple[domxml.DiskSpec | domxml.Element, ...] = (
+        *_local_disk_specs(ctx),
+        *boot_volumes.disks(ctx),
+    )
+    spec = _domain_spec(ctx.server, ctx.domain, disks, mac=ctx.mac)
+    await ctx.deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
+
+
+def _domain_spec(
+    server: Server,
+    domain: DomainSettings,
+    disks: tuple[domxml.DiskSpec | domxml.Element, ...],
+    *,
+    mac: str | None = None,
+) -> domxml.DomainSpec:
+    """The domain of ``server`` on this host, with ``disks`` (``mac``: libvirt's choice if
+    None)."""
+    return domxml.DomainSpec(
         name=server.domain_name,
         uuid=server.id,
         domain_type=domain.domain_type,
         memory_mib=server.flavor.ram,
         vcpus=server.flavor.vcpus,
-        disks=(*_local_disk_specs(ctx), *boot_volumes.disks(ctx)),
+        disks=disks,
         interface=domain.interface,  # type: ignore[arg-type]
         network=domain.network,
-        mac=ctx.mac,
+        mac=mac,
         metadata=domain_metadata(server, server.image_ref),
         console_log=f"{domain.console_log_dir}/{server.domain_name}.log"
         if domain.console_log_dir
         else None,
     )
-    await ctx.deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
 
 
 async def define_anew(deps: Deps, domain: DomainSettings, server: Server) -> None:
@@ -333,17 +348,7 @@ async def define_anew(deps: Deps, domain: DomainSettings, server: Server) -> Non
         for d in boot_volumes.volumes_of(tuple(devices))
         if d.connection_info and d.volume_id
     ]
-    spec = domxml.DomainSpec(
-        name=server.domain_name,
-        uuid=server.id,
-        domain_type=domain.domain_type,
-        memory_mib=server.flavor.ram,
-        vcpus=server.flavor.vcpus,
-        disks=tuple(disks),
-        interface=domain.interface,  # type: ignore[arg-type]
-        network=domain.network,
-        metadata=domain_metadata(server, server.image_ref),
-    )
+    spec = _domain_spec(server, domain, tuple(disks))
     await deps.hypervisor.define(domxml.to_string(domxml.build_domain(spec)))
 
 
