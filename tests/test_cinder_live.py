@@ -297,7 +297,7 @@ def test_cinder_stopped_mid_rebuild_rolls_back_once_it_returns_with_a_fault_nami
     """Cinder stops just before the new attachment is connected (old attachment already
     deleted): the rebuild fails naming Cinder, its rollback waits for Cinder to return, then
     the data volume is in-use with exactly one attachment, its bytes unchanged, back on vdb of
-    the server, which is ACTIVE on its old image and old root disk."""
+    the server, which is in ERROR (with the fault) on its old image and old root disk."""
     image_a, image_b = live.image_ids
     client = _cinder(cinder, keystone, tokens)
     data_id, digest = _data_volume(cinder, keystone, tokens)
@@ -314,7 +314,7 @@ def test_cinder_stopped_mid_rebuild_rolls_back_once_it_returns_with_a_fault_nami
     )
     assert stopper.stopped.is_set() and stopper.restarted.wait(120)
 
-    assert server["status"] == "ACTIVE", server
+    assert server["status"] == "ERROR", server  # REBUILDD_FAILED_REBUILD_STATE's default
     assert server["image"]["id"] == image_a
     fault = live.run(live.daemon.store.latest_faults([server_id]))[server_id]
     assert f"The volume service (Cinder at {cinder.url.removesuffix('/v3')})" in fault.message

@@ -48,7 +48,7 @@ def test_a_full_instances_dir_fails_rebuild_and_create_without_a_host_path(
                 json={"rebuild": {"imageRef": live.image_ids[1]}},
             )
             assert response.status_code == 202, response.text
-            live.wait_for(server_id, "ACTIVE")
+            live.wait_for(server_id, "ERROR")  # rolled back: REBUILDD_FAILED_REBUILD_STATE
             assert live.server(server_id)["image"]["id"] == live.image_ids[0]
             assert _disks(live, server_id) == old_disks
             assert all(Path(p).exists() for p in old_disks)

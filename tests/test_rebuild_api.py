@@ -180,7 +180,10 @@ class TestRebuildConflicts:
             assert kinds[-2:] == ["instance.rebuild.start", "instance.rebuild.error"]
             faults = live.run(live.daemon.store.latest_faults([server_id]))
             # Not ours: its class only, as Nova since OSSA-2019-003 (its words may be secret).
-            assert faults[server_id].message == "RuntimeError"
+            assert faults[server_id].message == (
+                "RuntimeError The rebuild was rolled back: the server is on its previous image "
+                "and power state (running) again."
+            )
         finally:
             live.stop()
 
