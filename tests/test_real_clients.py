@@ -114,6 +114,21 @@ class Clients:
     def openstack_json(self, *args: str, version: str | None = None) -> Any:
         return json.loads(self.openstack(*args, "-f", "json", version=version))
 
+    def sdk_connect(self, **config: Any) -> Any:
+        """An openstacksdk connection to the ``rebuildd`` cloud of this clouds.yaml (read from
+        OS_CLIENT_CONFIG_FILE, set for the call only: openstacksdk runs in-process)."""
+        import openstack
+
+        old = os.environ.get("OS_CLIENT_CONFIG_FILE")
+        os.environ["OS_CLIENT_CONFIG_FILE"] = str(self.clouds)
+        try:
+            return openstack.connect(cloud="rebuildd", **config)
+        finally:
+            if old is None:
+                del os.environ["OS_CLIENT_CONFIG_FILE"]
+            else:
+                os.environ["OS_CLIENT_CONFIG_FILE"] = old
+
     def nova(self, *args: str, version: str | None = None) -> str:
         pin = ["--os-compute-api-version", version] if version else []
         return self._run([str(NOVA), *pin, *args], self.nova_env)
@@ -215,20 +230,11 @@ def test_openstack_rebuild_and_events(clients: Clients, keypair: str, version: s
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_sdk_rebuild(clients: Clients, version: str | None) -> None:
-    import openstack
 
     label = version or "latest"
     server_id = clients.live.create_server(f"sdk-{label}")
     config: dict[str, Any] = {"compute_api_version": version} if version else {}
-    old = os.environ.get("OS_CLIENT_CONFIG_FILE")
-    os.environ["OS_CLIENT_CONFIG_FILE"] = str(clients.clouds)
-    try:
-        conn = openstack.connect(cloud="rebuildd", **config)
-    finally:
-        if old is None:
-            del os.environ["OS_CLIENT_CONFIG_FILE"]
-        else:
-            os.environ["OS_CLIENT_CONFIG_FILE"] = old
+    conn = clients.sdk_connect(**config)
     try:
         image = conn.image.find_image(IMAGE_B, ignore_missing=False)
         server = conn.compute.get_server(server_id)
@@ -311,18 +317,9 @@ def test_openstack_volumes(clients: Clients) -> None:
 
 def test_sdk_volumes(clients: Clients) -> None:
     """openstacksdk's create_volume (wait) and attach_volume (wait for in-use)."""
-    import openstack
 
     server_id = clients.live.create_server(f"sdk-vol-{clients.token is not None}")
-    old = os.environ.get("OS_CLIENT_CONFIG_FILE")
-    os.environ["OS_CLIENT_CONFIG_FILE"] = str(clients.clouds)
-    try:
-        conn = openstack.connect(cloud="rebuildd")
-    finally:
-        if old is None:
-            del os.environ["OS_CLIENT_CONFIG_FILE"]
-        else:
-            os.environ["OS_CLIENT_CONFIG_FILE"] = old
+    conn = clients.sdk_connect()
     try:
         volume = conn.create_volume(size=1, name=f"sdk-{clients.token is not None}", wait=True)
         assert volume.status == "available"

@@ -9,7 +9,6 @@ so the image cache refuses them and the rebuild rolls back.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -82,19 +81,10 @@ def test_nova_rebuild_poll_reports_the_failure(clients: Clients) -> None:
 
 def test_sdk_wait_for_server_reports_the_failure(clients: Clients) -> None:
     """openstacksdk's ``wait_for_server(status="ACTIVE")`` raises ResourceFailure."""
-    import openstack
     from openstack import exceptions
 
     server_id = clients.live.create_server("sdk-fails")
-    old = os.environ.get("OS_CLIENT_CONFIG_FILE")
-    os.environ["OS_CLIENT_CONFIG_FILE"] = str(clients.clouds)
-    try:
-        conn = openstack.connect(cloud="rebuildd")
-    finally:
-        if old is None:
-            del os.environ["OS_CLIENT_CONFIG_FILE"]
-        else:
-            os.environ["OS_CLIENT_CONFIG_FILE"] = old
+    conn = clients.sdk_connect()
     try:
         server = conn.compute.get_server(server_id)
         rebuilt = conn.compute.rebuild_server(server, image=clients.live.image_ids[1])
