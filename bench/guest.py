@@ -29,7 +29,7 @@ import httpx
 import libvirt
 
 from bench.daemon import BIN, Daemon
-from bench.qemu import PREFIX, URI, reachable
+from bench.qemu import PREFIX, URI, reachable, swap_root_and_start
 from bench.qemu import _template as template
 from rebuildd import domxml
 
@@ -274,17 +274,7 @@ def _bare_rebuild(
             time.sleep(POLL)
         if dom.isActive():
             dom.destroy()
-    root = domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-    domxml.remove_disk(root, target)
-    conn.defineXML(domxml.to_string(root))
-    new = work / f"root-{i + 1}.qcow2"
-    shutil.copyfile(template, new)
-    root = domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-    domxml.add_disk(root, domxml.DiskSpec(target=target, path=str(new)))
-    conn.defineXML(domxml.to_string(root))
-    dom.create()
-    old.unlink()
-    return new
+    return swap_root_and_start(conn, dom, target, old, template, work / f"root-{i + 1}.qcow2")
 
 
 def start_daemon(state_dir: Path, consoles: Path, binary: Path = BIN) -> Daemon:

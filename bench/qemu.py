@@ -130,10 +130,17 @@ def _bare_rebuild(
     dom.state()
     if dom.isActive():
         dom.destroy()
+    return swap_root_and_start(conn, dom, target, old, template, work / f"root-{i + 1}.qcow2")
+
+
+def swap_root_and_start(
+    conn: Any, dom: Any, target: str, old: Path, template: Path, new: Path
+) -> Path:
+    """The bare script's rebuild of a stopped domain, as rebuildd makes the same calls: the
+    old root disk detached, a new one from ``template`` attached, the domain started."""
     root = domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     domxml.remove_disk(root, target)
     conn.defineXML(domxml.to_string(root))
-    new = work / f"root-{i + 1}.qcow2"
     shutil.copyfile(template, new)
     root = domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     domxml.add_disk(root, domxml.DiskSpec(target=target, path=str(new)))
